@@ -1,0 +1,80 @@
+"""flax_ckpt: fast, atomic, type-faithful checkpoints for JAX, Flax and Optax.
+
+Example:
+  >>> import jax.numpy as jnp, flax_ckpt, tempfile, os
+  >>> path = os.path.join(tempfile.mkdtemp(), 'ckpt')
+  >>> flax_ckpt.save(path, {'params': {'w': jnp.ones((2, 2))}, 'step': 3})
+  >>> flax_ckpt.load(path)['step']
+  3
+"""
+
+from flax_ckpt._src import builtin_handlers as _builtin_handlers
+from flax_ckpt._src.async_utils import AsyncResponse
+from flax_ckpt._src.builtin_handlers import ArrayHandler, ScalarHandler
+from flax_ckpt._src.checkpoint import CheckpointMetadata, load, metadata, save, save_async
+from flax_ckpt._src.errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    FormatError,
+    IncompleteCheckpointError,
+    StructureMismatchError,
+    UnsupportedLeafError,
+)
+from flax_ckpt._src.treespec import UnregisteredClassWarning, register_class
+from flax_ckpt._src.type_handlers import (
+    ArrayMetadata,
+    ArrayRestoreArgs,
+    Metadata,
+    ParamInfo,
+    RestoreArgs,
+    SaveArgs,
+    TypeHandler,
+    ValueMetadata,
+    get_type_handler,
+    has_type_handler,
+    register_type_handler,
+)
+from flax_ckpt import type_handlers  # noqa: E402  (namespace mirroring the extension API)
+
+_builtin_handlers.register_builtins()
+
+# ``flax_ckpt.metadata`` is the function; ``flax_ckpt.metadata.Metadata`` names the base
+# metadata class too, for code written as ``<lib>.metadata.Metadata``.
+metadata.Metadata = Metadata  # type: ignore[attr-defined]
+metadata.ArrayMetadata = ArrayMetadata  # type: ignore[attr-defined]
+metadata.ValueMetadata = ValueMetadata  # type: ignore[attr-defined]
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArrayHandler",
+    "ArrayMetadata",
+    "ArrayRestoreArgs",
+    "AsyncResponse",
+    "CheckpointError",
+    "CheckpointExistsError",
+    "CheckpointMetadata",
+    "CheckpointNotFoundError",
+    "FormatError",
+    "IncompleteCheckpointError",
+    "Metadata",
+    "ParamInfo",
+    "RestoreArgs",
+    "SaveArgs",
+    "ScalarHandler",
+    "StructureMismatchError",
+    "TypeHandler",
+    "UnregisteredClassWarning",
+    "UnsupportedLeafError",
+    "ValueMetadata",
+    "get_type_handler",
+    "has_type_handler",
+    "load",
+    "metadata",
+    "register_class",
+    "register_type_handler",
+    "save",
+    "save_async",
+    "type_handlers",
+]

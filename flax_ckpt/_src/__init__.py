@@ -1,0 +1,1 @@
+"""Private implementation of flax_ckpt. Import from ``flax_ckpt`` instead."""

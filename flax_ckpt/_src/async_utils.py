@@ -1,0 +1,127 @@
+"""Background execution: a private event loop for handler coroutines, commit threads, and
+the exit hook that finishes (or loudly reports) pending saves."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+_loop: asyncio.AbstractEventLoop | None = None
+_loop_lock = threading.Lock()
+
+
+def _get_loop() -> asyncio.AbstractEventLoop:
+  global _loop
+  with _loop_lock:
+    if _loop is None:
+      loop = asyncio.new_event_loop()
+      t = threading.Thread(target=loop.run_forever, name="flax_ckpt_loop", daemon=True)
+      t.start()
+      _loop = loop
+    return _loop
+
+
+def run_coro(coro: Coroutine) -> Any:
+  """Runs ``coro`` on flax_ckpt's loop thread and waits (works inside Jupyter too)."""
+  return asyncio.run_coroutine_threadsafe(coro, _get_loop()).result()
+
+
+def wait_futures(futures: list[Any]) -> None:
+  """Waits for concurrent/asyncio futures or awaitables returned by handlers."""
+  for f in futures:
+    if f is None:
+      continue
+    if isinstance(f, concurrent.futures.Future):
+      f.result()
+    elif asyncio.isfuture(f) or asyncio.iscoroutine(f) or hasattr(f, "__await__"):
+      async def _aw(x=f):
+        return await x
+
+      run_coro(_aw())
+    elif hasattr(f, "result"):
+      f.result()
+
+
+class AsyncResponse:
+  """Handle on a save running in the background.
+
+  Example:
+    >>> import numpy as np, flax_ckpt, tempfile, os
+    >>> d = tempfile.mkdtemp()
+    >>> r = flax_ckpt.save_async(os.path.join(d, 'ckpt'), {'w': np.ones(3)})
+    >>> r.result()  # blocks until committed; re-raises a failure
+  """
+
+  def __init__(self, future: concurrent.futures.Future, description: str):
+    self._future = future
+    self._description = description
+    self._observed = False
+
+  def result(self, timeout: float | None = None) -> None:
+    """Blocks until the checkpoint is committed; re-raises any failure of the save.
+
+    Args:
+      timeout: seconds to wait; ``TimeoutError`` if the save is still running then.
+    """
+    self._observed = True
+    return self._future.result(timeout)
+
+  def done(self) -> bool:
+    """Whether the save has finished (committed or failed)."""
+    return self._future.done()
+
+  def __repr__(self) -> str:
+    state = "done" if self.done() else "pending"
+    return f"AsyncResponse({self._description}, {state})"
+
+
+_pending: list[AsyncResponse] = []
+_pending_lock = threading.Lock()
+
+
+def start_background(fn: Callable[[], Any], description: str) -> AsyncResponse:
+  """Runs ``fn`` in a non-daemon thread, so interpreter exit waits for it."""
+  fut: concurrent.futures.Future = concurrent.futures.Future()
+  resp = AsyncResponse(fut, description)
+
+  def target():
+    try:
+      fut.set_result(fn())
+    except BaseException as e:  # noqa: BLE001 - handed to the caller via result()
+      fut.set_exception(e)
+
+  with _pending_lock:
+    _pending[:] = [r for r in _pending if not (r.done() and r._observed)]
+    _pending.append(resp)
+  threading.Thread(target=target, name=f"flax_ckpt_save:{description}", daemon=False).start()
+  return resp
+
+
+def wait_all_pending() -> None:
+  """Waits for every background save of this process (raises the first failure)."""
+  with _pending_lock:
+    pending = list(_pending)
+  for r in pending:
+    r.result()
+
+
+@atexit.register
+def _report_at_exit() -> None:
+  with _pending_lock:
+    pending = list(_pending)
+  for r in pending:
+    try:
+      r._future.result()
+    except BaseException as e:  # noqa: BLE001 - report loudly, never drop silently
+      if not r._observed:
+        sys.stderr.write(
+            f"\nflax_ckpt ERROR: background save {r._description} FAILED and was not "
+            f"committed:\n{''.join(traceback.format_exception(e))}\n"
+        )
+        sys.stderr.flush()

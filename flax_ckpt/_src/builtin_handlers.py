@@ -1,0 +1,434 @@
+"""Built-in TypeHandlers: jax.Array, np.ndarray, numpy scalars, PRNG keys, Python scalars,
+str, bytes and None.
+
+Array bytes go into the checkpoint's packed data file (one per process); everything small
+is stored inline in the leaf's JSON record.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from flax_ckpt._src import devput, dtypes, sharding_desc, storage
+from flax_ckpt._src import type_handlers as th
+
+_INLINE_BYTES = 64 << 10
+
+
+def data_file_name(process_index: int) -> str:
+  return f"data.p{process_index}.bin"
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def _host_chunks(value: Any, copy: bool) -> list[tuple[tuple[int, ...], np.ndarray]]:
+  """(start index, host buffer) of every distinct shard this process must write."""
+  if isinstance(value, np.ndarray):
+    host = np.array(value, copy=True, order="C") if copy else np.ascontiguousarray(value)
+    return [((0,) * value.ndim, host)]
+  shards = [s for s in value.addressable_shards if s.replica_id == 0]
+  for s in shards:  # start all device->host copies before waiting on any
+    try:
+      s.data.copy_to_host_async()
+    except Exception:  # noqa: BLE001 - not supported everywhere; np.asarray copies anyway
+      pass
+  out = []
+  for s in shards:
+    # On CPU this is a zero-copy, read-only view that pins the device buffer: a later
+    # donation or delete() of the array cannot change or free the bytes we write.
+    host = np.asarray(s.data)
+    if not host.flags.c_contiguous:
+      host = np.ascontiguousarray(host)
+    start = tuple(0 if sl.start is None else int(sl.start) for sl in s.index)
+    out.append((start, host))
+  return out
+
+
+def _save_array(value: Any, info: th.ParamInfo, arg: th.SaveArgs | None, kind: str) -> None:
+  dtype = np.dtype(value.dtype)
+  if arg is not None and arg.dtype is not None:
+    dtype = np.dtype(arg.dtype)
+  shape = tuple(int(d) for d in value.shape)
+  rec = info.record
+  rec["kind"] = kind
+  rec["dtype"] = dtypes.dtype_name(dtype)
+  rec["shape"] = list(shape)
+  rec["sharding"] = sharding_desc.describe(getattr(value, "sharding", None))
+  rec["nbytes"] = math.prod(shape) * dtype.itemsize
+  writer = info._io.writer
+  for start, host in _host_chunks(value, copy=info.is_async and kind == "numpy"):
+    if host.dtype != dtype:
+      host = host.astype(dtype)
+    host = dtypes.little_endian(host)
+    off, n = writer.add(host)
+    info.chunks.append({"s": list(start), "h": list(host.shape), "o": off, "n": n,
+                        "p": info._io.process_index})
+
+
+class _Builtin:
+  _flax_ckpt_builtin = True
+
+  def __repr__(self):
+    return f"{type(self).__name__}({self.typestr()!r})"
+
+
+class ArrayHandler(_Builtin):
+  """``jax.Array`` (any sharding) and ``np.ndarray`` leaves, of every jax dtype."""
+
+  def __init__(self, kind: str = "jax"):
+    self._kind = kind
+
+  def typestr(self) -> str:
+    return "jax.Array" if self._kind == "jax" else "np.ndarray"
+
+  async def serialize(self, values, infos, args=None):
+    for i, (v, info) in enumerate(zip(values, infos)):
+      _save_array(v, info, args[i] if args else None, self._kind)
+    return []
+
+  async def deserialize(self, infos, args=None):
+    return load_arrays(infos, args, default_kind=self._kind)
+
+  async def metadata(self, infos):
+    return [_array_metadata(info) for info in infos]
+
+
+def _array_metadata(info: th.ParamInfo) -> th.ArrayMetadata:
+  r = info.record
+  typ = {"jax": "jax.Array", "numpy": "np.ndarray"}.get(r.get("kind"), r.get("kind", ""))
+  return th.ArrayMetadata(
+      name=info.name, directory=None, shape=tuple(r["shape"]),
+      dtype=dtypes.dtype_from_name(r["dtype"]), type=typ, nbytes=r["nbytes"],
+      sharding=r.get("sharding"),
+  )
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _contiguous(sub: Sequence[int], full: Sequence[int]) -> bool:
+  """Whether a box of shape ``sub`` is one contiguous run inside C-order ``full``."""
+  k = 0
+  while k < len(sub) and sub[k] == 1:
+    k += 1
+  return all(sub[j] == full[j] for j in range(k + 1, len(sub)))
+
+
+def _flat(idx: Sequence[int], shape: Sequence[int]) -> int:
+  f = 0
+  for i, n in zip(idx, shape):
+    f = f * n + i
+  return f
+
+
+class _ReadPlan:
+  """Collects reads for many destination boxes, then executes them in one pass."""
+
+  def __init__(self, state_dir: str):
+    self.state_dir = state_dir
+    self.requests: dict[int, list[tuple[int, memoryview]]] = {}
+    self.scratch: dict[tuple[int, int], np.ndarray] = {}
+    self.copies: list[tuple[np.ndarray, tuple, tuple[int, int], tuple, tuple]] = []
+
+  def box(self, chunks: list[dict], dtype: np.dtype, start: Sequence[int],
+          shape: Sequence[int]) -> np.ndarray:
+    """A host buffer of ``shape`` at ``start`` that will hold the saved values."""
+    item = dtype.itemsize
+    nbytes = math.prod(shape) * item
+    dest = storage.aligned_empty(nbytes)
+    dview = memoryview(dest)
+    out = dest.view(dtype).reshape(tuple(shape))
+    stop = [a + n for a, n in zip(start, shape)]
+    for c in chunks:
+      cs, ch = c["s"], c["h"]
+      lo = [max(a, b) for a, b in zip(start, cs)]
+      hi = [min(a, b + n) for a, b, n in zip(stop, cs, ch)]
+      sub = [h - lo_ for lo_, h in zip(lo, hi)]
+      if any(n <= 0 for n in sub):
+        continue
+      a_chunk = [x - s for x, s in zip(lo, cs)]
+      a_dest = [x - s for x, s in zip(lo, start)]
+      if _contiguous(sub, ch) and _contiguous(sub, shape):
+        n = math.prod(sub) * item
+        foff = c["o"] + _flat(a_chunk, ch) * item
+        doff = _flat(a_dest, shape) * item
+        self.requests.setdefault(c["p"], []).append((foff, dview[doff:doff + n]))
+      else:
+        key = (c["p"], c["o"])
+        if key not in self.scratch:
+          buf = storage.aligned_empty(c["n"])
+          self.scratch[key] = buf
+          self.requests.setdefault(c["p"], []).append((c["o"], memoryview(buf)))
+        self.copies.append((out, tuple(slice(a, a + n) for a, n in zip(a_dest, sub)),
+                            key, tuple(ch), tuple(slice(a, a + n) for a, n in zip(a_chunk, sub))))
+    return out
+
+  def execute(self, dtype_of: dict | None = None) -> None:
+    for p, reqs in self.requests.items():
+      storage.read_into(os.path.join(self.state_dir, data_file_name(p)), reqs)
+    for out, dsl, key, ch, csl in self.copies:
+      src = self.scratch[key].view(out.dtype).reshape(ch)
+      out[dsl] = src[csl]
+    self.requests.clear()
+    self.scratch.clear()
+    self.copies.clear()
+
+
+def _boxes_for(sharding: Any, shape: tuple[int, ...]):
+  """(devices, per-device box index, distinct boxes) for a target sharding."""
+  idx_map = sharding.addressable_devices_indices_map(shape)
+  devices, which, boxes, seen = [], [], [], {}
+  for d, idx in idx_map.items():
+    box = tuple((0 if s.start is None else s.start, n if s.stop is None else s.stop)
+                for s, n in zip(idx, shape))
+    if box not in seen:
+      seen[box] = len(boxes)
+      boxes.append(box)
+    devices.append(d)
+    which.append(seen[box])
+  return devices, which, boxes
+
+
+def load_arrays(infos: Sequence[th.ParamInfo], args: Sequence[th.RestoreArgs] | None,
+                default_kind: str) -> list[Any]:
+  """Reads array leaves described by ``infos``; batches all reads and device puts."""
+  if not infos:
+    return []
+  plan = _ReadPlan(os.fspath(infos[0].parent_dir))
+  pending = []
+  for i, info in enumerate(infos):
+    r = info.record
+    arg = args[i] if args else None
+    sdtype = dtypes.dtype_from_name(r["dtype"])
+    shape = tuple(r["shape"])
+    kind = r.get("kind", default_kind)
+    if arg is not None and arg.restore_type is not None:
+      kind = "numpy" if arg.restore_type is np.ndarray else "jax"
+    sharding = arg.sharding if arg is not None else None
+    tdtype = np.dtype(arg.dtype) if arg is not None and arg.dtype is not None else sdtype
+    if kind == "numpy" or sharding is None:
+      host = plan.box(info.chunks, sdtype, (0,) * len(shape), shape)
+      pending.append((kind, host, None, tdtype))
+    else:
+      devices, which, boxes = _boxes_for(sharding, shape)
+      hosts = [plan.box(info.chunks, sdtype, [b[0] for b in box], [b[1] - b[0] for b in box])
+               for box in boxes]
+      pending.append((kind, hosts, (shape, sharding, devices, which), tdtype))
+  plan.execute()
+  out = []
+  default_dev = None
+  for kind, host, target, tdtype in pending:
+    if target is None:
+      if host.dtype != tdtype:
+        host = _aligned_copy(host.astype(tdtype))
+      if kind == "numpy":
+        out.append(host)
+        continue
+      if default_dev is None:
+        default_dev = jax.devices()[0] if jax.config.jax_default_device is None else None
+      if default_dev is None:
+        out.append(jax.device_put(host))
+        continue
+      sh = jax.sharding.SingleDeviceSharding(default_dev)
+      out.append(devput.put(host.shape, host.dtype, sh, [default_dev], [host], committed=False))
+    else:
+      shape, sharding, devices, which = target
+      hosts = host
+      if hosts and hosts[0].dtype != tdtype:
+        hosts = [_aligned_copy(h.astype(tdtype)) for h in hosts]
+      out.append(devput.put(shape, tdtype, sharding, devices, [hosts[w] for w in which],
+                            committed=True))
+  return out
+
+
+def _aligned_copy(a: np.ndarray) -> np.ndarray:
+  b = storage.aligned_empty(a.nbytes).view(a.dtype).reshape(a.shape)
+  b[...] = a
+  return b
+
+
+# ----------------------------------------------------------------------- numpy scalars
+
+
+class NumpyScalarHandler(_Builtin):
+  """numpy scalars (``np.float32(1)``, ``ml_dtypes.bfloat16(2)``...): come back as such."""
+
+  def typestr(self) -> str:
+    return "np.generic"
+
+  async def serialize(self, values, infos, args=None):
+    for v, info in zip(values, infos):
+      arr = dtypes.little_endian(np.asarray(v))
+      info.record.update(dtype=dtypes.dtype_name(arr.dtype),
+                         b64=base64.b64encode(arr.tobytes()).decode())
+    return []
+
+  async def deserialize(self, infos, args=None):
+    out = []
+    for i, info in enumerate(infos):
+      dt = dtypes.dtype_from_name(info.record["dtype"])
+      v = np.frombuffer(base64.b64decode(info.record["b64"]), dtype=dt)[0]
+      arg = args[i] if args else None
+      if arg is not None and arg.dtype is not None:
+        v = np.asarray(v).astype(arg.dtype)[()]
+      out.append(v)
+    return out
+
+  async def metadata(self, infos):
+    return [th.ArrayMetadata(name=info.name, shape=(),
+                             dtype=dtypes.dtype_from_name(info.record["dtype"]),
+                             type="np.generic",
+                             nbytes=dtypes.dtype_from_name(info.record["dtype"]).itemsize)
+            for info in infos]
+
+
+# -------------------------------------------------------------------------- PRNG keys
+
+
+def is_prng_key(x: Any) -> bool:
+  return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+class PRNGKeyHandler(_Builtin):
+  """Typed PRNG keys (``jax.random.key``): key data plus the impl name."""
+
+  def typestr(self) -> str:
+    return "jax.PRNGKey"
+
+  async def serialize(self, values, infos, args=None):
+    for v, info in zip(values, infos):
+      data = jax.random.key_data(v)
+      _save_array(data, info, None, "jax")
+      info.record["impl"] = str(jax.random.key_impl(v))
+      info.record["key_shape"] = [int(d) for d in v.shape]
+      info.record["sharding"] = sharding_desc.describe(getattr(v, "sharding", None))
+    return []
+
+  async def deserialize(self, infos, args=None):
+    datas = load_arrays(infos, None, default_kind="numpy")
+    out = []
+    for i, (info, data) in enumerate(zip(infos, datas)):
+      impl = info.record["impl"]
+      try:
+        key = jax.random.wrap_key_data(data, impl=impl)
+      except Exception as e:
+        raise ValueError(
+            f"leaf {info.name}: PRNG impl {impl!r} is not known to this jax version") from e
+      arg = args[i] if args else None
+      if arg is not None and arg.sharding is not None:
+        key = jax.device_put(key, arg.sharding)
+      out.append(key)
+    return out
+
+  async def metadata(self, infos):
+    return [th.ArrayMetadata(name=info.name, shape=tuple(info.record["key_shape"]),
+                             dtype=f"key<{info.record['impl']}>", type="jax.PRNGKey",
+                             nbytes=info.record["nbytes"], sharding=info.record.get("sharding"))
+            for info in infos]
+
+
+# ------------------------------------------------------------------- Python scalars etc.
+
+
+class ScalarHandler(_Builtin):
+  """``int``, ``float``, ``bool``, ``complex``, ``str`` and ``None``, stored inline."""
+
+  def __init__(self, ty: type):
+    self._ty = ty
+
+  def typestr(self) -> str:
+    return "None" if self._ty is type(None) else self._ty.__name__
+
+  def _enc(self, v):
+    t = self._ty
+    if t is float:
+      return float(v).hex()
+    if t is complex:
+      return [v.real.hex(), v.imag.hex()]
+    if t is type(None):
+      return None
+    return t(v)
+
+  def _dec(self, e):
+    t = self._ty
+    if t is float:
+      return float.fromhex(e)
+    if t is complex:
+      return complex(float.fromhex(e[0]), float.fromhex(e[1]))
+    if t is type(None):
+      return None
+    return t(e)
+
+  async def serialize(self, values, infos, args=None):
+    for v, info in zip(values, infos):
+      info.record["v"] = self._enc(v)
+    return []
+
+  async def deserialize(self, infos, args=None):
+    return [self._dec(info.record.get("v")) for info in infos]
+
+  async def metadata(self, infos):
+    out = []
+    for info in infos:
+      v = info.record.get("v")
+      n = len(v.encode()) if self._ty is str else (0 if v is None else 8)
+      out.append(th.ValueMetadata(name=info.name, type=self.typestr(), nbytes=n))
+    return out
+
+
+class BytesHandler(_Builtin):
+  """``bytes``: inline up to 64 KiB, else in the data file."""
+
+  def typestr(self) -> str:
+    return "bytes"
+
+  async def serialize(self, values, infos, args=None):
+    for v, info in zip(values, infos):
+      info.record["nbytes"] = len(v)
+      if len(v) <= _INLINE_BYTES:
+        info.record["b64"] = base64.b64encode(v).decode()
+      else:
+        off, n = info._io.writer.add(np.frombuffer(v, np.uint8))
+        info.chunks.append({"s": [0], "h": [n], "o": off, "n": n, "p": info._io.process_index})
+    return []
+
+  async def deserialize(self, infos, args=None):
+    out: list[Any] = [None] * len(infos)
+    big = []
+    for i, info in enumerate(infos):
+      if "b64" in info.record:
+        out[i] = base64.b64decode(info.record["b64"])
+      else:
+        big.append(i)
+    if big:
+      plan = _ReadPlan(os.fspath(infos[0].parent_dir))
+      bufs = [plan.box(infos[i].chunks, np.dtype(np.uint8), (0,), (infos[i].record["nbytes"],))
+              for i in big]
+      plan.execute()
+      for i, b in zip(big, bufs):
+        out[i] = b.tobytes()
+    return out
+
+  async def metadata(self, infos):
+    return [th.ValueMetadata(name=i.name, type="bytes", nbytes=i.record["nbytes"])
+            for i in infos]
+
+
+def register_builtins() -> None:
+  th._register_builtin(jax.Array, ArrayHandler("jax"))
+  th._register_builtin(np.ndarray, ArrayHandler("numpy"))
+  th._register_builtin(np.generic, NumpyScalarHandler())
+  for t in (int, float, bool, complex, str, type(None)):
+    th._register_builtin(t, ScalarHandler(t))
+  th._register_builtin(bytes, BytesHandler())
+  key_handler = PRNGKeyHandler()
+  th._BY_TYPESTR[key_handler.typestr()] = key_handler
+  th._SPECIAL.append((is_prng_key, key_handler))

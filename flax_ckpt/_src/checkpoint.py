@@ -1,0 +1,224 @@
+"""The core API: ``save``, ``save_async``, ``load`` and ``metadata`` for any PyTree."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+from etils import epath
+
+from flax_ckpt._src import async_utils, errors, paths, pytree_io
+
+FORMAT_VERSION = 1
+DEFAULT_CHECKPOINTABLE = "state"
+
+
+@dataclasses.dataclass
+class CheckpointMetadata:
+  """What :func:`metadata` returns.
+
+  Attributes:
+    tree: the saved structure with one metadata object per leaf
+      (:class:`ArrayMetadata`, :class:`ValueMetadata` or a custom handler's class).
+    custom_metadata: the dict passed to ``save(..., custom_metadata=...)``.
+    format_version: on-disk format version.
+    checkpointables: names of the parts stored in the checkpoint.
+    created_at: UNIX time of the commit.
+  """
+
+  tree: Any
+  custom_metadata: dict | None
+  format_version: int
+  checkpointables: dict
+  created_at: float | None = None
+
+  def __getitem__(self, key: Any) -> Any:
+    return self.tree[key]
+
+
+def _check_custom_metadata(custom_metadata: Any) -> None:
+  if custom_metadata is None:
+    return
+  if not isinstance(custom_metadata, dict):
+    raise TypeError("custom_metadata must be a dict of JSON-serializable values")
+  try:
+    json.dumps(custom_metadata, allow_nan=False)
+  except (TypeError, ValueError) as e:
+    raise TypeError(
+        f"custom_metadata is not JSON-serializable ({e}); convert arrays with .tolist() and "
+        "other objects to str/int/float/bool/list/dict. Nothing was written.") from e
+
+
+def _start_save(path: paths.PathLike, state: Any, *, overwrite: bool, custom_metadata: Any,
+                is_async: bool, fsync: bool):
+  final = paths.to_path(path)
+  paths.check_destination(final, overwrite)
+  _check_custom_metadata(custom_metadata)
+  paths.cleanup_stale_tmp(final)
+  tmp = None
+  try:
+    # Validation of the tree happens inside prepare_save before any file is created in tmp;
+    # the empty tmp dir is removed on failure.
+    tmp = paths.make_tmp_dir(final)
+    finish_tree = pytree_io.prepare_save(tmp / DEFAULT_CHECKPOINTABLE, state, is_async=is_async)
+  except BaseException:
+    if tmp is not None:
+      pytree_io.remove_quietly(tmp)
+    raise
+
+  def finish() -> None:
+    try:
+      finish_tree(fsync)
+      manifest = {
+          "format": "flax_ckpt", "version": FORMAT_VERSION,
+          "checkpointables": {DEFAULT_CHECKPOINTABLE: {"kind": "pytree"}},
+          "custom_metadata": custom_metadata, "created_at": time.time(), "process_count": 1,
+      }
+      paths.write_json(tmp / paths.COMMIT_MARKER, manifest, fsync=fsync)
+      if fsync:
+        paths.fsync_path(tmp)
+      paths.commit(tmp, final, overwrite=overwrite, fsync=fsync)
+    except BaseException:
+      pytree_io.remove_quietly(tmp)
+      raise
+
+  return final, finish
+
+
+def save(path: paths.PathLike, state: Any, *, overwrite: bool = False,
+         custom_metadata: dict | None = None, fsync: bool = True) -> None:
+  """Saves any PyTree to ``path``; returns once the checkpoint is committed.
+
+  The checkpoint is written into a hidden sibling directory and renamed into place after
+  every byte is durable, so ``path`` either holds the complete checkpoint or nothing new.
+
+  Args:
+    path: destination directory (``str``, ``os.PathLike`` or ``etils.epath.Path``).
+    state: the PyTree (dicts with str/int keys, lists, tuples, NamedTuples, dataclasses and
+      other PyTree nodes; leaves of any type with a registered TypeHandler).
+    overwrite: replace an existing checkpoint at ``path``; the old one stays intact until
+      the new one is committed.
+    custom_metadata: a JSON-serializable dict stored with the checkpoint.
+    fsync: make the data durable before committing (disable only for scratch data).
+
+  Raises:
+    CheckpointExistsError: ``path`` exists and ``overwrite`` is False.
+    UnsupportedLeafError: a leaf or dict key cannot be saved (nothing is written).
+
+  Example:
+    >>> import jax.numpy as jnp, flax_ckpt, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), 'ckpt')
+    >>> flax_ckpt.save(path, {'w': jnp.ones((2, 3)), 'step': 10})
+    >>> flax_ckpt.load(path)['step']
+    10
+  """
+  _, finish = _start_save(path, state, overwrite=overwrite, custom_metadata=custom_metadata,
+                          is_async=False, fsync=fsync)
+  finish()
+
+
+def save_async(path: paths.PathLike, state: Any, *, overwrite: bool = False,
+               custom_metadata: dict | None = None,
+               fsync: bool = True) -> async_utils.AsyncResponse:
+  """Starts saving ``state`` and returns as soon as it is safe to change it.
+
+  On return, the values are held in a form the caller can no longer affect: numpy arrays
+  are copied; ``jax.Array`` buffers are pinned with a zero-copy host view (on CPU), so
+  donating or deleting them afterwards cannot change what is written. Writing and the
+  commit continue in a background thread. A save still pending at interpreter exit is
+  finished before the process exits; if it fails, the error is printed to stderr.
+
+  Args:
+    path: destination directory.
+    state: the PyTree to save.
+    overwrite: replace an existing checkpoint (kept intact until the new one commits).
+    custom_metadata: a JSON-serializable dict stored with the checkpoint.
+    fsync: make the data durable before committing.
+
+  Returns:
+    An :class:`AsyncResponse`; ``result()`` blocks until committed and re-raises failures.
+
+  Example:
+    >>> import jax.numpy as jnp, flax_ckpt, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), 'ckpt')
+    >>> r = flax_ckpt.save_async(path, {'w': jnp.ones(3)})
+    >>> r.result()
+  """
+  final, finish = _start_save(path, state, overwrite=overwrite,
+                              custom_metadata=custom_metadata, is_async=True, fsync=fsync)
+  return async_utils.start_background(finish, os.fspath(final))
+
+
+def _committed_checkpointable(path: paths.PathLike) -> tuple[epath.Path, dict]:
+  final = paths.to_path(path)
+  manifest = paths.require_committed(final)
+  if manifest.get("version") != FORMAT_VERSION:
+    raise errors.FormatError(
+        f"{final}: format version {manifest.get('version')} is not supported (this flax_ckpt "
+        f"reads version {FORMAT_VERSION}); upgrade flax_ckpt.")
+  return final, manifest
+
+
+def load(path: paths.PathLike, abstract_state: Any = None, *, partial: bool = False) -> Any:
+  """Loads a checkpoint written by :func:`save`.
+
+  Without ``abstract_state`` the saved structure is rebuilt: dicts (int keys stay ints),
+  lists, tuples, ``None``, and NamedTuples/dataclasses registered with
+  :func:`register_class` (others come back as dict/tuple with one warning per class);
+  ``jax.Array`` leaves come back on the default device, numpy leaves as numpy.
+
+  With ``abstract_state`` (a PyTree whose leaves are arrays, ``jax.ShapeDtypeStruct``
+  with or without ``sharding``, or ``None``), the result has exactly the template's
+  structure and types. A template dtype different from the saved one casts the values
+  (``astype`` semantics: float->int truncates, out-of-range values wrap). A ``None``
+  template leaf loads that leaf as saved.
+
+  Args:
+    path: the checkpoint directory.
+    abstract_state: optional template.
+    partial: allow the template to be a subset of the checkpoint; only its leaves are read.
+
+  Raises:
+    CheckpointNotFoundError, IncompleteCheckpointError: nothing committed at ``path``.
+    StructureMismatchError: leaves missing on either side, or shapes differ.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax_ckpt, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), 'ckpt')
+    >>> flax_ckpt.save(path, {'w': jnp.ones((2, 3))})
+    >>> template = {'w': jax.ShapeDtypeStruct((2, 3), jnp.bfloat16)}
+    >>> flax_ckpt.load(path, template)['w'].dtype
+    dtype(bfloat16)
+  """
+  final, _ = _committed_checkpointable(path)
+  return pytree_io.load(final / DEFAULT_CHECKPOINTABLE, abstract_state, partial=partial)
+
+
+def metadata(path: paths.PathLike) -> CheckpointMetadata:
+  """Describes a checkpoint without reading any array bytes.
+
+  Args:
+    path: the checkpoint directory.
+
+  Returns:
+    A :class:`CheckpointMetadata` whose ``tree`` mirrors the saved structure with one
+    metadata object per leaf (shape, dtype, type, size in bytes, saved sharding).
+    ``md[key]`` indexes the tree.
+
+  Example:
+    >>> import numpy as np, flax_ckpt, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), 'ckpt')
+    >>> flax_ckpt.save(path, {'w': np.zeros((2, 3), np.float32)}, custom_metadata={'lr': 0.1})
+    >>> md = flax_ckpt.metadata(path)
+    >>> md['w'].shape, md.custom_metadata
+    ((2, 3), {'lr': 0.1})
+  """
+  final, manifest = _committed_checkpointable(path)
+  tree = pytree_io.metadata_tree(final / DEFAULT_CHECKPOINTABLE)
+  return CheckpointMetadata(
+      tree=tree, custom_metadata=manifest.get("custom_metadata"),
+      format_version=manifest["version"], checkpointables=manifest.get("checkpointables", {}),
+      created_at=manifest.get("created_at"))

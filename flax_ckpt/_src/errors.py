@@ -1,0 +1,34 @@
+"""Exception types raised by flax_ckpt.
+
+Every error names the offending leaf path (when there is one) and says what to do.
+"""
+
+from __future__ import annotations
+
+
+class CheckpointError(Exception):
+  """Base class of all flax_ckpt errors."""
+
+
+class CheckpointExistsError(CheckpointError, FileExistsError):
+  """The destination already holds a checkpoint and ``overwrite`` was not set."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+  """There is no checkpoint at the given path."""
+
+
+class IncompleteCheckpointError(CheckpointError):
+  """The directory exists but was never committed (an interrupted save)."""
+
+
+class UnsupportedLeafError(CheckpointError, TypeError):
+  """A leaf of the tree has a type no registered TypeHandler can save."""
+
+
+class StructureMismatchError(CheckpointError, ValueError):
+  """The template and the checkpoint disagree on which leaves exist or their shapes."""
+
+
+class FormatError(CheckpointError, ValueError):
+  """The checkpoint's metadata is unreadable or of an unknown format version."""

@@ -1,0 +1,225 @@
+"""Checkpoint paths and the atomic commit protocol (temporary sibling + rename).
+
+A save writes everything into a hidden sibling directory
+``.<name>.flax_ckpt-tmp-<host>-<pid>-<rand>``, makes it durable, writes the commit
+marker last and then renames the directory into place. With ``overwrite=True`` the
+new directory is swapped with the old one atomically (``renameat2(RENAME_EXCHANGE)``
+on Linux); the old one is deleted only after the swap.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import json
+import os
+import secrets
+import shutil
+import socket
+from typing import Any, Union
+
+from etils import epath
+
+from flax_ckpt._src import errors
+
+PathLike = Union[str, os.PathLike, epath.Path]
+
+COMMIT_MARKER = "_CHECKPOINT"
+_TMP_TAG = ".flax_ckpt-tmp-"
+_OLD_TAG = ".flax_ckpt-old-"
+
+
+def to_path(path: PathLike) -> epath.Path:
+  """Normalizes ``path`` to an absolute local ``epath.Path``."""
+  if isinstance(path, bytes):
+    raise TypeError(f"checkpoint path must be str or os.PathLike, not bytes: {path!r}")
+  s = os.fspath(path) if not isinstance(path, epath.Path) else str(path)
+  if "://" in s:
+    scheme = s.split("://", 1)[0]
+    if scheme != "file":
+      raise errors.CheckpointError(
+          f"{s!r}: storage scheme {scheme!r}:// is not supported yet by flax_ckpt; "
+          "use a local or mounted filesystem path."
+      )
+    s = s[len("file://"):]
+  return epath.Path(os.path.abspath(os.path.expanduser(s)))
+
+
+def fsync_path(path: PathLike) -> None:
+  """fsyncs a file or directory."""
+  fd = os.open(os.fspath(path), os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def write_json(path: PathLike, obj: Any, *, fsync: bool) -> None:
+  """Writes ``obj`` as JSON to ``path`` (and fsyncs it when asked)."""
+  data = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+  fd = os.open(os.fspath(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+  try:
+    view = memoryview(data)
+    while view:
+      view = view[os.write(fd, view):]
+    if fsync:
+      os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def read_json(path: PathLike) -> Any:
+  with open(os.fspath(path), "rb") as f:
+    return json.loads(f.read())
+
+
+def check_destination(final: epath.Path, overwrite: bool) -> None:
+  """Raises before anything is written if ``final`` cannot receive a checkpoint."""
+  p = os.fspath(final)
+  if os.path.lexists(p):
+    if not os.path.isdir(p):
+      raise errors.CheckpointExistsError(
+          f"{p} exists and is not a directory; choose another checkpoint path or remove the file."
+      )
+    if not overwrite:
+      raise errors.CheckpointExistsError(
+          f"a checkpoint already exists at {p}; pass overwrite=True to replace it "
+          "(the old one stays intact until the new one is committed) or choose a new path."
+      )
+  parent = os.path.dirname(p)
+  probe = parent
+  while probe and not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  if probe and not os.path.isdir(probe):
+    raise errors.CheckpointError(f"{p}: ancestor {probe} is a file, not a directory.")
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def cleanup_stale_tmp(final: epath.Path) -> list[str]:
+  """Removes temporary siblings of ``final`` left by dead processes on this host."""
+  parent, name = os.path.split(os.fspath(final))
+  removed = []
+  host = socket.gethostname()
+  try:
+    entries = os.listdir(parent)
+  except FileNotFoundError:
+    return removed
+  for entry in entries:
+    for tag in (_TMP_TAG, _OLD_TAG):
+      prefix = f".{name}{tag}"
+      if not entry.startswith(prefix):
+        continue
+      parts = entry[len(prefix):].rsplit("-", 2)
+      if len(parts) != 3 or parts[0] != host:
+        continue
+      try:
+        pid = int(parts[1])
+      except ValueError:
+        continue
+      if pid != os.getpid() and not _pid_alive(pid):
+        shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+        removed.append(entry)
+  return removed
+
+
+def make_tmp_dir(final: epath.Path) -> epath.Path:
+  """Creates the hidden temporary sibling a save writes into."""
+  parent, name = os.path.split(os.fspath(final))
+  os.makedirs(parent, exist_ok=True)
+  tag = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+  tmp = os.path.join(parent, f".{name}{_TMP_TAG}{tag}")
+  os.mkdir(tmp)
+  return epath.Path(tmp)
+
+
+_RENAME_EXCHANGE = 2
+_libc = None
+
+
+def _exchange(a: str, b: str) -> bool:
+  """Atomically swaps two paths; False if the platform cannot."""
+  global _libc
+  if not hasattr(os, "uname") or os.uname().sysname != "Linux":
+    return False
+  if _libc is None:
+    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+  fn = getattr(_libc, "renameat2", None)
+  if fn is None:
+    return False
+  at_fdcwd = -100
+  rc = fn(at_fdcwd, a.encode(), at_fdcwd, b.encode(), _RENAME_EXCHANGE)
+  if rc == 0:
+    return True
+  err = ctypes.get_errno()
+  if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+    return False
+  raise OSError(err, os.strerror(err), b)
+
+
+def commit(tmp: epath.Path, final: epath.Path, *, overwrite: bool, fsync: bool) -> None:
+  """Moves a fully written temporary checkpoint into place."""
+  tmp_s, final_s = os.fspath(tmp), os.fspath(final)
+  parent = os.path.dirname(final_s)
+  if os.path.lexists(final_s):
+    if not overwrite:
+      raise errors.CheckpointExistsError(
+          f"a checkpoint appeared at {final_s} while saving; pass overwrite=True or use a "
+          "new path. The new data was discarded."
+      )
+    if _exchange(tmp_s, final_s):
+      if fsync:
+        fsync_path(parent)
+      shutil.rmtree(tmp_s, ignore_errors=True)  # now holds the old checkpoint
+      return
+    old = tmp_s.replace(_TMP_TAG, _OLD_TAG)
+    os.rename(final_s, old)
+    os.rename(tmp_s, final_s)
+    if fsync:
+      fsync_path(parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return
+  os.rename(tmp_s, final_s)
+  if fsync:
+    fsync_path(parent)
+
+
+def require_committed(path: epath.Path) -> dict:
+  """Reads the commit marker of ``path``; raises a clear error when it is not a checkpoint."""
+  p = os.fspath(path)
+  if not os.path.exists(p):
+    parent, name = os.path.split(p)
+    olds = []
+    if os.path.isdir(parent):
+      olds = [e for e in os.listdir(parent) if e.startswith(f".{name}{_OLD_TAG}")]
+    hint = (
+        f" A previous version survives as {os.path.join(parent, olds[0])} (a crash between "
+        "the two renames of an overwrite); rename it back to recover it."
+        if olds else ""
+    )
+    raise errors.CheckpointNotFoundError(f"no checkpoint at {p}.{hint}")
+  if not os.path.isdir(p):
+    raise errors.CheckpointNotFoundError(f"{p} is a file, not a checkpoint directory.")
+  marker = os.path.join(p, COMMIT_MARKER)
+  if not os.path.exists(marker):
+    raise errors.IncompleteCheckpointError(
+        f"{p} is not a committed flax_ckpt checkpoint (no {COMMIT_MARKER} marker): the save "
+        "that wrote it did not finish, or the directory was made by something else. "
+        "Load an earlier checkpoint instead."
+    )
+  try:
+    manifest = read_json(marker)
+  except (OSError, ValueError) as e:
+    raise errors.FormatError(f"{marker} is unreadable ({e}); the checkpoint is damaged.") from e
+  if not isinstance(manifest, dict) or manifest.get("format") != "flax_ckpt":
+    raise errors.FormatError(f"{marker} is not a flax_ckpt commit marker.")
+  return manifest

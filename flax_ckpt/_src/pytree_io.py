@@ -1,0 +1,311 @@
+"""Saving and loading one PyTree into a checkpointable directory (``<ckpt>/state/``).
+
+Files (see docs/format.md): ``_TREE.json`` (structure + leaf records), ``_CHUNKS.p<i>.json``
+(where process i put each array chunk), ``data.p<i>.bin`` (packed array bytes), and
+``leaves/<name>/`` for handlers that write their own files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from etils import epath
+
+from flax_ckpt._src import async_utils, builtin_handlers, errors, paths, storage, treespec
+from flax_ckpt._src import type_handlers as th
+
+TREE_FILE = "_TREE.json"
+CHUNKS_PREFIX = "_CHUNKS.p"
+LEAVES_DIR = "leaves"
+TREE_VERSION = 1
+
+
+@dataclasses.dataclass
+class _SaveIO:
+  writer: storage.DataWriter
+  process_index: int = 0
+
+
+def is_handled_leaf(x: Any) -> bool:
+  return th.handler_for_value(x) is not None
+
+
+def _leaf_dirnames(names: list[str]) -> list[str]:
+  out, seen = [], set()
+  for i, n in enumerate(names):
+    s = re.sub(r"[^A-Za-z0-9_.-]+", "_", n).strip("_.")[:120] or f"leaf{i}"
+    if s in seen:
+      s = f"{s}.{i}"
+    seen.add(s)
+    out.append(s)
+  return out
+
+
+def prepare_save(cp_dir: epath.Path, tree: Any, *, is_async: bool) -> Callable[[bool], None]:
+  """Validates ``tree``, snapshots it, and returns ``finish(fsync)`` that writes it.
+
+  Everything that reads the caller's values happens before this returns; ``finish`` only
+  touches snapshots. Raises before creating any file when the tree cannot be saved.
+  """
+  root, leaves = treespec.encode(tree, is_handled_leaf)
+  handlers = [th.handler_for_value(v) for _, v in leaves]
+  os.makedirs(cp_dir, exist_ok=True)
+  io = _SaveIO(storage.DataWriter(os.path.join(cp_dir, builtin_handlers.data_file_name(0))))
+  ts_ctx = th._LazyTsContext()
+  names = [treespec.path_str(p) for p, _ in leaves]
+  dirnames = _leaf_dirnames(names)
+  leaves_dir = cp_dir / LEAVES_DIR
+  if any(not th.is_builtin(h) for h in handlers):
+    os.makedirs(leaves_dir, exist_ok=True)
+  infos = [
+      th.ParamInfo(name=names[i], keypath=leaves[i][0], path=leaves_dir / dirnames[i],
+                   parent_dir=cp_dir, is_async=is_async, _ts_context=ts_ctx, _io=io)
+      for i in range(len(leaves))
+  ]
+  groups: dict[int, tuple[Any, list[int]]] = {}
+  for i, h in enumerate(handlers):
+    groups.setdefault(id(h), (h, []))[1].append(i)
+
+  async def serialize_all():
+    futs = []
+    for h, idx in groups.values():
+      r = await h.serialize([leaves[i][1] for i in idx], [infos[i] for i in idx], None)
+      futs.extend(r or [])
+    return futs
+
+  futures = async_utils.run_coro(serialize_all())
+  typestrs = [h.typestr() for h in handlers]
+
+  def finish(fsync: bool) -> None:
+    if io.writer.size:
+      io.writer.write(fsync=fsync)
+    async_utils.wait_futures(futures)
+    for info in infos:
+      info._io = None  # release the snapshot buffers held by chunk bookkeeping
+    chunks = {str(i): info.chunks for i, info in enumerate(infos) if info.chunks}
+    paths.write_json(cp_dir / f"{CHUNKS_PREFIX}0.json",
+                     {"process_index": 0, "data_file": builtin_handlers.data_file_name(0),
+                      "chunks": chunks}, fsync=fsync)
+    records = [
+        {"path": [list(e) for e in leaves[i][0]], "typestr": typestrs[i],
+         "record": infos[i].record}
+        for i in range(len(leaves))
+    ]
+    paths.write_json(cp_dir / TREE_FILE,
+                     {"version": TREE_VERSION, "root": root, "leaves": records}, fsync=fsync)
+    if fsync:
+      if os.path.isdir(leaves_dir):  # files written by custom handlers
+        for dirpath, _, files in os.walk(leaves_dir):
+          for f in files:
+            paths.fsync_path(os.path.join(dirpath, f))
+          paths.fsync_path(dirpath)
+      paths.fsync_path(cp_dir)
+
+  return finish
+
+
+@dataclasses.dataclass
+class _SavedTree:
+  cp_dir: epath.Path
+  root: dict
+  leaves: list[dict]
+  chunks: dict[int, list[dict]]
+
+
+def read_saved_tree(cp_dir: epath.Path) -> _SavedTree:
+  try:
+    tree = paths.read_json(cp_dir / TREE_FILE)
+  except FileNotFoundError as e:
+    raise errors.FormatError(f"{cp_dir} has no {TREE_FILE}; the checkpoint is damaged.") from e
+  if tree.get("version") != TREE_VERSION:
+    raise errors.FormatError(
+        f"{cp_dir / TREE_FILE}: tree format version {tree.get('version')} is not supported by "
+        f"this flax_ckpt (knows {TREE_VERSION}); upgrade flax_ckpt.")
+  chunks: dict[int, list[dict]] = {}
+  for name in sorted(os.listdir(cp_dir)):
+    if name.startswith(CHUNKS_PREFIX) and name.endswith(".json"):
+      for k, v in paths.read_json(cp_dir / name)["chunks"].items():
+        chunks.setdefault(int(k), []).extend(v)
+  return _SavedTree(cp_dir, tree["root"], tree["leaves"], chunks)
+
+
+def _infos_for(saved: _SavedTree, ids: list[int]) -> list[th.ParamInfo]:
+  names = [treespec.path_str(saved.leaves[i]["path"]) for i in range(len(saved.leaves))]
+  dirnames = _leaf_dirnames(names)
+  ctx = th._LazyTsContext()
+  out = []
+  for i in ids:
+    leaf = saved.leaves[i]
+    out.append(th.ParamInfo(
+        name=names[i], keypath=tuple(tuple(e) for e in leaf["path"]),
+        path=saved.cp_dir / LEAVES_DIR / dirnames[i], parent_dir=saved.cp_dir,
+        record=leaf["record"], chunks=saved.chunks.get(i, []), _ts_context=ctx))
+  return out
+
+
+def _handlers_for(saved: _SavedTree, ids: list[int]) -> list[Any]:
+  out, missing = [], []
+  for i in ids:
+    ts_ = saved.leaves[i]["typestr"]
+    h = th.handler_for_typestr(ts_)
+    if h is None:
+      missing.append(f"{treespec.path_str(saved.leaves[i]['path'])} (typestr {ts_!r})")
+    out.append(h)
+  if missing:
+    raise errors.CheckpointError(
+        "these leaves were saved by TypeHandlers that are not registered in this process: "
+        + ", ".join(missing)
+        + ". Register a handler whose typestr() matches with flax_ckpt.register_type_handler "
+        "before loading.")
+  return out
+
+
+def _run_grouped(method: str, saved: _SavedTree, ids: list[int],
+                 args: list[th.RestoreArgs] | None) -> list[Any]:
+  handlers = _handlers_for(saved, ids)
+  infos = _infos_for(saved, ids)
+  groups: dict[int, tuple[Any, list[int]]] = {}
+  for j, h in enumerate(handlers):
+    groups.setdefault(id(h), (h, []))[1].append(j)
+
+  async def run_all():
+    out: list[Any] = [None] * len(ids)
+    for h, js in groups.values():
+      sub_infos = [infos[j] for j in js]
+      if method == "metadata":
+        vals = await h.metadata(sub_infos)
+      else:
+        vals = await h.deserialize(sub_infos, [args[j] for j in js] if args else None)
+      vals = list(vals)
+      if len(vals) != len(js):
+        raise errors.CheckpointError(
+            f"TypeHandler {h!r}.{method} returned {len(vals)} values for {len(js)} leaves")
+      for j, v in zip(js, vals):
+        out[j] = v
+    return out
+
+  return async_utils.run_coro(run_all())
+
+
+def _template_is_leaf(x: Any) -> bool:
+  if x is None or isinstance(x, jax.ShapeDtypeStruct):
+    return True
+  if type(x) in (dict, list, tuple):
+    return False
+  return is_handled_leaf(x)
+
+
+def _args_from_template(t: Any) -> th.RestoreArgs:
+  if t is None:
+    return th.RestoreArgs()
+  if isinstance(t, (jax.ShapeDtypeStruct, jax.Array)):
+    is_key = jax.dtypes.issubdtype(t.dtype, jax.dtypes.prng_key)
+    sharding = getattr(t, "sharding", None)
+    return th.RestoreArgs(restore_type=jax.Array, dtype=None if is_key else np.dtype(t.dtype),
+                          sharding=sharding, shape=tuple(t.shape))
+  if isinstance(t, np.ndarray):
+    return th.RestoreArgs(restore_type=np.ndarray, dtype=t.dtype, shape=tuple(t.shape))
+  if isinstance(t, np.generic):
+    return th.RestoreArgs(restore_type=np.generic, dtype=t.dtype, shape=())
+  if type(t) in (int, float, bool, complex):
+    return th.RestoreArgs(restore_type=type(t), shape=())
+  return th.RestoreArgs()
+
+
+def _saved_shape(leaf: dict) -> tuple[int, ...] | None:
+  rec = leaf["record"]
+  if "key_shape" in rec:
+    return tuple(rec["key_shape"])
+  if "shape" in rec:
+    return tuple(rec["shape"])
+  if leaf["typestr"] in ("int", "float", "bool", "complex", "np.generic"):
+    return ()
+  return None
+
+
+def _conform(v: Any, a: th.RestoreArgs) -> Any:
+  """Converts a loaded scalar/array to the template leaf's type when they differ."""
+  rt = a.restore_type
+  if rt is None:
+    return v
+  if rt is jax.Array and not isinstance(v, jax.Array):
+    host = np.asarray(v, dtype=a.dtype)
+    return jax.device_put(host, a.sharding) if a.sharding is not None else jax.device_put(host)
+  if rt is np.ndarray and not isinstance(v, np.ndarray):
+    return np.asarray(v, dtype=a.dtype)
+  if rt is np.generic and not isinstance(v, np.generic):
+    return np.asarray(v, dtype=a.dtype)[()]
+  if rt in (int, float, bool, complex) and type(v) is not rt:
+    return rt(np.asarray(v).item())
+  return v
+
+
+def load(cp_dir: epath.Path, abstract: Any, *, partial: bool) -> Any:
+  saved = read_saved_tree(cp_dir)
+  if abstract is None:
+    ids = list(range(len(saved.leaves)))
+    values = _run_grouped("deserialize", saved, ids, None)
+    return treespec.decode(saved.root, values, warned=set())
+
+  flat, treedef = jax.tree_util.tree_flatten_with_path(abstract, is_leaf=_template_is_leaf)
+  by_key = {treespec.match_key(leaf["path"]): i for i, leaf in enumerate(saved.leaves)}
+  ids, missing, problems = [], [], []
+  for kp, t in flat:
+    path = treespec.path_from_jax(kp)
+    i = by_key.get(treespec.match_key(path))
+    if i is None:
+      missing.append(treespec.path_str(path))
+      continue
+    ids.append(i)
+  extra = []
+  if not partial:
+    used = set(ids)
+    extra = [treespec.path_str(leaf["path"]) for i, leaf in enumerate(saved.leaves)
+             if i not in used]
+  if missing or extra:
+    msg = ["the template does not match the checkpoint at " + os.fspath(cp_dir) + ":"]
+    if missing:
+      msg.append(f"  in the template but not in the checkpoint: {', '.join(missing)}")
+    if extra:
+      msg.append(f"  in the checkpoint but not in the template: {', '.join(extra)} "
+                 "(pass partial=True to load only the template's leaves)")
+    raise errors.StructureMismatchError("\n".join(msg))
+  args = [_args_from_template(t) for _, t in flat]
+  for (kp, t), i, a in zip(flat, ids, args):
+    s = _saved_shape(saved.leaves[i])
+    if a.shape is not None and s is not None and tuple(a.shape) != s:
+      problems.append(f"{treespec.path_str(saved.leaves[i]['path'])}: checkpoint shape {s}, "
+                      f"template shape {tuple(a.shape)}")
+  if problems:
+    raise errors.StructureMismatchError(
+        "shape mismatch between template and checkpoint (fix the template or load without "
+        "one to see the saved shapes):\n  " + "\n  ".join(problems))
+  values = _run_grouped("deserialize", saved, ids, args)
+  values = [_conform(v, a) for v, a in zip(values, args)]
+  return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def metadata_tree(cp_dir: epath.Path) -> Any:
+  saved = read_saved_tree(cp_dir)
+  ids = list(range(len(saved.leaves)))
+  handlers = [th.handler_for_typestr(saved.leaves[i]["typestr"]) for i in ids]
+  known = [i for i in ids if handlers[i] is not None]
+  vals: list[Any] = [None] * len(ids)
+  for i, v in zip(known, _run_grouped("metadata", saved, known, None)):
+    vals[i] = v
+  infos = _infos_for(saved, ids)
+  for i in ids:
+    if handlers[i] is None:
+      vals[i] = th.Metadata(name=infos[i].name, directory=infos[i].path)
+  return treespec.decode(saved.root, vals, warned=None)
+
+
+def remove_quietly(p: Any) -> None:
+  shutil.rmtree(os.fspath(p), ignore_errors=True)

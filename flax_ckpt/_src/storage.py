@@ -1,0 +1,191 @@
+"""Packed data files: many arrays' bytes in one file, written and read with zero extra copies.
+
+Writes gather the caller's buffers straight into the file with ``pwritev``; reads scatter
+straight into freshly allocated, 64-byte aligned destination buffers with ``preadv``
+(adjacent requests are coalesced into one system call, large ones are split across a few
+threads). This is the local-filesystem backend of the storage layer; see docs/format.md.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+
+ALIGN = 64
+_IOV_MAX = 1024
+_MAX_CALL_BYTES = 1 << 30  # Linux caps one read/write at ~2 GiB
+_PIECE = 32 << 20  # split big reads into pieces read in parallel
+_GAP = 4096  # read through gaps smaller than this instead of another system call
+_ZEROS = bytes(ALIGN)
+_READ_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def aligned_empty(nbytes: int) -> np.ndarray:
+  """A new uint8 buffer of ``nbytes`` whose data pointer is 64-byte aligned."""
+  raw = np.empty(nbytes + ALIGN, np.uint8)
+  off = (-raw.ctypes.data) % ALIGN
+  return raw[off:off + nbytes]
+
+
+def as_bytes_view(arr: np.ndarray) -> memoryview:
+  """A flat byte view of a C-contiguous array of any dtype (ml_dtypes included)."""
+  if not arr.flags.c_contiguous:
+    raise ValueError("internal: buffer must be C-contiguous")
+  return memoryview(arr.reshape(-1).view(np.uint8))
+
+
+class DataWriter:
+  """Collects buffers and writes them into one packed data file."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self._bufs: list[memoryview] = []
+    self._offsets: list[int] = []
+    self.size = 0
+
+  def add(self, arr: np.ndarray) -> tuple[int, int]:
+    """Schedules ``arr``'s bytes; returns (offset, nbytes) it will have in the file."""
+    view = as_bytes_view(arr)
+    self.size += (-self.size) % ALIGN
+    offset = self.size
+    if view.nbytes:
+      self._bufs.append(view)
+      self._offsets.append(offset)
+    self.size += view.nbytes
+    return offset, view.nbytes
+
+  def write(self, *, fsync: bool) -> None:
+    """Writes every scheduled buffer, then fsyncs the file when asked."""
+    fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+      iov: list[memoryview | bytes] = []
+      iov_start = 0
+      iov_bytes = 0
+      pos = 0
+      for off, buf in zip(self._offsets, self._bufs):
+        if off != pos:
+          iov.append(_ZEROS[: off - pos])
+          iov_bytes += off - pos
+        iov.append(buf)
+        iov_bytes += buf.nbytes
+        pos = off + buf.nbytes
+        if len(iov) >= _IOV_MAX - 1 or iov_bytes >= _MAX_CALL_BYTES:
+          _pwritev_all(fd, iov, iov_start)
+          iov, iov_start, iov_bytes = [], pos, 0
+      if iov:
+        _pwritev_all(fd, iov, iov_start)
+      if fsync:
+        os.fsync(fd)
+    finally:
+      os.close(fd)
+    self._bufs.clear()
+
+
+def _pwritev_all(fd: int, iov: list, offset: int) -> None:
+  views = [memoryview(b).cast("B") for b in iov]
+  while views:
+    # a single buffer may exceed what one call writes; split it
+    batch, total = [], 0
+    for v in views:
+      if total + v.nbytes > _MAX_CALL_BYTES and batch:
+        break
+      batch.append(v[: _MAX_CALL_BYTES - total] if total + v.nbytes > _MAX_CALL_BYTES else v)
+      total += batch[-1].nbytes
+    n = os.pwritev(fd, batch, offset)
+    offset += n
+    # drop what was written
+    while n and views:
+      if views[0].nbytes <= n:
+        n -= views[0].nbytes
+        views.pop(0)
+      else:
+        views[0] = views[0][n:]
+        n = 0
+
+
+class ReadStats:
+  """Counts bytes and system calls of reads (tests use it to check partial reads)."""
+
+  def __init__(self):
+    self.bytes = 0
+    self.calls = 0
+    self._lock = threading.Lock()
+
+  def add(self, nbytes: int) -> None:
+    with self._lock:
+      self.bytes += nbytes
+      self.calls += 1
+
+
+READ_STATS = ReadStats()
+
+
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+  global _READ_POOL
+  with _POOL_LOCK:
+    if _READ_POOL is None:
+      _READ_POOL = concurrent.futures.ThreadPoolExecutor(
+          max_workers=max(2, min(4, os.cpu_count() or 2)), thread_name_prefix="flax_ckpt_read"
+      )
+    return _READ_POOL
+
+
+def read_into(path: str, requests: Sequence[tuple[int, memoryview]]) -> None:
+  """Fills each (file offset, writable byte view) request from the file at ``path``."""
+  pieces: list[tuple[int, memoryview]] = []
+  for off, view in requests:
+    view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+    for start in range(0, view.nbytes, _PIECE):
+      pieces.append((off + start, view[start:start + _PIECE]))
+  if not pieces:
+    return
+  pieces.sort(key=lambda p: p[0])
+  batches: list[tuple[int, list[memoryview], int]] = []  # (offset, iov, useful bytes)
+  cur_off, cur_iov, cur_bytes = pieces[0][0], [pieces[0][1]], pieces[0][1].nbytes
+  cur_end = pieces[0][0] + pieces[0][1].nbytes
+  for off, view in pieces[1:]:
+    gap = off - cur_end
+    if 0 <= gap <= _GAP and len(cur_iov) < _IOV_MAX - 1 and cur_bytes + view.nbytes <= _PIECE:
+      if gap:
+        cur_iov.append(memoryview(bytearray(gap)))
+      cur_iov.append(view)
+      cur_bytes += view.nbytes
+    else:
+      batches.append((cur_off, cur_iov, cur_bytes))
+      cur_off, cur_iov, cur_bytes = off, [view], view.nbytes
+    cur_end = off + view.nbytes
+  batches.append((cur_off, cur_iov, cur_bytes))
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    if len(batches) == 1 or sum(b[2] for b in batches) < (8 << 20):
+      for b in batches:
+        _preadv_all(fd, b[0], b[1])
+    else:
+      futs = [_pool().submit(_preadv_all, fd, b[0], b[1]) for b in batches]
+      for f in futs:
+        f.result()
+  finally:
+    os.close(fd)
+
+
+def _preadv_all(fd: int, offset: int, iov: list[memoryview]) -> None:
+  views = list(iov)
+  while views:
+    n = os.preadv(fd, views, offset)
+    if n == 0:
+      raise OSError(f"unexpected end of checkpoint data file (fd {fd}) at offset {offset}; "
+                    "the checkpoint is truncated or damaged")
+    READ_STATS.add(n)
+    offset += n
+    while n and views:
+      if views[0].nbytes <= n:
+        n -= views[0].nbytes
+        views.pop(0)
+      else:
+        views[0] = views[0][n:]
+        n = 0

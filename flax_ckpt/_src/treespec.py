@@ -1,0 +1,267 @@
+"""Recording and rebuilding the exact structure of a PyTree, and the class registry.
+
+The structure is stored as a JSON tree of nodes (see docs/format.md). Classes are rebuilt
+only when registered with :func:`register_class`; a name read from a checkpoint is looked
+up in that registry and never imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+from flax_ckpt._src import errors
+
+# A path element on disk: [kind, key] with kind "d" (dict key), "a" (attribute),
+# "i" (sequence index) or "f" (flattened index of a custom node).
+PathElem = tuple[str, Any]
+Path = tuple[PathElem, ...]
+
+
+class UnregisteredClassWarning(UserWarning):
+  """A class in the checkpoint is not registered; it was rebuilt as dict or tuple."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _ClassEntry:
+  cls: type
+  name: str
+  build: Callable[[Sequence[Any], Sequence[Any]], Any] | None
+
+
+_BY_NAME: dict[str, _ClassEntry] = {}
+_BY_CLASS: dict[type, _ClassEntry] = {}
+
+
+def default_class_name(cls: type) -> str:
+  return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_class(
+    cls: type,
+    *,
+    name: str | None = None,
+    build: Callable[[Sequence[Any], Sequence[Any]], Any] | None = None,
+    override: bool = False,
+) -> type:
+  """Lets ``load(path)`` without a template rebuild instances of ``cls``.
+
+  NamedTuples and dataclasses are rebuilt from their fields; for other PyTree node types
+  pass ``build(keys, children) -> instance``. Nothing is ever imported by a name read from a
+  checkpoint: only classes registered in this process are rebuilt. Usable as a decorator.
+
+  Args:
+    cls: the class (a NamedTuple, a dataclass, or a registered JAX PyTree node type).
+    name: stable name stored in checkpoints; defaults to ``module.QualName``.
+    build: optional constructor from the node's keys and children.
+    override: replace an existing registration for the same class or name.
+
+  Returns:
+    ``cls``, so it can be used as ``@register_class``.
+
+  Example:
+    >>> import typing, flax_ckpt
+    >>> class Point(typing.NamedTuple):
+    ...   x: float
+    ...   y: float
+    >>> _ = flax_ckpt.register_class(Point)
+  """
+  if not isinstance(cls, type):
+    raise TypeError(f"register_class expects a class, got {cls!r}")
+  name = name or default_class_name(cls)
+  old = _BY_NAME.get(name)
+  if not override and ((old is not None and old.cls is not cls) or (
+      cls in _BY_CLASS and _BY_CLASS[cls].name != name)):
+    raise ValueError(
+        f"class name {name!r} / class {cls!r} is already registered; pass override=True to "
+        "replace the registration."
+    )
+  if override and cls in _BY_CLASS:
+    _BY_NAME.pop(_BY_CLASS[cls].name, None)
+  entry = _ClassEntry(cls, name, build)
+  _BY_NAME[name] = entry
+  _BY_CLASS[cls] = entry
+  return cls
+
+
+def is_registered_class(cls: type) -> bool:
+  return cls in _BY_CLASS
+
+
+def _class_name(cls: type) -> tuple[str, bool]:
+  entry = _BY_CLASS.get(cls)
+  return (entry.name, True) if entry else (default_class_name(cls), False)
+
+
+def _is_namedtuple(x: Any) -> bool:
+  return isinstance(x, tuple) and hasattr(type(x), "_fields")
+
+
+def path_from_jax(keypath: Sequence[Any]) -> Path:
+  out = []
+  for k in keypath:
+    if isinstance(k, jax.tree_util.DictKey):
+      out.append(("d", k.key))
+    elif isinstance(k, jax.tree_util.SequenceKey):
+      out.append(("i", k.idx))
+    elif isinstance(k, jax.tree_util.GetAttrKey):
+      out.append(("a", k.name))
+    elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+      out.append(("f", k.key))
+    else:
+      out.append(("d", str(k)))
+  return tuple(out)
+
+
+def match_key(path: Sequence[Sequence[Any]]) -> tuple:
+  """Canonical form used to match template paths to saved paths."""
+  return tuple(("n" if kind in ("i", "f") else "k", type(key).__name__, key) for kind, key in path)
+
+
+def path_str(path: Sequence[Sequence[Any]]) -> str:
+  """Human-readable path, e.g. ``['params']['dense'][0].mu``."""
+  if not path:
+    return "<root>"
+  parts = []
+  for kind, key in path:
+    parts.append(f".{key}" if kind == "a" else f"[{key!r}]")
+  return "".join(parts)
+
+
+def _one_level(x: Any) -> tuple[list[tuple[PathElem, Any]], bool]:
+  """Children of a custom PyTree node with their keys; (_, False) if ``x`` is a leaf."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
+  if jax.tree_util.treedef_is_leaf(treedef):
+    return [], False
+  return [(path_from_jax(kp)[0], v) for kp, v in flat], True
+
+
+def encode(tree: Any, is_handled_leaf: Callable[[Any], bool]) -> tuple[dict, list[tuple[Path, Any]]]:
+  """Walks ``tree``; returns its JSON structure and the (path, value) leaves in order.
+
+  Raises:
+    UnsupportedLeafError: listing every leaf whose type no handler supports, or bad keys.
+  """
+  leaves: list[tuple[Path, Any]] = []
+  bad: list[str] = []
+
+  def leaf(path: Path, value: Any) -> dict:
+    leaves.append((path, value))
+    return {"t": "leaf", "id": len(leaves) - 1}
+
+  def walk(x: Any, path: Path) -> dict:
+    t = type(x)
+    if x is None:
+      return leaf(path, x)
+    if t is dict:
+      keys, kts, children = [], [], []
+      for k, v in x.items():
+        if type(k) is str:
+          kts.append("s")
+        elif type(k) is int:
+          kts.append("i")
+        else:
+          bad.append(f"{path_str(path)}: dict key {k!r} of type {type(k).__name__} "
+                     "(only str and int keys can be saved; convert the key)")
+          continue
+        keys.append(k)
+        children.append(walk(v, path + (("d", k),)))
+      return {"t": "dict", "k": keys, "kt": kts, "c": children}
+    if t is list or t is tuple:
+      return {"t": "list" if t is list else "tuple",
+              "c": [walk(v, path + (("i", i),)) for i, v in enumerate(x)]}
+    if is_handled_leaf(x):
+      return leaf(path, x)
+    if _is_namedtuple(x):
+      name, reg = _class_name(t)
+      return {"t": "namedtuple", "cls": name, "reg": reg, "f": list(t._fields),
+              "c": [walk(getattr(x, f), path + (("a", f),)) for f in t._fields]}
+    kids, is_node = _one_level(x)
+    if not is_node:
+      bad.append(f"{path_str(path)}: unsupported leaf type {t.__module__}.{t.__qualname__} "
+                 "(register a TypeHandler with flax_ckpt.register_type_handler, or register "
+                 "the class as a JAX PyTree node)")
+      return {"t": "leaf", "id": -1}
+    name, reg = _class_name(t)
+    return {"t": "node", "cls": name, "reg": reg,
+            "keys": [[kind, key] for (kind, key), _ in kids],
+            "c": [walk(v, path + ((kind, key),)) for (kind, key), v in kids]}
+
+  root = walk(tree, ())
+  if bad:
+    raise errors.UnsupportedLeafError(
+        "cannot save this tree; nothing was written. Problems:\n  " + "\n  ".join(bad)
+    )
+  return root, leaves
+
+
+def _rebuild_class(node: dict, keys: list, values: list, warned: set[str] | None) -> Any:
+  entry = _BY_NAME.get(node["cls"]) if node.get("reg") else None
+  named = all(k[0] in ("a", "d") for k in keys)
+  if entry is not None:
+    cls = entry.cls
+    try:
+      if entry.build is not None:
+        return entry.build([k[1] for k in keys], values)
+      if _is_namedtuple_cls(cls):
+        return cls(*values)
+      if dataclasses.is_dataclass(cls) and named:
+        kw = dict(zip((k[1] for k in keys), values))
+        init_names = [f.name for f in dataclasses.fields(cls) if f.init]
+        missing = [n for n in init_names if n not in kw]
+        if missing:
+          _warn(warned, node["cls"], f"fields {missing} are static (not saved) and cannot be "
+                "restored without a template; pass abstract_state to restore the class")
+          return kw
+        obj = cls(**{n: kw.pop(n) for n in init_names})
+        for n, v in kw.items():
+          object.__setattr__(obj, n, v)
+        return obj
+      return cls(**dict(zip((k[1] for k in keys), values))) if named else cls(*values)
+    except Exception as e:  # noqa: BLE001 - report and fall back, never fail the load
+      _warn(warned, node["cls"], f"rebuilding it failed ({type(e).__name__}: {e})")
+  else:
+    _warn(warned, node["cls"], "it is not registered with flax_ckpt.register_class")
+  if named:
+    return {k[1]: v for k, v in zip(keys, values)}
+  return tuple(values)
+
+
+def _is_namedtuple_cls(cls: type) -> bool:
+  return issubclass(cls, tuple) and hasattr(cls, "_fields")
+
+
+def _warn(warned: set[str] | None, name: str, why: str) -> None:
+  if warned is None or name in warned:
+    return
+  warned.add(name)
+  warnings.warn(
+      f"class {name} from the checkpoint was returned as a dict/tuple: {why}. "
+      "Load with a template (abstract_state) to get the exact types back.",
+      UnregisteredClassWarning,
+      stacklevel=4,
+  )
+
+
+def decode(node: dict, leaf_values: Sequence[Any], warned: set[str] | None) -> Any:
+  """Rebuilds the saved structure around ``leaf_values`` (indexed by leaf id)."""
+  t = node["t"]
+  if t == "leaf":
+    return leaf_values[node["id"]]
+  children = [decode(c, leaf_values, warned) for c in node.get("c", ())]
+  if t == "dict":
+    return dict(zip(node["k"], children))
+  if t == "list":
+    return children
+  if t == "tuple":
+    return tuple(children)
+  if t == "namedtuple":
+    keys = [["a", f] for f in node["f"]]
+    return _rebuild_class(node, keys, children, warned)
+  if t == "node":
+    return _rebuild_class(node, node["keys"], children, warned)
+  raise errors.FormatError(f"unknown structure node type {t!r} in checkpoint")

@@ -1,0 +1,29 @@
+"""The TypeHandler extension API in one namespace (also re-exported from ``flax_ckpt``)."""
+
+from flax_ckpt._src.type_handlers import (
+    ArrayMetadata,
+    ArrayRestoreArgs,
+    Metadata,
+    ParamInfo,
+    RestoreArgs,
+    SaveArgs,
+    TypeHandler,
+    ValueMetadata,
+    get_type_handler,
+    has_type_handler,
+    register_type_handler,
+)
+
+__all__ = [
+    "ArrayMetadata",
+    "ArrayRestoreArgs",
+    "Metadata",
+    "ParamInfo",
+    "RestoreArgs",
+    "SaveArgs",
+    "TypeHandler",
+    "ValueMetadata",
+    "get_type_handler",
+    "has_type_handler",
+    "register_type_handler",
+]
