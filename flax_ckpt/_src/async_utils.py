@@ -6,11 +6,29 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
+import gc
 import sys
 import threading
 import traceback
 from collections.abc import Callable, Coroutine
 from typing import Any
+
+@contextlib.contextmanager
+def no_gc():
+  """Pauses the cyclic garbage collector during bookkeeping over many leaves.
+
+  Walking thousands of leaves allocates many small objects; each automatic collection then
+  scans the whole heap (all of the caller's arrays), which cost more than the I/O itself.
+  """
+  was = gc.isenabled()
+  gc.disable()
+  try:
+    yield
+  finally:
+    if was:
+      gc.enable()
+
 
 _loop: asyncio.AbstractEventLoop | None = None
 _loop_lock = threading.Lock()

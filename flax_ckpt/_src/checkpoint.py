@@ -63,7 +63,9 @@ def _start_save(path: paths.PathLike, state: Any, *, overwrite: bool, custom_met
     # Validation of the tree happens inside prepare_save before any file is created in tmp;
     # the empty tmp dir is removed on failure.
     tmp = paths.make_tmp_dir(final)
-    finish_tree = pytree_io.prepare_save(tmp / DEFAULT_CHECKPOINTABLE, state, is_async=is_async)
+    with async_utils.no_gc():
+      finish_tree = pytree_io.prepare_save(tmp / DEFAULT_CHECKPOINTABLE, state,
+                                           is_async=is_async)
   except BaseException:
     if tmp is not None:
       pytree_io.remove_quietly(tmp)
@@ -71,7 +73,8 @@ def _start_save(path: paths.PathLike, state: Any, *, overwrite: bool, custom_met
 
   def finish() -> None:
     try:
-      finish_tree(fsync)
+      with async_utils.no_gc():
+        finish_tree(fsync)
       manifest = {
           "format": "flax_ckpt", "version": FORMAT_VERSION,
           "checkpointables": {DEFAULT_CHECKPOINTABLE: {"kind": "pytree"}},
@@ -194,7 +197,8 @@ def load(path: paths.PathLike, abstract_state: Any = None, *, partial: bool = Fa
     dtype(bfloat16)
   """
   final, _ = _committed_checkpointable(path)
-  return pytree_io.load(final / DEFAULT_CHECKPOINTABLE, abstract_state, partial=partial)
+  with async_utils.no_gc():
+    return pytree_io.load(final / DEFAULT_CHECKPOINTABLE, abstract_state, partial=partial)
 
 
 def metadata(path: paths.PathLike) -> CheckpointMetadata:

@@ -38,11 +38,14 @@ def is_handled_leaf(x: Any) -> bool:
 
 
 def _leaf_dirnames(names: list[str]) -> list[str]:
+  """Distinct, filesystem-safe directory names for leaves (deterministic: load recomputes)."""
   out, seen = [], set()
   for i, n in enumerate(names):
-    s = re.sub(r"[^A-Za-z0-9_.-]+", "_", n).strip("_.")[:120] or f"leaf{i}"
-    if s in seen:
-      s = f"{s}.{i}"
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", n).strip("_.")[:120] or f"leaf{i}"
+    s, k = base, 0
+    while s in seen:
+      k += 1
+      s = f"{base}.{k}"
     seen.add(s)
     out.append(s)
   return out
@@ -65,8 +68,8 @@ def prepare_save(cp_dir: epath.Path, tree: Any, *, is_async: bool) -> Callable[[
   if any(not th.is_builtin(h) for h in handlers):
     os.makedirs(leaves_dir, exist_ok=True)
   infos = [
-      th.ParamInfo(name=names[i], keypath=leaves[i][0], path=leaves_dir / dirnames[i],
-                   parent_dir=cp_dir, is_async=is_async, _ts_context=ts_ctx, _io=io)
+      th.ParamInfo(name=names[i], keypath=leaves[i][0], parent_dir=cp_dir,
+                   dirname=dirnames[i], is_async=is_async, _ts_context=ts_ctx, _io=io)
       for i in range(len(leaves))
   ]
   groups: dict[int, tuple[Any, list[int]]] = {}
@@ -80,13 +83,19 @@ def prepare_save(cp_dir: epath.Path, tree: Any, *, is_async: bool) -> Callable[[
       futs.extend(r or [])
     return futs
 
-  futures = async_utils.run_coro(serialize_all())
+  try:
+    futures = async_utils.run_coro(serialize_all())
+  except BaseException:
+    io.writer.close()
+    raise
   typestrs = [h.typestr() for h in handlers]
 
   def finish(fsync: bool) -> None:
-    if io.writer.size:
-      io.writer.write(fsync=fsync)
-    async_utils.wait_futures(futures)
+    try:
+      async_utils.wait_futures(futures)
+    except BaseException:
+      io.writer.close()
+      raise
     for info in infos:
       info._io = None  # release the snapshot buffers held by chunk bookkeeping
     chunks = {str(i): info.chunks for i, info in enumerate(infos) if info.chunks}
@@ -100,6 +109,7 @@ def prepare_save(cp_dir: epath.Path, tree: Any, *, is_async: bool) -> Callable[[
     ]
     paths.write_json(cp_dir / TREE_FILE,
                      {"version": TREE_VERSION, "root": root, "leaves": records}, fsync=fsync)
+    io.writer.write(fsync=fsync)  # data was streaming out meanwhile; wait for it here
     if fsync:
       if os.path.isdir(leaves_dir):  # files written by custom handlers
         for dirpath, _, files in os.walk(leaves_dir):
@@ -145,7 +155,7 @@ def _infos_for(saved: _SavedTree, ids: list[int]) -> list[th.ParamInfo]:
     leaf = saved.leaves[i]
     out.append(th.ParamInfo(
         name=names[i], keypath=tuple(tuple(e) for e in leaf["path"]),
-        path=saved.cp_dir / LEAVES_DIR / dirnames[i], parent_dir=saved.cp_dir,
+        parent_dir=saved.cp_dir, dirname=dirnames[i],
         record=leaf["record"], chunks=saved.chunks.get(i, []), _ts_context=ctx))
   return out
 
@@ -193,13 +203,6 @@ def _run_grouped(method: str, saved: _SavedTree, ids: list[int],
 
   return async_utils.run_coro(run_all())
 
-
-def _template_is_leaf(x: Any) -> bool:
-  if x is None or isinstance(x, jax.ShapeDtypeStruct):
-    return True
-  if type(x) in (dict, list, tuple):
-    return False
-  return is_handled_leaf(x)
 
 
 def _args_from_template(t: Any) -> th.RestoreArgs:
@@ -254,7 +257,11 @@ def load(cp_dir: epath.Path, abstract: Any, *, partial: bool) -> Any:
     values = _run_grouped("deserialize", saved, ids, None)
     return treespec.decode(saved.root, values, warned=set())
 
-  flat, treedef = jax.tree_util.tree_flatten_with_path(abstract, is_leaf=_template_is_leaf)
+  # JAX already treats arrays, ShapeDtypeStructs and unregistered classes as leaves; also
+  # stop at None and at user types with a TypeHandler that happen to be PyTree nodes.
+  custom = th.custom_types()
+  flat, treedef = jax.tree_util.tree_flatten_with_path(
+      abstract, is_leaf=lambda x: x is None or (bool(custom) and type(x) in custom))
   by_key = {treespec.match_key(leaf["path"]): i for i, leaf in enumerate(saved.leaves)}
   ids, missing, problems = [], [], []
   for kp, t in flat:

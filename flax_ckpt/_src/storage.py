@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import queue
 import threading
 from collections.abc import Sequence
 
@@ -36,17 +37,32 @@ def as_bytes_view(arr: np.ndarray) -> memoryview:
   """A flat byte view of a C-contiguous array of any dtype (ml_dtypes included)."""
   if not arr.flags.c_contiguous:
     raise ValueError("internal: buffer must be C-contiguous")
-  return memoryview(arr.reshape(-1).view(np.uint8))
+  try:
+    return memoryview(arr).cast("B")
+  except (ValueError, TypeError):  # dtypes the buffer protocol cannot describe
+    return memoryview(arr.reshape(-1).view(np.uint8))
 
 
 class DataWriter:
-  """Collects buffers and writes them into one packed data file."""
+  """Packs buffers into one data file, writing them in a background thread as they arrive.
+
+  ``add`` returns the offset a buffer will have; full batches go to a writer thread at once,
+  so file I/O overlaps with the caller's work on the remaining leaves. ``write`` flushes the
+  rest, waits, and fsyncs. The caller must keep the added buffers unchanged until then.
+  """
+
+  _BATCH_BYTES = 16 << 20
+  _BATCH_COUNT = _IOV_MAX - 2
 
   def __init__(self, path: str):
     self.path = path
-    self._bufs: list[memoryview] = []
-    self._offsets: list[int] = []
     self.size = 0
+    self._batch: list = []  # (offset, view)
+    self._batch_bytes = 0
+    self._queue: queue.SimpleQueue | None = None
+    self._thread: threading.Thread | None = None
+    self._error: BaseException | None = None
+    self._fd: int | None = None
 
   def add(self, arr: np.ndarray) -> tuple[int, int]:
     """Schedules ``arr``'s bytes; returns (offset, nbytes) it will have in the file."""
@@ -54,36 +70,68 @@ class DataWriter:
     self.size += (-self.size) % ALIGN
     offset = self.size
     if view.nbytes:
-      self._bufs.append(view)
-      self._offsets.append(offset)
+      self._batch.append((offset, view))
+      self._batch_bytes += view.nbytes
+      if self._batch_bytes >= self._BATCH_BYTES or len(self._batch) >= self._BATCH_COUNT:
+        self._flush()
     self.size += view.nbytes
     return offset, view.nbytes
 
+  def _flush(self) -> None:
+    if not self._batch:
+      return
+    if self._thread is None:
+      self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+      self._queue = queue.SimpleQueue()
+      self._thread = threading.Thread(target=self._run, name="flax_ckpt_write", daemon=True)
+      self._thread.start()
+    self._queue.put(self._batch)
+    self._batch, self._batch_bytes = [], 0
+
+  def _run(self) -> None:
+    while True:
+      batch = self._queue.get()
+      if batch is None:
+        return
+      if self._error is not None:
+        continue
+      try:
+        iov: list = []
+        start = pos = batch[0][0]
+        for off, view in batch:
+          if off != pos:
+            iov.append(_ZEROS[: off - pos])
+          iov.append(view)
+          pos = off + view.nbytes
+        _pwritev_all(self._fd, iov, start)
+      except BaseException as e:  # noqa: BLE001 - re-raised by write()
+        self._error = e
+
+  def _join(self) -> None:
+    if self._thread is not None:
+      self._queue.put(None)
+      self._thread.join()
+      self._thread = None
+
   def write(self, *, fsync: bool) -> None:
-    """Writes every scheduled buffer, then fsyncs the file when asked."""
-    fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    """Writes everything still pending, waits for the file, and fsyncs it when asked."""
+    self._flush()
+    self._join()
     try:
-      iov: list[memoryview | bytes] = []
-      iov_start = 0
-      iov_bytes = 0
-      pos = 0
-      for off, buf in zip(self._offsets, self._bufs):
-        if off != pos:
-          iov.append(_ZEROS[: off - pos])
-          iov_bytes += off - pos
-        iov.append(buf)
-        iov_bytes += buf.nbytes
-        pos = off + buf.nbytes
-        if len(iov) >= _IOV_MAX - 1 or iov_bytes >= _MAX_CALL_BYTES:
-          _pwritev_all(fd, iov, iov_start)
-          iov, iov_start, iov_bytes = [], pos, 0
-      if iov:
-        _pwritev_all(fd, iov, iov_start)
-      if fsync:
-        os.fsync(fd)
+      if self._error is not None:
+        raise self._error
+      if fsync and self._fd is not None:
+        os.fsync(self._fd)
     finally:
-      os.close(fd)
-    self._bufs.clear()
+      self.close()
+
+  def close(self) -> None:
+    """Stops the writer thread and closes the file (also on failure paths)."""
+    self._batch = []
+    self._join()
+    if self._fd is not None:
+      os.close(self._fd)
+      self._fd = None
 
 
 def _pwritev_all(fd: int, iov: list, offset: int) -> None:
@@ -92,7 +140,7 @@ def _pwritev_all(fd: int, iov: list, offset: int) -> None:
     # a single buffer may exceed what one call writes; split it
     batch, total = [], 0
     for v in views:
-      if total + v.nbytes > _MAX_CALL_BYTES and batch:
+      if (total + v.nbytes > _MAX_CALL_BYTES and batch) or len(batch) >= _IOV_MAX:
         break
       batch.append(v[: _MAX_CALL_BYTES - total] if total + v.nbytes > _MAX_CALL_BYTES else v)
       total += batch[-1].nbytes

@@ -119,9 +119,10 @@ class ParamInfo:
   Attributes:
     name: the leaf's key path as a string, e.g. ``['opt_state'][0].mu``.
     keypath: the same path as a tuple of ``(kind, key)`` pairs.
-    path: a directory this leaf may write its own files into (create it with
-      ``info.path.mkdir(exist_ok=True)``; its parent exists).
     parent_dir: the directory of the PyTree being saved or loaded.
+    dirname: name of this leaf's own directory under ``parent_dir/leaves``; the ``path``
+      property gives it as a path that the handler may create
+      (``info.path.mkdir(exist_ok=True)``; its parent exists) and write files into.
     record: a JSON-serializable dict stored with the leaf in the tree metadata and given
       back on load, for small per-leaf data (shape, dtype, inline values).
     is_async: True when the save returns before writing, so ``serialize`` must copy any
@@ -131,13 +132,18 @@ class ParamInfo:
 
   name: str
   keypath: tuple
-  path: epath.Path
   parent_dir: epath.Path
+  dirname: str = ""
   record: dict = dataclasses.field(default_factory=dict)
   is_async: bool = False
   chunks: list = dataclasses.field(default_factory=list)
   _ts_context: Any = dataclasses.field(default=None, repr=False)
   _io: Any = dataclasses.field(default=None, repr=False)
+
+  @property
+  def path(self) -> epath.Path:
+    """This leaf's own directory, ``<parent_dir>/leaves/<dirname>`` (created on demand)."""
+    return self.parent_dir / "leaves" / self.dirname
 
   @property
   def ts_context(self):
@@ -261,6 +267,12 @@ def handler_for_value(x: Any) -> TypeHandler | None:
 def handler_for_typestr(typestr: str) -> TypeHandler | None:
   with _LOCK:
     return _BY_TYPESTR.get(typestr)
+
+
+def custom_types() -> frozenset:
+  """Types registered by users (not built in)."""
+  with _LOCK:
+    return frozenset(t for t in _BY_TYPE if t not in _BUILTIN_TYPES)
 
 
 def is_builtin(handler: TypeHandler) -> bool:
