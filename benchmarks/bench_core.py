@@ -74,13 +74,13 @@ def bench_state(name, state, root, reps, use_orbax):
 
     if ocp is not None:
       ck = ocp.StandardCheckpointer()
-      t_ob_block, _ = C.timed(lambda: ck.save(ob, state))
+      t_ob_block, _ = C.timed(lambda ck=ck: ck.save(ob, state))
       t_ob_save = t_ob_block + C.timed(ck.wait_until_finished)[0]
       ob_files = C.count_files(ob)
       C.drop_cache(ob)
-      t_ob_load_c, out = C.timed(lambda: jax.block_until_ready(ck.restore(ob, abstract)))
+      t_ob_load_c, out = C.timed(lambda ck=ck: jax.block_until_ready(ck.restore(ob, abstract)))
       del out
-      t_ob_load_w, out = C.timed(lambda: jax.block_until_ready(ck.restore(ob, abstract)))
+      t_ob_load_w, out = C.timed(lambda ck=ck: jax.block_until_ready(ck.restore(ob, abstract)))
       del out
       ck.close()
     if rep == 0:
@@ -101,7 +101,7 @@ def bench_state(name, state, root, reps, use_orbax):
   for p in (raw, fc, ob):
     C.rm(p)
   print(f"\n## {name}: {len(bufs)} arrays, {size / C.MiB:.1f} MiB, median of {reps} reps")
-  print(f"| method | time (s) | MB/s | files | ratio to raw |")
+  print("| method | time (s) | MB/s | files | ratio to raw |")
   print("|---|---|---|---|---|")
   for method, r in rows.items():
     t = C.med(r["t"])

@@ -66,7 +66,7 @@ def state_train(rng, params: int = 25_000_000):
   variables = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
   # random values everywhere (zeros / constants compress and flatter the numbers)
   leaves, treedef = jax.tree_util.tree_flatten(variables["params"])
-  leaves = [jnp.asarray(rand_f32(rng, l.shape)) for l in leaves]
+  leaves = [jnp.asarray(rand_f32(rng, x.shape)) for x in leaves]
   params = jax.tree_util.tree_unflatten(treedef, leaves)
   state = train_state.TrainState.create(apply_fn=model.apply, params=params,
                                         tx=optax.adamw(1e-3))

@@ -8,6 +8,7 @@ Example:
   3
 """
 
+from flax_ckpt import type_handlers  # noqa: E402  (namespace mirroring the extension API)
 from flax_ckpt._src import builtin_handlers as _builtin_handlers
 from flax_ckpt._src.async_utils import AsyncResponse
 from flax_ckpt._src.builtin_handlers import ArrayHandler, ScalarHandler
@@ -35,7 +36,6 @@ from flax_ckpt._src.type_handlers import (
     has_type_handler,
     register_type_handler,
 )
-from flax_ckpt import type_handlers  # noqa: E402  (namespace mirroring the extension API)
 
 _builtin_handlers.register_builtins()
 

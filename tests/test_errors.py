@@ -81,21 +81,12 @@ def test_unsupported_leaf_overwrite_keeps_old_checkpoint(ckpt_dir):
   np.testing.assert_array_equal(flax_ckpt.load(path)["v"], np.arange(4))
 
 
-@pytest.mark.xfail(
-    reason="BUG: a failed save creates the missing parent directories of the target "
-           "(paths.make_tmp_dir runs os.makedirs(parent) before prepare_save validates "
-           "the tree), although save() documents that nothing is written", strict=True)
 def test_unsupported_leaf_creates_no_parent_dirs(ckpt_dir):
   with pytest.raises(flax_ckpt.UnsupportedLeafError):
     flax_ckpt.save(ckpt_dir / "new" / "sub" / "ckpt", {"x": object()})
   assert os.listdir(ckpt_dir) == []
 
 
-@pytest.mark.xfail(
-    reason="BUG: a numpy array or scalar whose dtype cannot be stored (str, object, "
-           "datetime64) raises a plain TypeError from dtypes.dtype_name inside "
-           "ArrayHandler.serialize, not UnsupportedLeafError, and the message does not name "
-           "the leaf path", strict=True)
 @pytest.mark.parametrize("value", [
     np.array(["a", "bc"]), np.array([object()]), np.datetime64("2020-01-01"),
 ], ids=["unicode", "object", "datetime64"])

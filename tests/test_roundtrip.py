@@ -211,10 +211,6 @@ def test_python_int(ckpt_dir, value):
   assert out == value
 
 
-@pytest.mark.xfail(
-    reason="BUG: ints with more than 4300 decimal digits cannot be saved: json.dumps of the "
-           "_TREE.json record raises ValueError (Python's int/str digit limit), "
-           "ScalarHandler._enc stores ints as JSON numbers", strict=True)
 def test_python_int_beyond_str_digit_limit(ckpt_dir):
   value = 10**5000 + 1
   out = _roundtrip(ckpt_dir, {"v": value})["v"]
@@ -241,9 +237,6 @@ def test_python_float_nan(ckpt_dir):
   assert _float_bits(out) == _float_bits(float("nan"))
 
 
-@pytest.mark.xfail(
-    reason="BUG: a NaN's sign bit and payload are lost: ScalarHandler._enc stores floats "
-           "with float.hex(), which writes every NaN as 'nan'", strict=True)
 def test_python_float_nan_sign_and_payload(ckpt_dir):
   neg_nan = -float("nan")
   payload_nan = struct.unpack("<d", struct.pack("<Q", 0x7FF8_0000_0000_1234))[0]
@@ -278,12 +271,8 @@ _NP_SCALARS = [
     np.float32(1.5), np.float32(-0.0), np.int64(-(2**62) - 3), np.int8(-128), np.uint64(2**64 - 1),
     np.uint8(255), np.float16(0.333), np.complex64(1 - 2j), np.bool_(True),
     ml_dtypes.bfloat16(1.5), ml_dtypes.float8_e4m3fn(-3.0), ml_dtypes.int4(-7),
-    pytest.param(np.float64(2.75), marks=pytest.mark.xfail(
-        reason="BUG: np.float64 scalars come back as Python float (np.float64 subclasses "
-               "float and the float handler wins the isinstance lookup)", strict=True)),
-    pytest.param(np.complex128(1 + 3j), marks=pytest.mark.xfail(
-        reason="BUG: np.complex128 scalars come back as Python complex (np.complex128 "
-               "subclasses complex and the complex handler wins the lookup)", strict=True)),
+    np.float64(2.75),
+    np.complex128(1 + 3j),
 ]
 
 
@@ -398,15 +387,8 @@ def test_dtype_numpy(ckpt_dir, name):
   _assert_bitwise_equal(t, x)
 
 
-_SCALAR_SUBCLASS_BUG = pytest.mark.xfail(
-    reason="BUG: np.float64/np.complex128 scalars come back as Python float/complex "
-           "(they subclass float/complex, whose handlers win the isinstance lookup)",
-    strict=True)
-
-
 @pytest.mark.parametrize("name", [
-    pytest.param(n, marks=_SCALAR_SUBCLASS_BUG) if n in ("float64", "complex128") else n
-    for n in _ALL_DTYPES
+    n for n in _ALL_DTYPES
 ])
 def test_dtype_numpy_scalar(ckpt_dir, name):
   s = _random(name, (7,), seed=len(name) + 2)[3]
@@ -457,11 +439,6 @@ def test_dtype_jax_x64(ckpt_dir, name, x64_global):
   _check_jax_dtype(ckpt_dir, name)
 
 
-@pytest.mark.xfail(
-    reason="BUG: under the thread-local `with jax.enable_x64(True):` a saved 64-bit jax.Array "
-           "loads with its values truncated to 32 bits: load_arrays/devput.put run on "
-           "flax_ckpt's event-loop thread (async_utils.run_coro), where x64 is off",
-    strict=True)
 @pytest.mark.parametrize("name", sorted(_X64_DTYPES))
 def test_dtype_jax_x64_context_manager(ckpt_dir, name):
   with jax.enable_x64(True):

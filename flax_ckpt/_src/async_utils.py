@@ -14,6 +14,7 @@ import traceback
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+
 @contextlib.contextmanager
 def no_gc():
   """Pauses the cyclic garbage collector during bookkeeping over many leaves.
@@ -45,8 +46,23 @@ def _get_loop() -> asyncio.AbstractEventLoop:
     return _loop
 
 
+_local = threading.local()
+
+
 def run_coro(coro: Coroutine) -> Any:
-  """Runs ``coro`` on flax_ckpt's loop thread and waits (works inside Jupyter too)."""
+  """Runs ``coro`` to completion and returns its result.
+
+  In the calling thread when it has no running event loop (so thread-local JAX settings
+  such as ``jax.enable_x64`` or ``jax.default_device`` context managers apply); otherwise
+  (e.g. inside Jupyter) on flax_ckpt's own loop thread.
+  """
+  try:
+    asyncio.get_running_loop()
+  except RuntimeError:
+    loop = getattr(_local, "loop", None)
+    if loop is None or loop.is_closed():
+      loop = _local.loop = asyncio.new_event_loop()
+    return loop.run_until_complete(coro)
   return asyncio.run_coroutine_threadsafe(coro, _get_loop()).result()
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import base64
 import math
 import os
+import struct
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
-from flax_ckpt._src import devput, dtypes, sharding_desc, storage
+from flax_ckpt._src import devput, dtypes, errors, sharding_desc, storage
 from flax_ckpt._src import type_handlers as th
 
 _INLINE_BYTES = 64 << 10
@@ -56,6 +57,15 @@ def _host_chunks(value: Any, copy: bool) -> list[tuple[tuple[int, ...], np.ndarr
   return out
 
 
+def _checked_dtype_name(dtype: Any, info: th.ParamInfo) -> str:
+  try:
+    return dtypes.dtype_name(dtype)
+  except TypeError as e:
+    raise errors.UnsupportedLeafError(
+        f"leaf {info.name}: {e}. Convert it (e.g. strings to a list of str, datetimes to "
+        "int64) or register a TypeHandler for it. Nothing was written.") from None
+
+
 def _save_array(value: Any, info: th.ParamInfo, arg: th.SaveArgs | None, kind: str) -> None:
   dtype = np.dtype(value.dtype)
   if arg is not None and arg.dtype is not None:
@@ -63,7 +73,7 @@ def _save_array(value: Any, info: th.ParamInfo, arg: th.SaveArgs | None, kind: s
   shape = tuple(int(d) for d in value.shape)
   rec = info.record
   rec["kind"] = kind
-  rec["dtype"] = dtypes.dtype_name(dtype)
+  rec["dtype"] = _checked_dtype_name(dtype, info)
   rec["shape"] = list(shape)
   rec["sharding"] = sharding_desc.describe(getattr(value, "sharding", None))
   rec["nbytes"] = math.prod(shape) * dtype.itemsize
@@ -271,7 +281,7 @@ class NumpyScalarHandler(_Builtin):
   async def serialize(self, values, infos, args=None):
     for v, info in zip(values, infos):
       arr = dtypes.little_endian(np.asarray(v))
-      info.record.update(dtype=dtypes.dtype_name(arr.dtype),
+      info.record.update(dtype=_checked_dtype_name(arr.dtype, info),
                          b64=base64.b64encode(arr.tobytes()).decode())
     return []
 
@@ -342,6 +352,19 @@ class PRNGKeyHandler(_Builtin):
 # ------------------------------------------------------------------- Python scalars etc.
 
 
+def _enc_float(x: float) -> str:
+  """Exact text for a float: ``float.hex`` or, for NaN, its 64 bits (sign and payload)."""
+  if x != x:
+    return "nan:" + struct.pack("<d", x).hex()
+  return float(x).hex()
+
+
+def _dec_float(s: str) -> float:
+  if s.startswith("nan:"):
+    return struct.unpack("<d", bytes.fromhex(s[4:]))[0]
+  return float.fromhex(s)
+
+
 class ScalarHandler(_Builtin):
   """``int``, ``float``, ``bool``, ``complex``, ``str`` and ``None``, stored inline."""
 
@@ -354,21 +377,25 @@ class ScalarHandler(_Builtin):
   def _enc(self, v):
     t = self._ty
     if t is float:
-      return float(v).hex()
+      return _enc_float(v)
     if t is complex:
-      return [v.real.hex(), v.imag.hex()]
+      return [_enc_float(v.real), _enc_float(v.imag)]
     if t is type(None):
       return None
+    if t is int and not -(2**53) < v < 2**53:
+      return hex(v)  # exact, any size, and safe for JSON readers limited to doubles
     return t(v)
 
   def _dec(self, e):
     t = self._ty
     if t is float:
-      return float.fromhex(e)
+      return _dec_float(e)
     if t is complex:
-      return complex(float.fromhex(e[0]), float.fromhex(e[1]))
+      return complex(_dec_float(e[0]), _dec_float(e[1]))
     if t is type(None):
       return None
+    if t is int and isinstance(e, str):
+      return int(e, 16)
     return t(e)
 
   async def serialize(self, values, infos, args=None):

@@ -58,17 +58,16 @@ def _start_save(path: paths.PathLike, state: Any, *, overwrite: bool, custom_met
   paths.check_destination(final, overwrite)
   _check_custom_metadata(custom_metadata)
   paths.cleanup_stale_tmp(final)
-  tmp = None
+  with async_utils.no_gc():
+    plan = pytree_io.plan_save(state)  # validates the whole tree before touching the disk
+  tmp, created = paths.make_tmp_dir(final)
   try:
-    # Validation of the tree happens inside prepare_save before any file is created in tmp;
-    # the empty tmp dir is removed on failure.
-    tmp = paths.make_tmp_dir(final)
     with async_utils.no_gc():
-      finish_tree = pytree_io.prepare_save(tmp / DEFAULT_CHECKPOINTABLE, state,
+      finish_tree = pytree_io.prepare_save(tmp / DEFAULT_CHECKPOINTABLE, plan,
                                            is_async=is_async)
   except BaseException:
-    if tmp is not None:
-      pytree_io.remove_quietly(tmp)
+    pytree_io.remove_quietly(tmp)
+    paths.remove_created(created)
     raise
 
   def finish() -> None:

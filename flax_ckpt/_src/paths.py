@@ -23,7 +23,7 @@ from etils import epath
 
 from flax_ckpt._src import errors
 
-PathLike = Union[str, os.PathLike, epath.Path]
+PathLike = Union[str, os.PathLike, epath.Path]  # noqa: UP007 - runtime alias
 
 COMMIT_MARKER = "_CHECKPOINT"
 _TMP_TAG = ".flax_ckpt-tmp-"
@@ -132,14 +132,34 @@ def cleanup_stale_tmp(final: epath.Path) -> list[str]:
   return removed
 
 
-def make_tmp_dir(final: epath.Path) -> epath.Path:
-  """Creates the hidden temporary sibling a save writes into."""
+def make_tmp_dir(final: epath.Path) -> tuple[epath.Path, list[str]]:
+  """Creates the hidden temporary sibling a save writes into.
+
+  Returns:
+    The directory, and the parent directories that had to be created (deepest last), so a
+    failed save can remove them again.
+  """
   parent, name = os.path.split(os.fspath(final))
+  created = []
+  probe = parent
+  while probe and not os.path.exists(probe):
+    created.append(probe)
+    probe = os.path.dirname(probe)
+  created.reverse()
   os.makedirs(parent, exist_ok=True)
   tag = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
   tmp = os.path.join(parent, f".{name}{_TMP_TAG}{tag}")
   os.mkdir(tmp)
-  return epath.Path(tmp)
+  return epath.Path(tmp), created
+
+
+def remove_created(created: list[str]) -> None:
+  """Removes directories made by :func:`make_tmp_dir` if they are empty again."""
+  for d in reversed(created):
+    try:
+      os.rmdir(d)
+    except OSError:
+      return
 
 
 _RENAME_EXCHANGE = 2

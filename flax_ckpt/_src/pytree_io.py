@@ -51,14 +51,27 @@ def _leaf_dirnames(names: list[str]) -> list[str]:
   return out
 
 
-def prepare_save(cp_dir: epath.Path, tree: Any, *, is_async: bool) -> Callable[[bool], None]:
-  """Validates ``tree``, snapshots it, and returns ``finish(fsync)`` that writes it.
+@dataclasses.dataclass
+class SavePlan:
+  root: dict
+  leaves: list
+  handlers: list
+
+
+def plan_save(tree: Any) -> SavePlan:
+  """Walks and validates ``tree`` (raises UnsupportedLeafError before anything is written)."""
+  root, leaves = treespec.encode(tree, is_handled_leaf)
+  return SavePlan(root, leaves, [th.handler_for_value(v) for _, v in leaves])
+
+
+def prepare_save(cp_dir: epath.Path, plan: SavePlan, *,
+                 is_async: bool) -> Callable[[bool], None]:
+  """Snapshots the planned tree and returns ``finish(fsync)`` that writes it.
 
   Everything that reads the caller's values happens before this returns; ``finish`` only
-  touches snapshots. Raises before creating any file when the tree cannot be saved.
+  touches snapshots.
   """
-  root, leaves = treespec.encode(tree, is_handled_leaf)
-  handlers = [th.handler_for_value(v) for _, v in leaves]
+  root, leaves, handlers = plan.root, plan.leaves, plan.handlers
   os.makedirs(cp_dir, exist_ok=True)
   io = _SaveIO(storage.DataWriter(os.path.join(cp_dir, builtin_handlers.data_file_name(0))))
   ts_ctx = th._LazyTsContext()
@@ -264,7 +277,7 @@ def load(cp_dir: epath.Path, abstract: Any, *, partial: bool) -> Any:
       abstract, is_leaf=lambda x: x is None or (bool(custom) and type(x) in custom))
   by_key = {treespec.match_key(leaf["path"]): i for i, leaf in enumerate(saved.leaves)}
   ids, missing, problems = [], [], []
-  for kp, t in flat:
+  for kp, _ in flat:
     path = treespec.path_from_jax(kp)
     i = by_key.get(treespec.match_key(path))
     if i is None:
@@ -285,7 +298,7 @@ def load(cp_dir: epath.Path, abstract: Any, *, partial: bool) -> Any:
                  "(pass partial=True to load only the template's leaves)")
     raise errors.StructureMismatchError("\n".join(msg))
   args = [_args_from_template(t) for _, t in flat]
-  for (kp, t), i, a in zip(flat, ids, args):
+  for i, a in zip(ids, args):
     s = _saved_shape(saved.leaves[i])
     if a.shape is not None and s is not None and tuple(a.shape) != s:
       problems.append(f"{treespec.path_str(saved.leaves[i]['path'])}: checkpoint shape {s}, "

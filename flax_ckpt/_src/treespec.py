@@ -140,7 +140,9 @@ def _one_level(x: Any) -> tuple[list[tuple[PathElem, Any]], bool]:
   return [(path_from_jax(kp)[0], v) for kp, v in flat], True
 
 
-def encode(tree: Any, is_handled_leaf: Callable[[Any], bool]) -> tuple[dict, list[tuple[Path, Any]]]:
+def encode(
+    tree: Any, is_handled_leaf: Callable[[Any], bool]
+) -> tuple[dict, list[tuple[Path, Any]]]:
   """Walks ``tree``; returns its JSON structure and the (path, value) leaves in order.
 
   Raises:

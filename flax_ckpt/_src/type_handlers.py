@@ -235,9 +235,12 @@ def has_type_handler(ty: type) -> bool:
 
 
 def _lookup(ty: type) -> TypeHandler | None:
-  h = _BY_TYPE.get(ty)
-  if h is not None:
-    return h
+  # the most specific registered class in the MRO wins (np.float64 -> np.generic, not
+  # float); then virtual bases such as jax.Array, newest registration first
+  for t in ty.__mro__:
+    h = _BY_TYPE.get(t)
+    if h is not None:
+      return h
   for t in reversed(_ORDER):
     if issubclass(ty, t):
       return _BY_TYPE[t]
