@@ -1,0 +1,1 @@
+"""Runnable training examples that checkpoint with flax_ckpt."""
