@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +17,11 @@ except Exception:  # noqa: BLE001 - private API moved: use the public one
   _batched = None
 
 
+@functools.lru_cache(maxsize=4096)
+def _aval(shape: tuple[int, ...], dtype: np.dtype):
+  return jax.core.ShapedArray(shape, dtype)
+
+
 def put(
     shape: tuple[int, ...], dtype: np.dtype, sharding: jax.sharding.Sharding,
     devices: Sequence[Any], bufs: Sequence[np.ndarray], committed: bool,
@@ -23,7 +29,7 @@ def put(
   """Builds a jax.Array of ``shape`` from per-device host buffers (one per device)."""
   if _batched is not None:
     try:
-      aval = jax.core.ShapedArray(shape, dtype)
+      aval = _aval(tuple(shape), np.dtype(dtype))
       return _batched(aval, sharding, list(bufs), list(devices), committed)
     except Exception:  # noqa: BLE001 - fall back to the public API below
       pass

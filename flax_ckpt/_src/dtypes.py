@@ -21,14 +21,23 @@ for _n in _ML_DTYPES_NAMES:
     _BY_NAME[_n] = np.dtype(getattr(ml_dtypes, _n))
 
 
+_NAME_CACHE: dict[np.dtype, str] = {}
+
+
 def dtype_name(dtype: np.dtype) -> str:
   """The on-disk name of a dtype; raises TypeError for dtypes we cannot store."""
+  cached = _NAME_CACHE.get(dtype)
+  if cached is not None:
+    return cached
   dtype = np.dtype(dtype)
+  if dtype.byteorder == ">":
+    dtype = dtype.newbyteorder("<")  # stored little-endian; little_endian() converts data
   name = dtype.name
   if name not in _BY_NAME or _BY_NAME[name] != dtype:
     raise TypeError(
         f"dtype {dtype!r} cannot be stored; supported dtypes: {sorted(_BY_NAME)}"
     )
+  _NAME_CACHE[dtype] = name
   return name
 
 

@@ -33,10 +33,6 @@ class _SaveIO:
   process_index: int = 0
 
 
-def is_handled_leaf(x: Any) -> bool:
-  return th.handler_for_value(x) is not None
-
-
 def _leaf_dirnames(names: list[str]) -> list[str]:
   """Distinct, filesystem-safe directory names for leaves (deterministic: load recomputes)."""
   out, seen = [], set()
@@ -60,8 +56,7 @@ class SavePlan:
 
 def plan_save(tree: Any) -> SavePlan:
   """Walks and validates ``tree`` (raises UnsupportedLeafError before anything is written)."""
-  root, leaves = treespec.encode(tree, is_handled_leaf)
-  return SavePlan(root, leaves, [th.handler_for_value(v) for _, v in leaves])
+  return SavePlan(*treespec.encode(tree, th.handler_for_value))
 
 
 def prepare_save(cp_dir: epath.Path, plan: SavePlan, *,
@@ -75,14 +70,13 @@ def prepare_save(cp_dir: epath.Path, plan: SavePlan, *,
   os.makedirs(cp_dir, exist_ok=True)
   io = _SaveIO(storage.DataWriter(os.path.join(cp_dir, builtin_handlers.data_file_name(0))))
   ts_ctx = th._LazyTsContext()
-  names = [treespec.path_str(p) for p, _ in leaves]
-  dirnames = _leaf_dirnames(names)
+  naming = th.LeafNaming([p for p, _ in leaves], treespec.path_str, _leaf_dirnames)
   leaves_dir = cp_dir / LEAVES_DIR
   if any(not th.is_builtin(h) for h in handlers):
     os.makedirs(leaves_dir, exist_ok=True)
   infos = [
-      th.ParamInfo(name=names[i], keypath=leaves[i][0], parent_dir=cp_dir,
-                   dirname=dirnames[i], is_async=is_async, _ts_context=ts_ctx, _io=io)
+      th.ParamInfo(keypath=leaves[i][0], parent_dir=cp_dir, is_async=is_async,
+                   _index=i, _naming=naming, _ts_context=ts_ctx, _io=io)
       for i in range(len(leaves))
   ]
   groups: dict[int, tuple[Any, list[int]]] = {}
@@ -160,16 +154,15 @@ def read_saved_tree(cp_dir: epath.Path) -> _SavedTree:
 
 
 def _infos_for(saved: _SavedTree, ids: list[int]) -> list[th.ParamInfo]:
-  names = [treespec.path_str(saved.leaves[i]["path"]) for i in range(len(saved.leaves))]
-  dirnames = _leaf_dirnames(names)
+  naming = th.LeafNaming([leaf["path"] for leaf in saved.leaves], treespec.path_str,
+                         _leaf_dirnames)
   ctx = th._LazyTsContext()
   out = []
   for i in ids:
     leaf = saved.leaves[i]
     out.append(th.ParamInfo(
-        name=names[i], keypath=tuple(tuple(e) for e in leaf["path"]),
-        parent_dir=saved.cp_dir, dirname=dirnames[i],
-        record=leaf["record"], chunks=saved.chunks.get(i, []), _ts_context=ctx))
+        keypath=leaf["path"], parent_dir=saved.cp_dir, record=leaf["record"],
+        chunks=saved.chunks.get(i, []), _index=i, _naming=naming, _ts_context=ctx))
   return out
 
 

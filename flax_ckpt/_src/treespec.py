@@ -118,8 +118,13 @@ def path_from_jax(keypath: Sequence[Any]) -> Path:
 
 
 def match_key(path: Sequence[Sequence[Any]]) -> tuple:
-  """Canonical form used to match template paths to saved paths."""
-  return tuple(("n" if kind in ("i", "f") else "k", type(key).__name__, key) for kind, key in path)
+  """Canonical form used to match template paths to saved paths.
+
+  Dict keys and attribute names match each other (a template dataclass may stand for a saved
+  dict); positions (list/tuple index, flattened index) are wrapped in a 1-tuple so an int
+  dict key never matches a list index. str and int keys never compare equal in Python.
+  """
+  return tuple(key if kind == "d" or kind == "a" else (key,) for kind, key in path)
 
 
 def path_str(path: Sequence[Sequence[Any]]) -> str:
@@ -141,24 +146,27 @@ def _one_level(x: Any) -> tuple[list[tuple[PathElem, Any]], bool]:
 
 
 def encode(
-    tree: Any, is_handled_leaf: Callable[[Any], bool]
-) -> tuple[dict, list[tuple[Path, Any]]]:
-  """Walks ``tree``; returns its JSON structure and the (path, value) leaves in order.
+    tree: Any, handler_of: Callable[[Any], Any]
+) -> tuple[dict, list[tuple[Path, Any]], list[Any]]:
+  """Walks ``tree``; returns its JSON structure, the (path, value) leaves in order, and the
+  handler of each leaf (``handler_of(x)`` is None for values that are not handled leaves).
 
   Raises:
     UnsupportedLeafError: listing every leaf whose type no handler supports, or bad keys.
   """
   leaves: list[tuple[Path, Any]] = []
+  handlers: list[Any] = []
   bad: list[str] = []
 
-  def leaf(path: Path, value: Any) -> dict:
+  def leaf(path: Path, value: Any, handler: Any) -> dict:
     leaves.append((path, value))
+    handlers.append(handler)
     return {"t": "leaf", "id": len(leaves) - 1}
 
   def walk(x: Any, path: Path) -> dict:
     t = type(x)
     if x is None:
-      return leaf(path, x)
+      return leaf(path, x, handler_of(x))
     if t is dict:
       keys, kts, children = [], [], []
       for k, v in x.items():
@@ -176,8 +184,9 @@ def encode(
     if t is list or t is tuple:
       return {"t": "list" if t is list else "tuple",
               "c": [walk(v, path + (("i", i),)) for i, v in enumerate(x)]}
-    if is_handled_leaf(x):
-      return leaf(path, x)
+    h = handler_of(x)
+    if h is not None:
+      return leaf(path, x, h)
     if _is_namedtuple(x):
       name, reg = _class_name(t)
       return {"t": "namedtuple", "cls": name, "reg": reg, "f": list(t._fields),
@@ -198,7 +207,7 @@ def encode(
     raise errors.UnsupportedLeafError(
         "cannot save this tree; nothing was written. Problems:\n  " + "\n  ".join(bad)
     )
-  return root, leaves
+  return root, leaves, handlers
 
 
 def _rebuild_class(node: dict, keys: list, values: list, warned: set[str] | None) -> Any:

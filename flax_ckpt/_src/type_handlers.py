@@ -112,37 +112,64 @@ class _LazyTsContext:
       return self._ctx
 
 
+class LeafNaming:
+  """Names and directory names of all leaves of one tree, computed only when asked for."""
+
+  def __init__(self, keypaths: Sequence[tuple], path_str, dirnames_fn):
+    self._keypaths = keypaths
+    self._path_str = path_str
+    self._dirnames_fn = dirnames_fn
+    self._dirnames: list[str] | None = None
+
+  def name(self, i: int) -> str:
+    return self._path_str(self._keypaths[i])
+
+  def dirname(self, i: int) -> str:
+    if self._dirnames is None:
+      self._dirnames = self._dirnames_fn([self.name(j) for j in range(len(self._keypaths))])
+    return self._dirnames[i]
+
+
 @dataclasses.dataclass
 class ParamInfo:
   """What a TypeHandler is told about one leaf.
 
   Attributes:
-    name: the leaf's key path as a string, e.g. ``['opt_state'][0].mu``.
-    keypath: the same path as a tuple of ``(kind, key)`` pairs.
+    keypath: the leaf's path as a tuple of ``(kind, key)`` pairs (kind ``d`` dict key,
+      ``a`` attribute, ``i`` sequence index, ``f`` flattened index).
     parent_dir: the directory of the PyTree being saved or loaded.
-    dirname: name of this leaf's own directory under ``parent_dir/leaves``; the ``path``
-      property gives it as a path that the handler may create
-      (``info.path.mkdir(exist_ok=True)``; its parent exists) and write files into.
     record: a JSON-serializable dict stored with the leaf in the tree metadata and given
       back on load, for small per-leaf data (shape, dtype, inline values).
     is_async: True when the save returns before writing, so ``serialize`` must copy any
       mutable data before it returns.
     chunks: for built-in array handlers: chunk records of this leaf (see docs/format.md).
+    name: (property) the key path as a string, e.g. ``['opt_state'][0].mu``.
+    path: (property) a directory this leaf may write its own files into; create it with
+      ``info.path.mkdir(exist_ok=True)`` (its parent exists).
+    ts_context: (property) a ``tensorstore.Context`` shared by all leaves of this call.
   """
 
-  name: str
   keypath: tuple
   parent_dir: epath.Path
-  dirname: str = ""
   record: dict = dataclasses.field(default_factory=dict)
   is_async: bool = False
   chunks: list = dataclasses.field(default_factory=list)
+  _index: int = dataclasses.field(default=0, repr=False)
+  _naming: Any = dataclasses.field(default=None, repr=False)
   _ts_context: Any = dataclasses.field(default=None, repr=False)
   _io: Any = dataclasses.field(default=None, repr=False)
 
   @property
+  def name(self) -> str:
+    return self._naming.name(self._index)
+
+  @property
+  def dirname(self) -> str:
+    return self._naming.dirname(self._index)
+
+  @property
   def path(self) -> epath.Path:
-    """This leaf's own directory, ``<parent_dir>/leaves/<dirname>`` (created on demand)."""
+    """This leaf's own directory, ``<parent_dir>/leaves/<dirname>``."""
     return self.parent_dir / "leaves" / self.dirname
 
   @property
