@@ -10,7 +10,7 @@ from typing import Any
 
 from etils import epath
 
-from flax_ckpt._src import async_utils, errors, paths, pytree_io
+from flax_ckpt._src import async_utils, errors, paths, pytree_io, storage
 
 FORMAT_VERSION = 1
 DEFAULT_CHECKPOINTABLE = "state"
@@ -55,6 +55,7 @@ def _check_custom_metadata(custom_metadata: Any) -> None:
 def _start_save(path: paths.PathLike, state: Any, *, overwrite: bool, custom_metadata: Any,
                 is_async: bool, fsync: bool):
   final = paths.to_path(path)
+  storage.backend_name()  # a bad FLAX_CKPT_STORAGE fails before anything is written
   paths.check_destination(final, overwrite)
   _check_custom_metadata(custom_metadata)
   paths.cleanup_stale_tmp(final)

@@ -29,7 +29,7 @@ TREE_VERSION = 1
 
 @dataclasses.dataclass
 class _SaveIO:
-  writer: storage.DataWriter
+  writer: Any  # storage.DataWriter or storage.KvStoreDataWriter
   process_index: int = 0
 
 
@@ -68,8 +68,8 @@ def prepare_save(cp_dir: epath.Path, plan: SavePlan, *,
   """
   root, leaves, handlers = plan.root, plan.leaves, plan.handlers
   os.makedirs(cp_dir, exist_ok=True)
-  io = _SaveIO(storage.DataWriter(os.path.join(cp_dir, builtin_handlers.data_file_name(0))))
   ts_ctx = th._LazyTsContext()
+  io = _SaveIO(storage.open_writer(os.path.join(cp_dir, builtin_handlers.data_file_name(0))))
   naming = th.LeafNaming([p for p, _ in leaves], treespec.path_str, _leaf_dirnames)
   leaves_dir = cp_dir / LEAVES_DIR
   if any(not th.is_builtin(h) for h in handlers):

@@ -1,9 +1,19 @@
-"""Packed data files: many arrays' bytes in one file, written and read with zero extra copies.
+"""The storage layer for packed data files: many arrays' bytes in one file per process.
 
-Writes gather the caller's buffers straight into the file with ``pwritev``; reads scatter
-straight into freshly allocated, 64-byte aligned destination buffers with ``preadv``
-(adjacent requests are coalesced into one system call, large ones are split across a few
-threads). This is the local-filesystem backend of the storage layer; see docs/format.md.
+Two backends sit behind one interface (:func:`open_writer` returns an object with
+``add``/``write``/``close``; :func:`read_into` fills byte views from file offsets):
+
+* ``posix`` (the default for local paths): writes gather the caller's buffers straight into
+  the file with ``pwritev``; reads scatter straight into freshly allocated, 64-byte aligned
+  destination buffers with ``preadv`` (adjacent requests are coalesced into one system call,
+  large ones are split across a few threads). Zero extra copies.
+* ``tensorstore``: the same bytes through a tensorstore kvstore opened from
+  :func:`kvstore_spec` (byte-range reads, one write per data file). This is the path by which
+  object stores (``gs://``, ``s3://``) slot in: only :func:`kvstore_spec` needs to learn their
+  specs. Select it for local paths with ``FLAX_CKPT_STORAGE=tensorstore``; it costs one
+  extra copy of the data on save.
+
+See docs/format.md for the file layout.
 """
 
 from __future__ import annotations
@@ -15,6 +25,9 @@ import threading
 from collections.abc import Sequence
 
 import numpy as np
+
+BACKEND_ENV = "FLAX_CKPT_STORAGE"
+BACKENDS = ("posix", "tensorstore")
 
 ALIGN = 64
 _IOV_MAX = 1024
@@ -185,6 +198,9 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
 
 def read_into(path: str, requests: Sequence[tuple[int, memoryview]]) -> None:
   """Fills each (file offset, writable byte view) request from the file at ``path``."""
+  if backend_name() == "tensorstore":
+    _kvstore_read_into(path, requests)
+    return
   pieces: list[tuple[int, memoryview]] = []
   for off, view in requests:
     view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
@@ -237,3 +253,99 @@ def _preadv_all(fd: int, offset: int, iov: list[memoryview]) -> None:
       else:
         views[0] = views[0][n:]
         n = 0
+
+
+# ------------------------------------------------------------------ backend selection
+
+
+def backend_name() -> str:
+  """The storage backend in use: ``$FLAX_CKPT_STORAGE`` or ``posix``."""
+  name = os.environ.get(BACKEND_ENV, "") or "posix"
+  if name not in BACKENDS:
+    raise ValueError(f"{BACKEND_ENV}={name!r} is not a storage backend; use one of {BACKENDS}")
+  return name
+
+
+def kvstore_spec(directory: str | os.PathLike) -> dict:
+  """The tensorstore kvstore spec of a (local) checkpoint directory, ending in ``/``.
+
+  Custom TypeHandlers that store data with tensorstore should build their specs from this
+  (plus ``ParamInfo.ts_context``), so they follow the checkpoint to any storage backend.
+
+  Example:
+    >>> kvstore_spec('/tmp/ckpt/state')
+    {'driver': 'file', 'path': '/tmp/ckpt/state/'}
+  """
+  return {"driver": "file", "path": os.fspath(directory).rstrip("/") + "/"}
+
+
+def open_writer(path: str, *, ts_context=None):
+  """A data-file writer for ``path`` on the selected backend."""
+  if backend_name() == "tensorstore":
+    return KvStoreDataWriter(path, ts_context=ts_context)
+  return DataWriter(path)
+
+
+def _open_kvstore(directory: str, *, sync: bool = True, ts_context=None):
+  import tensorstore as ts
+
+  spec = dict(kvstore_spec(directory), file_io_sync=sync)
+  ctx = ts_context if ts_context is not None else ts.Context()
+  return ts.KvStore.open(spec, context=ctx).result()
+
+
+class KvStoreDataWriter:
+  """:class:`DataWriter`'s interface on a tensorstore kvstore (one write per data file)."""
+
+  def __init__(self, path: str, *, ts_context=None):
+    self.path = path
+    self.size = 0
+    self._views: list[tuple[int, memoryview]] = []
+    self._ts_context = ts_context
+
+  def add(self, arr: np.ndarray) -> tuple[int, int]:
+    view = as_bytes_view(arr)
+    self.size += (-self.size) % ALIGN
+    offset = self.size
+    if view.nbytes:
+      self._views.append((offset, view))
+    self.size += view.nbytes
+    return offset, view.nbytes
+
+  def write(self, *, fsync: bool) -> None:
+    try:
+      if not self._views:
+        return
+      blob = bytearray(self.size)
+      for off, view in self._views:
+        blob[off:off + view.nbytes] = view
+      directory, key = os.path.split(self.path)
+      kv = _open_kvstore(directory, sync=fsync, ts_context=self._ts_context)
+      kv.write(key, blob).result()
+    finally:
+      self.close()
+
+  def close(self) -> None:
+    self._views = []
+
+
+def _kvstore_read_into(path: str, requests: Sequence[tuple[int, memoryview]]) -> None:
+  directory, key = os.path.split(path)
+  kv = _open_kvstore(directory)
+  pending = []
+  for off, view in requests:
+    view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+    if view.nbytes:
+      pending.append((view, kv.read(key, byte_range=slice(off, off + view.nbytes))))
+  for view, fut in pending:
+    try:
+      r = fut.result()
+      problem = None if r.state == "value" and len(r.value) == view.nbytes else (
+          f"got {len(r.value)} of {view.nbytes} bytes")
+    except ValueError as e:  # tensorstore reports a short file as OUT_OF_RANGE
+      problem = str(e)
+    if problem is not None:
+      raise OSError(f"{path}: checkpoint data file is missing or truncated ({problem}); "
+                    "the checkpoint is damaged, load an earlier one.")
+    view[:] = r.value
+    READ_STATS.add(view.nbytes)

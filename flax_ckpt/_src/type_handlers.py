@@ -14,6 +14,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from etils import epath
 
+from flax_ckpt._src import storage
+
 
 @dataclasses.dataclass(kw_only=True)
 class Metadata:
@@ -147,6 +149,9 @@ class ParamInfo:
     path: (property) a directory this leaf may write its own files into; create it with
       ``info.path.mkdir(exist_ok=True)`` (its parent exists).
     ts_context: (property) a ``tensorstore.Context`` shared by all leaves of this call.
+    kvstore_spec: (property) the tensorstore kvstore spec of ``path``, for handlers that
+      store their data with tensorstore (``ts.open({'driver': 'zarr3', 'kvstore':
+      info.kvstore_spec, ...}, context=info.ts_context)``).
   """
 
   keypath: tuple
@@ -171,6 +176,11 @@ class ParamInfo:
   def path(self) -> epath.Path:
     """This leaf's own directory, ``<parent_dir>/leaves/<dirname>``."""
     return self.parent_dir / "leaves" / self.dirname
+
+  @property
+  def kvstore_spec(self) -> dict:
+    """The tensorstore kvstore spec of this leaf's own directory (see ``path``)."""
+    return storage.kvstore_spec(self.path)
 
   @property
   def ts_context(self):
