@@ -30,6 +30,33 @@ def data_file_name(process_index: int) -> str:
 # ----------------------------------------------------------------------------- saving
 
 
+_CPU_ONLY: bool | None = None
+
+
+def _cpu_only() -> bool:
+  """Whether this process has no accelerators (host views are then zero-copy)."""
+  global _CPU_ONLY
+  if _CPU_ONLY is None:
+    _CPU_ONLY = all(d.platform == "cpu" for d in jax.local_devices())
+  return _CPU_ONLY
+
+
+def _start_host_copies(values: Sequence[Any]) -> None:
+  """Starts every device->host copy of accelerator arrays before any is waited on."""
+  for value in values:
+    if not isinstance(value, jax.Array):
+      continue
+    for s in value.addressable_shards:
+      if s.replica_id != 0:
+        continue
+      if s.device.platform == "cpu":
+        break  # host memory already: np.asarray is a zero-copy view
+      try:
+        s.data.copy_to_host_async()
+      except Exception:  # noqa: BLE001 - not supported everywhere; np.asarray copies anyway
+        break
+
+
 def _host_chunks(value: Any, copy: bool) -> list[tuple[tuple[int, ...], np.ndarray]]:
   """(start index, host buffer) of every distinct shard this process must write."""
   if isinstance(value, np.ndarray):
@@ -37,18 +64,14 @@ def _host_chunks(value: Any, copy: bool) -> list[tuple[tuple[int, ...], np.ndarr
     return [((0,) * value.ndim, host)]
   sharding = value.sharding
   if isinstance(sharding, jax.sharding.SingleDeviceSharding) and value.is_fully_addressable:
-    host = np.asarray(value)  # zero-copy pinned view on CPU (see below)
-    return [((0,) * value.ndim, host if host.flags.c_contiguous else np.ascontiguousarray(host))]
-  shards = [s for s in value.addressable_shards if s.replica_id == 0]
-  for s in shards:  # start all device->host copies before waiting on any
-    try:
-      s.data.copy_to_host_async()
-    except Exception:  # noqa: BLE001 - not supported everywhere; np.asarray copies anyway
-      pass
-  out = []
-  for s in shards:
     # On CPU this is a zero-copy, read-only view that pins the device buffer: a later
     # donation or delete() of the array cannot change or free the bytes we write.
+    host = np.asarray(value)
+    return [((0,) * value.ndim, host if host.flags.c_contiguous else np.ascontiguousarray(host))]
+  out = []
+  for s in value.addressable_shards:
+    if s.replica_id != 0:
+      continue
     host = np.asarray(s.data)
     if not host.flags.c_contiguous:
       host = np.ascontiguousarray(host)
@@ -104,6 +127,10 @@ class ArrayHandler(_Builtin):
     return "jax.Array" if self._kind == "jax" else "np.ndarray"
 
   async def serialize(self, values, infos, args=None):
+    # Accelerator arrays: start all device->host copies before waiting on any. On CPU the
+    # host views are taken leaf by leaf, so the writer thread streams from the first leaf on.
+    if self._kind == "jax" and not _cpu_only():
+      _start_host_copies(values)
     for i, (v, info) in enumerate(zip(values, infos)):
       _save_array(v, info, args[i] if args else None, self._kind)
     return []
