@@ -57,7 +57,11 @@ def fsync_path(path: PathLike) -> None:
 
 def write_json(path: PathLike, obj: Any, *, fsync: bool) -> None:
   """Writes ``obj`` as JSON to ``path`` (and fsyncs it when asked)."""
-  data = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+  # Raw UTF-8 with surrogatepass: a str holding lone surrogates (e.g. "\ud800\udc00" as
+  # two code points) keeps them as 3-byte sequences. JSON escapes could not tell such a
+  # pair from the single code point U+10000.
+  data = json.dumps(obj, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode(
+      "utf-8", "surrogatepass")
   fd = os.open(os.fspath(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
   try:
     view = memoryview(data)
@@ -71,7 +75,7 @@ def write_json(path: PathLike, obj: Any, *, fsync: bool) -> None:
 
 def read_json(path: PathLike) -> Any:
   with open(os.fspath(path), "rb") as f:
-    return json.loads(f.read())
+    return json.loads(f.read().decode("utf-8", "surrogatepass"))
 
 
 def check_destination(final: epath.Path, overwrite: bool) -> None:
