@@ -8,11 +8,14 @@ Example:
   3
 """
 
-from flax_ckpt import type_handlers  # noqa: E402  (namespace mirroring the extension API)
+from flax_ckpt import (
+    metadata,  # callable module: metadata(path) and the metadata classes
+    type_handlers,  # the TypeHandler extension API in one namespace
+)
 from flax_ckpt._src import builtin_handlers as _builtin_handlers
 from flax_ckpt._src.async_utils import AsyncResponse
 from flax_ckpt._src.builtin_handlers import ArrayHandler, ScalarHandler
-from flax_ckpt._src.checkpoint import CheckpointMetadata, load, metadata, save, save_async
+from flax_ckpt._src.checkpoint import CheckpointMetadata, load, save, save_async
 from flax_ckpt._src.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -38,12 +41,6 @@ from flax_ckpt._src.type_handlers import (
 )
 
 _builtin_handlers.register_builtins()
-
-# ``flax_ckpt.metadata`` is the function; ``flax_ckpt.metadata.Metadata`` names the base
-# metadata class too, for code written as ``<lib>.metadata.Metadata``.
-metadata.Metadata = Metadata  # type: ignore[attr-defined]
-metadata.ArrayMetadata = ArrayMetadata  # type: ignore[attr-defined]
-metadata.ValueMetadata = ValueMetadata  # type: ignore[attr-defined]
 
 __version__ = "0.1.0"
 

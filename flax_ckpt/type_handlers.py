@@ -1,5 +1,6 @@
 """The TypeHandler extension API in one namespace (also re-exported from ``flax_ckpt``)."""
 
+from flax_ckpt._src.builtin_handlers import ArrayHandler, ScalarHandler
 from flax_ckpt._src.type_handlers import (
     ArrayMetadata,
     ArrayRestoreArgs,
@@ -15,12 +16,14 @@ from flax_ckpt._src.type_handlers import (
 )
 
 __all__ = [
+    "ArrayHandler",
     "ArrayMetadata",
     "ArrayRestoreArgs",
     "Metadata",
     "ParamInfo",
     "RestoreArgs",
     "SaveArgs",
+    "ScalarHandler",
     "TypeHandler",
     "ValueMetadata",
     "get_type_handler",

@@ -266,6 +266,7 @@ def load(cp_dir: epath.Path, abstract: Any, *, partial: bool) -> Any:
   # JAX already treats arrays, ShapeDtypeStructs and unregistered classes as leaves; also
   # stop at None and at user types with a TypeHandler that happen to be PyTree nodes.
   custom = th.custom_types()
+  abstract = treespec.expand_plain_dataclasses(abstract)
   flat, treedef = jax.tree_util.tree_flatten_with_path(
       abstract, is_leaf=lambda x: x is None or (bool(custom) and type(x) in custom))
   by_key = {treespec.match_key(leaf["path"]): i for i, leaf in enumerate(saved.leaves)}
@@ -302,7 +303,7 @@ def load(cp_dir: epath.Path, abstract: Any, *, partial: bool) -> Any:
         "one to see the saved shapes):\n  " + "\n  ".join(problems))
   values = _run_grouped("deserialize", saved, ids, args)
   values = [_conform(v, a) for v, a in zip(values, args)]
-  return jax.tree_util.tree_unflatten(treedef, values)
+  return treespec.collapse_plain_dataclasses(jax.tree_util.tree_unflatten(treedef, values))
 
 
 def metadata_tree(cp_dir: epath.Path) -> Any:

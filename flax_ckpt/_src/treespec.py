@@ -137,6 +137,64 @@ def path_str(path: Sequence[Sequence[Any]]) -> str:
   return "".join(parts)
 
 
+def plain_dataclass_children(x: Any) -> list[tuple[PathElem, Any]]:
+  """Fields of a registered dataclass that is not a JAX PyTree node, as (("a", name), value)."""
+  return [(("a", f.name), getattr(x, f.name)) for f in dataclasses.fields(x)]
+
+
+def _is_plain_registered_dataclass(x: Any) -> bool:
+  t = type(x)
+  return (t in _BY_CLASS and dataclasses.is_dataclass(x) and not isinstance(x, type)
+          and jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(x)))
+
+
+class _PlainNode:
+  """Stands in for a registered plain dataclass inside a template while JAX flattens it."""
+
+  def __init__(self, cls: type, names: list[str], values: list[Any]):
+    self.cls, self.names, self.values = cls, names, values
+
+
+jax.tree_util.register_pytree_with_keys(
+    _PlainNode,
+    lambda n: ([(jax.tree_util.GetAttrKey(k), v) for k, v in zip(n.names, n.values)],
+               (n.cls, tuple(n.names))),
+    lambda aux, values: _PlainNode(aux[0], list(aux[1]), list(values)),
+)
+
+
+def expand_plain_dataclasses(template: Any) -> Any:
+  """Makes registered plain dataclasses in a template visible to JAX's flattening."""
+  if not any(dataclasses.is_dataclass(c) for c in _BY_CLASS):
+    return template
+
+  def expand(x):
+    if _is_plain_registered_dataclass(x):
+      kids = plain_dataclass_children(x)
+      return _PlainNode(type(x), [k for (_, k), _ in kids],
+                        [expand_plain_dataclasses(v) for _, v in kids])
+    return x
+  return jax.tree_util.tree_map(expand, template, is_leaf=_is_plain_registered_dataclass)
+
+
+def collapse_plain_dataclasses(tree: Any) -> Any:
+  """Inverse of :func:`expand_plain_dataclasses` on the loaded result."""
+  if not any(dataclasses.is_dataclass(c) for c in _BY_CLASS):
+    return tree
+
+  def collapse(x):
+    if isinstance(x, _PlainNode):
+      kw = dict(zip(x.names, (collapse_plain_dataclasses(v) for v in x.values)))
+      init = {f.name for f in dataclasses.fields(x.cls) if f.init}
+      obj = x.cls(**{k: v for k, v in kw.items() if k in init})
+      for k, v in kw.items():
+        if k not in init:
+          object.__setattr__(obj, k, v)
+      return obj
+    return x
+  return jax.tree_util.tree_map(collapse, tree, is_leaf=lambda y: isinstance(y, _PlainNode))
+
+
 def _one_level(x: Any) -> tuple[list[tuple[PathElem, Any]], bool]:
   """Children of a custom PyTree node with their keys; (_, False) if ``x`` is a leaf."""
   flat, treedef = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
@@ -192,6 +250,8 @@ def encode(
       return {"t": "namedtuple", "cls": name, "reg": reg, "f": list(t._fields),
               "c": [walk(getattr(x, f), path + (("a", f),)) for f in t._fields]}
     kids, is_node = _one_level(x)
+    if not is_node and t in _BY_CLASS and dataclasses.is_dataclass(x):
+      kids, is_node = plain_dataclass_children(x), True
     if not is_node:
       bad.append(f"{path_str(path)}: unsupported leaf type {t.__module__}.{t.__qualname__} "
                  "(register a TypeHandler with flax_ckpt.register_type_handler, or register "
@@ -211,7 +271,8 @@ def encode(
 
 
 def _rebuild_class(node: dict, keys: list, values: list, warned: set[str] | None) -> Any:
-  entry = _BY_NAME.get(node["cls"]) if node.get("reg") else None
+  # Registered in this process is what counts (also for classes registered after saving).
+  entry = _BY_NAME.get(node["cls"])
   named = all(k[0] in ("a", "d") for k in keys)
   if entry is not None:
     cls = entry.cls
