@@ -8,6 +8,7 @@ is stored inline in the leaf's JSON record.
 from __future__ import annotations
 
 import base64
+import functools
 import math
 import os
 import struct
@@ -90,6 +91,11 @@ def _checked_dtype_name(dtype: Any, info: th.ParamInfo) -> str:
 
 
 def _save_array(value: Any, info: th.ParamInfo, arg: th.SaveArgs | None, kind: str) -> None:
+  if isinstance(value, jax.Array) and value.is_deleted():
+    raise errors.UnsupportedLeafError(
+        f"leaf {info.name}: this jax.Array was deleted or donated before save was called; "
+        "save the state before a step that donates it (or save the step's output). Nothing "
+        "was written.")
   dtype = np.dtype(value.dtype)
   if arg is not None and arg.dtype is not None:
     dtype = np.dtype(arg.dtype)
@@ -343,6 +349,15 @@ def is_prng_key(x: Any) -> bool:
   return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
+@functools.cache
+def _key_dtype(impl: str) -> Any:
+  """The typed-key dtype of ``impl`` (e.g. ``key<fry>``); its name if this jax lacks it."""
+  try:
+    return jax.eval_shape(lambda: jax.random.key(0, impl=impl)).dtype
+  except Exception:  # noqa: BLE001 - an impl unknown here: metadata must still work
+    return f"key<{impl}>"
+
+
 class PRNGKeyHandler(_Builtin):
   """Typed PRNG keys (``jax.random.key``): key data plus the impl name."""
 
@@ -376,7 +391,7 @@ class PRNGKeyHandler(_Builtin):
 
   async def metadata(self, infos):
     return [th.ArrayMetadata(name=info.name, shape=tuple(info.record["key_shape"]),
-                             dtype=f"key<{info.record['impl']}>", type="jax.PRNGKey",
+                             dtype=_key_dtype(info.record["impl"]), type="jax.PRNGKey",
                              nbytes=info.record["nbytes"], sharding=info.record.get("sharding"))
             for info in infos]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 import time
 from typing import Any
 
@@ -52,26 +53,60 @@ def _check_custom_metadata(custom_metadata: Any) -> None:
         "other objects to str/int/float/bool/list/dict. Nothing was written.") from e
 
 
+_in_flight: dict[str, int] = {}  # destination -> saves of this process writing to it
+_in_flight_lock = threading.Lock()
+
+
+def _claim(final: epath.Path, overwrite: bool) -> str:
+  """Registers a save to ``final``; without overwrite, a second concurrent one is an error."""
+  key = os.fspath(final)
+  with _in_flight_lock:
+    if _in_flight.get(key) and not overwrite:
+      raise errors.CheckpointExistsError(
+          f"a save to {key} is already in progress in this process; wait for it "
+          "(AsyncResponse.result()) or pass overwrite=True. Nothing was written.")
+    _in_flight[key] = _in_flight.get(key, 0) + 1
+  return key
+
+
+def _release(key: str) -> None:
+  with _in_flight_lock:
+    n = _in_flight.pop(key, 1) - 1
+    if n > 0:
+      _in_flight[key] = n
+
+
 def _start_save(path: paths.PathLike, state: Any, *, overwrite: bool, custom_metadata: Any,
                 is_async: bool, fsync: bool):
   final = paths.to_path(path)
   storage.backend_name()  # a bad FLAX_CKPT_STORAGE fails before anything is written
   paths.check_destination(final, overwrite)
   _check_custom_metadata(custom_metadata)
-  paths.cleanup_stale_tmp(final)
-  with async_utils.no_gc():
-    plan = pytree_io.plan_save(state)  # validates the whole tree before touching the disk
-  tmp, created = paths.make_tmp_dir(final)
+  key = _claim(final, overwrite)
   try:
+    paths.cleanup_stale_tmp(final)
     with async_utils.no_gc():
-      finish_tree = pytree_io.prepare_save(tmp / DEFAULT_CHECKPOINTABLE, plan,
-                                           is_async=is_async)
+      plan = pytree_io.plan_save(state)  # validates the whole tree before touching the disk
+    tmp, created = paths.make_tmp_dir(final)
+    try:
+      with async_utils.no_gc():
+        finish_tree = pytree_io.prepare_save(tmp / DEFAULT_CHECKPOINTABLE, plan,
+                                             is_async=is_async)
+    except BaseException:
+      pytree_io.remove_quietly(tmp)
+      paths.remove_created(created)
+      raise
   except BaseException:
-    pytree_io.remove_quietly(tmp)
-    paths.remove_created(created)
+    _release(key)
     raise
 
   def finish() -> None:
+    try:
+      _finish()
+    finally:
+      _release(key)
+
+  def _finish() -> None:
     try:
       with async_utils.no_gc():
         finish_tree(fsync)

@@ -54,6 +54,16 @@ class SavePlan:
   handlers: list
 
 
+def _note(e: BaseException, doing: str, handler: Any, keypaths: list) -> None:
+  """Adds the leaf paths a failing handler was working on to its exception (type kept)."""
+  if th.is_builtin(handler) or not hasattr(e, "add_note"):
+    return
+  names = [treespec.path_str(p) for p in keypaths[:10]]
+  more = f" and {len(keypaths) - 10} more" if len(keypaths) > 10 else ""
+  e.add_note(f"flax_ckpt: TypeHandler {handler!r} failed while {doing} leaves "
+             f"{', '.join(names)}{more}.")
+
+
 def plan_save(tree: Any) -> SavePlan:
   """Walks and validates ``tree`` (raises UnsupportedLeafError before anything is written)."""
   return SavePlan(*treespec.encode(tree, th.handler_for_value))
@@ -86,7 +96,11 @@ def prepare_save(cp_dir: epath.Path, plan: SavePlan, *,
   async def serialize_all():
     futs = []
     for h, idx in groups.values():
-      r = await h.serialize([leaves[i][1] for i in idx], [infos[i] for i in idx], None)
+      try:
+        r = await h.serialize([leaves[i][1] for i in idx], [infos[i] for i in idx], None)
+      except Exception as e:
+        _note(e, "saving", h, [leaves[i][0] for i in idx])
+        raise
       futs.extend(r or [])
     return futs
 
@@ -195,10 +209,14 @@ def _run_grouped(method: str, saved: _SavedTree, ids: list[int],
     out: list[Any] = [None] * len(ids)
     for h, js in groups.values():
       sub_infos = [infos[j] for j in js]
-      if method == "metadata":
-        vals = await h.metadata(sub_infos)
-      else:
-        vals = await h.deserialize(sub_infos, [args[j] for j in js] if args else None)
+      try:
+        if method == "metadata":
+          vals = await h.metadata(sub_infos)
+        else:
+          vals = await h.deserialize(sub_infos, [args[j] for j in js] if args else None)
+      except Exception as e:
+        _note(e, "loading", h, [saved.leaves[ids[j]]["path"] for j in js])
+        raise
       vals = list(vals)
       if len(vals) != len(js):
         raise errors.CheckpointError(
@@ -226,6 +244,30 @@ def _args_from_template(t: Any) -> th.RestoreArgs:
   if type(t) in (int, float, bool, complex):
     return th.RestoreArgs(restore_type=type(t), shape=())
   return th.RestoreArgs()
+
+
+_NUMERIC = {"jax.Array", "np.ndarray", "np.generic", "int", "float", "bool", "complex"}
+
+
+def _kind_conflict(t: Any, typestr: str) -> str | None:
+  """Why template leaf ``t`` cannot receive a leaf saved as ``typestr`` (None if it can)."""
+  if t is None:
+    return None
+  if isinstance(t, (jax.ShapeDtypeStruct, jax.Array, np.ndarray, np.generic)):
+    if jax.dtypes.issubdtype(t.dtype, jax.dtypes.prng_key):
+      want, ok = "a typed PRNG key", typestr == "jax.PRNGKey"
+    else:
+      want, ok = f"an array of {t.dtype}", typestr in _NUMERIC
+  elif type(t) in (int, float, bool, complex):
+    want, ok = f"a Python {type(t).__name__}", typestr in _NUMERIC
+  elif type(t) in (str, bytes):
+    want, ok = f"a {type(t).__name__}", typestr == type(t).__name__
+  else:
+    return None
+  if ok:
+    return None
+  return (f"the checkpoint holds a {typestr} leaf, the template asks for {want} (use None "
+          "in the template to load it as saved)")
 
 
 def _saved_shape(leaf: dict) -> tuple[int, ...] | None:
@@ -271,16 +313,23 @@ def load(cp_dir: epath.Path, abstract: Any, *, partial: bool) -> Any:
       abstract, is_leaf=lambda x: x is None or (bool(custom) and type(x) in custom))
   by_key = {treespec.match_key(leaf["path"]): i for i, leaf in enumerate(saved.leaves)}
   ids, missing, problems = [], [], []
-  for kp, _ in flat:
+  subtrees: dict[int, tuple[dict, list[int]]] = {}  # position in flat -> (node, leaf ids)
+  for pos, (kp, t) in enumerate(flat):
     path = treespec.path_from_jax(kp)
     i = by_key.get(treespec.match_key(path))
+    if i is None and t is None:  # None stands for a whole saved subtree: load it as saved
+      node = treespec.find_node(saved.root, path)
+      if node is not None and node["t"] != "leaf":
+        subtrees[pos] = (node, treespec.leaf_ids(node))
+        ids.append(-1)
+        continue
     if i is None:
       missing.append(treespec.path_str(path))
       continue
     ids.append(i)
   extra = []
   if not partial:
-    used = set(ids)
+    used = set(ids).union(*(set(sub[1]) for sub in subtrees.values()))
     extra = [treespec.path_str(leaf["path"]) for i, leaf in enumerate(saved.leaves)
              if i not in used]
   if missing or extra:
@@ -292,17 +341,34 @@ def load(cp_dir: epath.Path, abstract: Any, *, partial: bool) -> Any:
                  "(pass partial=True to load only the template's leaves)")
     raise errors.StructureMismatchError("\n".join(msg))
   args = [_args_from_template(t) for _, t in flat]
+  for i, (_, t) in zip(ids, flat):
+    if i < 0:
+      continue
+    why = _kind_conflict(t, saved.leaves[i]["typestr"])
+    if why:
+      problems.append(f"{treespec.path_str(saved.leaves[i]['path'])}: {why}")
   for i, a in zip(ids, args):
+    if i < 0:
+      continue
     s = _saved_shape(saved.leaves[i])
     if a.shape is not None and s is not None and tuple(a.shape) != s:
       problems.append(f"{treespec.path_str(saved.leaves[i]['path'])}: checkpoint shape {s}, "
                       f"template shape {tuple(a.shape)}")
   if problems:
     raise errors.StructureMismatchError(
-        "shape mismatch between template and checkpoint (fix the template or load without "
-        "one to see the saved shapes):\n  " + "\n  ".join(problems))
-  values = _run_grouped("deserialize", saved, ids, args)
-  values = [_conform(v, a) for v, a in zip(values, args)]
+        "the template does not fit the checkpoint's leaves (fix the template, or load "
+        "without one / call flax_ckpt.metadata to see what was saved):\n  "
+        + "\n  ".join(problems))
+  read_ids = [i for i in ids if i >= 0]
+  read_args = [a for i, a in zip(ids, args) if i >= 0]
+  sub_ids = sorted(set().union(*(set(sub[1]) for sub in subtrees.values())))
+  got = _run_grouped("deserialize", saved, read_ids + sub_ids,
+                     read_args + [th.RestoreArgs()] * len(sub_ids))
+  by_id = dict(zip(sub_ids, got[len(read_ids):]))
+  loaded = iter(_conform(v, a) for v, a in zip(got[:len(read_ids)], read_args))
+  warned: set[str] = set()
+  values = [treespec.decode(subtrees[pos][0], by_id, warned) if i < 0 else next(loaded)
+            for pos, i in enumerate(ids)]
   return treespec.collapse_plain_dataclasses(jax.tree_util.tree_unflatten(treedef, values))
 
 

@@ -319,6 +319,38 @@ def _warn(warned: set[str] | None, name: str, why: str) -> None:
   )
 
 
+def leaf_ids(node: dict) -> list[int]:
+  """Ids of all leaves under ``node``."""
+  if node["t"] == "leaf":
+    return [node["id"]]
+  return [i for c in node.get("c", ()) for i in leaf_ids(c)]
+
+
+def find_node(root: dict, path: Sequence[Sequence[Any]]) -> dict | None:
+  """The structure node at ``path`` (matched like template paths), or None."""
+  node = root
+  for elem in path:
+    t = node["t"]
+    if t == "dict":
+      keys = [["d", k] for k in node["k"]]
+    elif t in ("list", "tuple"):
+      keys = [["i", j] for j in range(len(node["c"]))]
+    elif t == "namedtuple":
+      keys = [["a", f] for f in node["f"]]
+    elif t == "node":
+      keys = node["keys"]
+    else:
+      return None
+    want = match_key([elem])
+    for j, k in enumerate(keys):
+      if match_key([k]) == want and type(k[1]) is type(elem[1]):
+        node = node["c"][j]
+        break
+    else:
+      return None
+  return node
+
+
 def decode(node: dict, leaf_values: Sequence[Any], warned: set[str] | None) -> Any:
   """Rebuilds the saved structure around ``leaf_values`` (indexed by leaf id)."""
   t = node["t"]

@@ -1,0 +1,141 @@
+"""API details users rely on: class registry timing, plain dataclasses, template kinds, None
+subtrees, the metadata namespace, errors naming leaves, concurrent saves to one path."""
+
+import dataclasses
+import typing
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flax_ckpt
+
+
+class LatePoint(typing.NamedTuple):
+  x: int
+  y: float
+
+
+def test_class_registered_after_saving_is_rebuilt(ckpt_dir):
+  path = ckpt_dir / "ckpt"
+  flax_ckpt.save(path, {"p": LatePoint(1, 2.5)})
+  flax_ckpt.register_class(LatePoint, override=True)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    out = flax_ckpt.load(path)
+  assert type(out["p"]) is LatePoint and out["p"] == LatePoint(1, 2.5)
+
+
+@dataclasses.dataclass
+class PlainConfig:
+  lr: float
+  w: np.ndarray
+  name: str = "run"
+
+
+flax_ckpt.register_class(PlainConfig)
+
+
+def test_registered_plain_dataclass_round_trips(ckpt_dir):
+  path = ckpt_dir / "ckpt"
+  tree = {"cfg": PlainConfig(0.1, np.arange(3.0)), "more": [PlainConfig(0.2, np.ones(2), "b")]}
+  flax_ckpt.save(path, tree)
+  out = flax_ckpt.load(path)
+  assert type(out["cfg"]) is PlainConfig and out["cfg"].lr == 0.1 and out["cfg"].name == "run"
+  np.testing.assert_array_equal(out["cfg"].w, np.arange(3.0))
+  assert type(out["more"][0]) is PlainConfig and out["more"][0].name == "b"
+  # a template holding the dataclass: its fields act as template leaves
+  tmpl = {"cfg": PlainConfig(0.0, jax.ShapeDtypeStruct((3,), jnp.float32))}
+  got = flax_ckpt.load(path, tmpl, partial=True)
+  assert type(got["cfg"]) is PlainConfig and isinstance(got["cfg"].w, jax.Array)
+  assert got["cfg"].w.dtype == jnp.float32 and got["cfg"].lr == 0.1
+
+
+def test_metadata_is_a_callable_namespace(ckpt_dir):
+  import flax_ckpt.metadata as md_module
+  from flax_ckpt.metadata import ArrayMetadata, Metadata
+
+  assert md_module is flax_ckpt.metadata and flax_ckpt.metadata.Metadata is Metadata
+  path = ckpt_dir / "ckpt"
+  flax_ckpt.save(path, {"w": np.ones((2, 3), np.float32), "k": jax.random.key(0)})
+  md = flax_ckpt.metadata(path)
+  assert isinstance(md["w"], ArrayMetadata) and md["w"].shape == (2, 3)
+  assert md["k"].dtype == jax.random.key(0).dtype  # a real key dtype, not a string
+  assert flax_ckpt.type_handlers.ArrayHandler is flax_ckpt.ArrayHandler
+
+
+def test_deleted_array_names_the_leaf_and_writes_nothing(ckpt_dir):
+  x = jnp.ones(3)
+  x.delete()
+  with pytest.raises(flax_ckpt.UnsupportedLeafError, match=r"\['params'\]\['x'\].*deleted"):
+    flax_ckpt.save(ckpt_dir / "ckpt", {"params": {"x": x}})
+  assert list(ckpt_dir.iterdir()) == []
+
+
+class Fragile:
+  pass
+
+
+class FragileHandler:
+  def typestr(self):
+    return "test.Fragile"
+
+  async def serialize(self, values, infos, args=None):
+    raise KeyError("disk on fire")
+
+  async def deserialize(self, infos, args=None):
+    return [Fragile() for _ in infos]
+
+  async def metadata(self, infos):
+    return [flax_ckpt.Metadata(name=i.name) for i in infos]
+
+
+def test_failing_custom_handler_keeps_its_error_type_and_names_leaves(ckpt_dir):
+  flax_ckpt.register_type_handler(Fragile, FragileHandler(), override=True)
+  with pytest.raises(KeyError) as info:
+    flax_ckpt.save(ckpt_dir / "ckpt", {"a": {"f": Fragile()}})
+  assert any("['a']['f']" in n for n in getattr(info.value, "__notes__", []))
+  assert list(ckpt_dir.iterdir()) == []
+
+
+def test_second_concurrent_save_to_one_path_fails_at_once(ckpt_dir):
+  path = ckpt_dir / "ckpt"
+  resp = flax_ckpt.save_async(path, {"w": np.ones(4 << 20)})
+  with pytest.raises(flax_ckpt.CheckpointExistsError, match="already in progress"):
+    flax_ckpt.save_async(path, {"w": np.zeros(3)})
+  resp.result()
+  assert flax_ckpt.load(path)["w"].shape == (4 << 20,)
+  flax_ckpt.save_async(path, {"w": np.zeros(3)}, overwrite=True).result()
+  assert flax_ckpt.load(path)["w"].shape == (3,)
+
+
+@pytest.mark.parametrize("key,template,needle", [
+    ("none", jax.ShapeDtypeStruct((), jnp.float32), "None leaf"),
+    ("s", jax.ShapeDtypeStruct((), jnp.float32), "str leaf"),
+    ("by", np.zeros(2, np.uint8), "bytes leaf"),
+    ("arr", "text", "np.ndarray leaf"),
+    ("arr", 1.5, r"checkpoint shape \(3,\), template shape \(\)"),
+    ("key", jax.ShapeDtypeStruct((2,), jnp.uint32), "jax.PRNGKey leaf"),
+])
+def test_template_leaf_of_the_wrong_kind_is_a_clear_error(ckpt_dir, key, template, needle):
+  path = ckpt_dir / "ckpt"
+  flax_ckpt.save(path, {"none": None, "s": "x", "by": b"ab", "arr": np.arange(3.0),
+                        "key": jax.random.key(0)})
+  with pytest.raises(flax_ckpt.StructureMismatchError, match=needle) as info:
+    flax_ckpt.load(path, {key: template}, partial=True)
+  assert f"['{key}']" in str(info.value)
+
+
+def test_none_in_the_template_loads_a_whole_subtree_as_saved(ckpt_dir):
+  path = ckpt_dir / "ckpt"
+  tree = {"params": {"w": np.ones(2), "b": [np.zeros(1), 3]}, "opt": [(1, 2), {}], "step": 5}
+  flax_ckpt.save(path, tree)
+  out = flax_ckpt.load(path, {"params": None, "opt": [None, None], "step": None})
+  assert out["opt"] == [(1, 2), {}] and out["step"] == 5
+  np.testing.assert_array_equal(out["params"]["b"][0], np.zeros(1))
+  assert out["params"]["b"][1] == 3
+  with pytest.raises(flax_ckpt.StructureMismatchError, match=r"\['step'\]"):
+    flax_ckpt.load(path, {"params": None, "opt": None})
+  assert set(flax_ckpt.load(path, {"params": None}, partial=True)) == {"params"}
