@@ -176,14 +176,36 @@ def _flat(idx: Sequence[int], shape: Sequence[int]) -> int:
   return f
 
 
+_MIN_RUN = 512  # contiguous runs shorter than this are staged instead of read one by one
+
+
+def staging_bytes() -> int:
+  """Host memory a load may use beyond its results (``$FLAX_CKPT_STAGING_BYTES``, 64 MiB)."""
+  return int(os.environ.get("FLAX_CKPT_STAGING_BYTES", 64 << 20))
+
+
+def _strides(shape: Sequence[int]) -> list[int]:
+  out, acc = [], 1
+  for n in reversed(shape):
+    out.append(acc)
+    acc *= n
+  return out[::-1]
+
+
 class _ReadPlan:
-  """Collects reads for many destination boxes, then executes them in one pass."""
+  """Collects reads for many destination boxes, then executes them in one pass.
+
+  Every byte goes straight from the data file into its destination buffer when the part of a
+  saved chunk a box needs is one contiguous run, or a set of runs of at least ``_MIN_RUN``
+  bytes (resharding: e.g. columns of row-sharded chunks). Only tiny strided runs go through a
+  scratch buffer, filled slab by slab within :func:`staging_bytes`, so a load never holds
+  more than its results plus that budget.
+  """
 
   def __init__(self, state_dir: str):
     self.state_dir = state_dir
     self.requests: dict[int, list[tuple[int, memoryview]]] = {}
-    self.scratch: dict[tuple[int, int], np.ndarray] = {}
-    self.copies: list[tuple[np.ndarray, tuple, tuple[int, int], tuple, tuple]] = []
+    self.staged: list[tuple[dict, np.ndarray, list[int], list[int], list[int]]] = []
 
   def box(self, chunks: list[dict], dtype: np.dtype, start: Sequence[int],
           shape: Sequence[int]) -> np.ndarray:
@@ -214,24 +236,63 @@ class _ReadPlan:
         doff = _flat(a_dest, shape) * item
         self.requests.setdefault(c["p"], []).append((foff, dview[doff:doff + n]))
       else:
-        key = (c["p"], c["o"])
-        if key not in self.scratch:
-          buf = storage.aligned_empty(c["n"])
-          self.scratch[key] = buf
-          self.requests.setdefault(c["p"], []).append((c["o"], memoryview(buf)))
-        self.copies.append((out, tuple(slice(a, a + n) for a, n in zip(a_dest, sub)),
-                            key, tuple(ch), tuple(slice(a, a + n) for a, n in zip(a_chunk, sub))))
+        self._strided(c, item, sub, a_chunk, a_dest, list(shape), dview, out)
     return out
 
-  def execute(self, dtype_of: dict | None = None) -> None:
+  def _strided(self, c: dict, item: int, sub: list[int], a_chunk: list[int],
+               a_dest: list[int], shape: list[int], dview: memoryview, out: np.ndarray) -> None:
+    """Reads a box that is not one contiguous run of the chunk as several runs."""
+    ch = c["h"]
+    k = len(sub) - 1  # runs span dims k.. (the dims after k are whole in chunk and box)
+    while k > 0 and sub[k] == ch[k] == shape[k]:
+      k -= 1
+    run = math.prod(sub[k:]) * item
+    if run < _MIN_RUN:
+      self.staged.append((c, out, a_chunk, a_dest, sub))
+      return
+    cst, dst = _strides(ch), _strides(shape)
+    f0 = c["o"] + item * sum(a * s for a, s in zip(a_chunk, cst))
+    d0 = item * sum(a * s for a, s in zip(a_dest, dst))
+    if k:
+      idx = np.indices(sub[:k]).reshape(k, -1).astype(np.int64)
+      fo = (f0 + item * (idx * np.asarray(cst[:k], np.int64)[:, None]).sum(0)).tolist()
+      do = (d0 + item * (idx * np.asarray(dst[:k], np.int64)[:, None]).sum(0)).tolist()
+    else:
+      fo, do = [f0], [d0]
+    reqs = self.requests.setdefault(c["p"], [])
+    for f, d in zip(fo, do):
+      reqs.append((f, dview[d:d + run]))
+
+  def _run_staged(self) -> None:
+    """Copies tiny strided runs through one scratch buffer, a slab of chunk rows at a time."""
+    budget = staging_bytes()
+    scratch = None
+    for c, out, a_chunk, a_dest, sub in self.staged:
+      ch = c["h"]
+      item = out.dtype.itemsize
+      row = math.prod(ch[1:]) * item  # one index of dim 0 of the chunk
+      per = max(1, budget // max(row, 1))
+      first, last = a_chunk[0], a_chunk[0] + sub[0]
+      inner_c = tuple(slice(a, a + n) for a, n in zip(a_chunk[1:], sub[1:]))
+      inner_d = tuple(slice(a, a + n) for a, n in zip(a_dest[1:], sub[1:]))
+      for r0 in range(first, last, per):
+        r1 = min(last, r0 + per)
+        n = (r1 - r0) * row
+        if scratch is None or scratch.nbytes < n:
+          scratch = storage.aligned_empty(min(max(budget, row), (last - first) * row))
+        storage.read_into(os.path.join(self.state_dir, data_file_name(c["p"])),
+                          [(c["o"] + r0 * row, memoryview(scratch)[:n])])
+        src = scratch[:n].view(out.dtype).reshape((r1 - r0, *ch[1:]))
+        d = a_dest[0] + (r0 - first)
+        out[(slice(d, d + r1 - r0), *inner_d)] = src[(slice(None), *inner_c)]
+
+  def execute(self) -> None:
     for p, reqs in self.requests.items():
       storage.read_into(os.path.join(self.state_dir, data_file_name(p)), reqs)
-    for out, dsl, key, ch, csl in self.copies:
-      src = self.scratch[key].view(out.dtype).reshape(ch)
-      out[dsl] = src[csl]
     self.requests.clear()
-    self.scratch.clear()
-    self.copies.clear()
+    if self.staged:
+      self._run_staged()
+      self.staged.clear()
 
 
 def _boxes_for(sharding: Any, shape: tuple[int, ...]):

@@ -35,6 +35,7 @@ _MAX_CALL_BYTES = 1 << 30  # Linux caps one read/write at ~2 GiB
 _PIECE = 32 << 20  # split big reads into pieces read in parallel
 _GAP = 4096  # read through gaps smaller than this instead of another system call
 _ZEROS = bytes(ALIGN)
+_JUNK = memoryview(bytearray(_GAP))
 _READ_POOL: concurrent.futures.ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
@@ -56,7 +57,21 @@ def as_bytes_view(arr: np.ndarray) -> memoryview:
     return memoryview(arr.reshape(-1).view(np.uint8))
 
 
-class DataWriter:
+class _Packer:
+  """Assigns each added buffer its 64-byte aligned offset in the data file."""
+
+  def __init__(self):
+    self.size = 0
+
+  def _place(self, arr: np.ndarray) -> tuple[int, memoryview]:
+    view = as_bytes_view(arr)
+    self.size += (-self.size) % ALIGN
+    offset = self.size
+    self.size += view.nbytes
+    return offset, view
+
+
+class DataWriter(_Packer):
   """Packs buffers into one data file, writing them in a background thread as they arrive.
 
   ``add`` returns the offset a buffer will have; full batches go to a writer thread at once,
@@ -68,8 +83,8 @@ class DataWriter:
   _BATCH_COUNT = _IOV_MAX - 2
 
   def __init__(self, path: str):
+    super().__init__()
     self.path = path
-    self.size = 0
     self._batch: list = []  # (offset, view)
     self._batch_bytes = 0
     self._queue: queue.SimpleQueue | None = None
@@ -79,15 +94,12 @@ class DataWriter:
 
   def add(self, arr: np.ndarray) -> tuple[int, int]:
     """Schedules ``arr``'s bytes; returns (offset, nbytes) it will have in the file."""
-    view = as_bytes_view(arr)
-    self.size += (-self.size) % ALIGN
-    offset = self.size
+    offset, view = self._place(arr)
     if view.nbytes:
       self._batch.append((offset, view))
       self._batch_bytes += view.nbytes
       if self._batch_bytes >= self._BATCH_BYTES or len(self._batch) >= self._BATCH_COUNT:
         self._flush()
-    self.size += view.nbytes
     return offset, view.nbytes
 
   def _flush(self) -> None:
@@ -216,7 +228,7 @@ def read_into(path: str, requests: Sequence[tuple[int, memoryview]]) -> None:
     gap = off - cur_end
     if 0 <= gap <= _GAP and len(cur_iov) < _IOV_MAX - 1 and cur_bytes + view.nbytes <= _PIECE:
       if gap:
-        cur_iov.append(memoryview(bytearray(gap)))
+        cur_iov.append(_JUNK[:gap])  # read through small gaps; the bytes are discarded
       cur_iov.append(view)
       cur_bytes += view.nbytes
     else:
@@ -294,22 +306,19 @@ def _open_kvstore(directory: str, *, sync: bool = True, ts_context=None):
   return ts.KvStore.open(spec, context=ctx).result()
 
 
-class KvStoreDataWriter:
+class KvStoreDataWriter(_Packer):
   """:class:`DataWriter`'s interface on a tensorstore kvstore (one write per data file)."""
 
   def __init__(self, path: str, *, ts_context=None):
+    super().__init__()
     self.path = path
-    self.size = 0
     self._views: list[tuple[int, memoryview]] = []
     self._ts_context = ts_context
 
   def add(self, arr: np.ndarray) -> tuple[int, int]:
-    view = as_bytes_view(arr)
-    self.size += (-self.size) % ALIGN
-    offset = self.size
+    offset, view = self._place(arr)
     if view.nbytes:
       self._views.append((offset, view))
-    self.size += view.nbytes
     return offset, view.nbytes
 
   def write(self, *, fsync: bool) -> None:
