@@ -107,6 +107,9 @@ def _save_array(value: Any, info: th.ParamInfo, arg: th.SaveArgs | None, kind: s
   rec["sharding"] = sharding_desc.describe(getattr(value, "sharding", None))
   rec["nbytes"] = math.prod(shape) * dtype.itemsize
   writer = info._io.writer
+  if info._io.process_index != 0 and (
+      not isinstance(value, jax.Array) or value.is_fully_addressable):
+    return  # process-local values (numpy, unsharded jax arrays): the primary writes them
   for start, host in _host_chunks(value, copy=info.is_async and kind == "numpy"):
     if host.dtype != dtype:
       host = host.astype(dtype)
@@ -534,7 +537,7 @@ class BytesHandler(_Builtin):
       info.record["nbytes"] = len(v)
       if len(v) <= _INLINE_BYTES:
         info.record["b64"] = base64.b64encode(v).decode()
-      else:
+      elif info._io.process_index == 0:  # process-local: the primary writes it
         off, n = info._io.writer.add(np.frombuffer(v, np.uint8))
         info.chunks.append({"s": [0], "h": [n], "o": off, "n": n, "p": info._io.process_index})
     return []

@@ -11,7 +11,7 @@ from typing import Any
 
 from etils import epath
 
-from flax_ckpt._src import async_utils, errors, paths, pytree_io, storage
+from flax_ckpt._src import async_utils, errors, multihost, paths, pytree_io, storage
 
 FORMAT_VERSION = 1
 DEFAULT_CHECKPOINTABLE = "state"
@@ -77,24 +77,33 @@ def _release(key: str) -> None:
 
 
 def _start_save(path: paths.PathLike, state: Any, *, overwrite: bool, custom_metadata: Any,
-                is_async: bool, fsync: bool):
+                is_async: bool, fsync: bool, barrier_timeout_s: float | None = None):
   final = paths.to_path(path)
   storage.backend_name()  # a bad FLAX_CKPT_STORAGE fails before anything is written
   paths.check_destination(final, overwrite)
   _check_custom_metadata(custom_metadata)
+  nproc, pid = multihost.process_count(), multihost.process_index()
+  primary = pid == 0
+  timeout = multihost.timeout_s(barrier_timeout_s)
+  op = multihost.next_operation_id() if nproc > 1 else ""
   key = _claim(final, overwrite)
   try:
-    paths.cleanup_stale_tmp(final)
+    if primary:
+      paths.cleanup_stale_tmp(final)
     with async_utils.no_gc():
       plan = pytree_io.plan_save(state)  # validates the whole tree before touching the disk
-    tmp, created = paths.make_tmp_dir(final)
+    # The primary makes the temporary directory; every process writes its part into it.
+    tmp, created = paths.make_tmp_dir(final) if primary else (None, [])
+    tmp = epath.Path(multihost.share(f"{op}/tmp", os.fspath(tmp) if primary else None,
+                                     timeout))
     try:
       with async_utils.no_gc():
         finish_tree = pytree_io.prepare_save(tmp / DEFAULT_CHECKPOINTABLE, plan,
-                                             is_async=is_async)
+                                             is_async=is_async, process_index=pid)
     except BaseException:
-      pytree_io.remove_quietly(tmp)
-      paths.remove_created(created)
+      if primary:
+        pytree_io.remove_quietly(tmp)
+        paths.remove_created(created)
       raise
   except BaseException:
     _release(key)
@@ -110,28 +119,38 @@ def _start_save(path: paths.PathLike, state: Any, *, overwrite: bool, custom_met
     try:
       with async_utils.no_gc():
         finish_tree(fsync)
-      manifest = {
-          "format": "flax_ckpt", "version": FORMAT_VERSION,
-          "checkpointables": {DEFAULT_CHECKPOINTABLE: {"kind": "pytree"}},
-          "custom_metadata": custom_metadata, "created_at": time.time(), "process_count": 1,
-      }
-      paths.write_json(tmp / paths.COMMIT_MARKER, manifest, fsync=fsync)
-      if fsync:
-        paths.fsync_path(tmp)
-      paths.commit(tmp, final, overwrite=overwrite, fsync=fsync)
+      multihost.barrier(f"{op}/written", timeout, "finished writing its part")
+      if primary:
+        manifest = {
+            "format": "flax_ckpt", "version": FORMAT_VERSION,
+            "checkpointables": {DEFAULT_CHECKPOINTABLE: {"kind": "pytree"}},
+            "custom_metadata": custom_metadata, "created_at": time.time(),
+            "process_count": nproc,
+        }
+        paths.write_json(tmp / paths.COMMIT_MARKER, manifest, fsync=fsync)
+        if fsync:
+          paths.fsync_path(tmp)
+        paths.commit(tmp, final, overwrite=overwrite, fsync=fsync)
     except BaseException:
-      pytree_io.remove_quietly(tmp)
+      if primary:
+        pytree_io.remove_quietly(tmp)
       raise
+    multihost.barrier(f"{op}/committed", timeout, "saw the commit")
 
   return final, finish
 
 
 def save(path: paths.PathLike, state: Any, *, overwrite: bool = False,
-         custom_metadata: dict | None = None, fsync: bool = True) -> None:
+         custom_metadata: dict | None = None, fsync: bool = True,
+         barrier_timeout_s: float | None = None) -> None:
   """Saves any PyTree to ``path``; returns once the checkpoint is committed.
 
   The checkpoint is written into a hidden sibling directory and renamed into place after
   every byte is durable, so ``path`` either holds the complete checkpoint or nothing new.
+
+  In a multi-process job every process calls ``save`` with the same path and tree (in the
+  same order as its other saves). Each writes the shards whose replica 0 it holds; process 0
+  writes the tree metadata and commits once every process has finished.
 
   Args:
     path: destination directory (``str``, ``os.PathLike`` or ``etils.epath.Path``).
@@ -141,6 +160,10 @@ def save(path: paths.PathLike, state: Any, *, overwrite: bool = False,
       the new one is committed.
     custom_metadata: a JSON-serializable dict stored with the checkpoint.
     fsync: make the data durable before committing (disable only for scratch data).
+    barrier_timeout_s: in a multi-process (``jax.distributed``) job, how long a process
+      waits for the others at each step of the save before raising (default
+      ``$FLAX_CKPT_BARRIER_TIMEOUT_S`` or 300 s). Nothing is committed unless every
+      process wrote its part.
 
   Raises:
     CheckpointExistsError: ``path`` exists and ``overwrite`` is False.
@@ -154,13 +177,13 @@ def save(path: paths.PathLike, state: Any, *, overwrite: bool = False,
     10
   """
   _, finish = _start_save(path, state, overwrite=overwrite, custom_metadata=custom_metadata,
-                          is_async=False, fsync=fsync)
+                          is_async=False, fsync=fsync, barrier_timeout_s=barrier_timeout_s)
   finish()
 
 
 def save_async(path: paths.PathLike, state: Any, *, overwrite: bool = False,
-               custom_metadata: dict | None = None,
-               fsync: bool = True) -> async_utils.AsyncResponse:
+               custom_metadata: dict | None = None, fsync: bool = True,
+               barrier_timeout_s: float | None = None) -> async_utils.AsyncResponse:
   """Starts saving ``state`` and returns as soon as it is safe to change it.
 
   On return, the values are held in a form the caller can no longer affect: numpy arrays
@@ -175,6 +198,10 @@ def save_async(path: paths.PathLike, state: Any, *, overwrite: bool = False,
     overwrite: replace an existing checkpoint (kept intact until the new one commits).
     custom_metadata: a JSON-serializable dict stored with the checkpoint.
     fsync: make the data durable before committing.
+    barrier_timeout_s: in a multi-process (``jax.distributed``) job, how long a process
+      waits for the others at each step of the save before raising (default
+      ``$FLAX_CKPT_BARRIER_TIMEOUT_S`` or 300 s). Nothing is committed unless every
+      process wrote its part.
 
   Returns:
     An :class:`AsyncResponse`; ``result()`` blocks until committed and re-raises failures.
@@ -186,7 +213,8 @@ def save_async(path: paths.PathLike, state: Any, *, overwrite: bool = False,
     >>> r.result()
   """
   final, finish = _start_save(path, state, overwrite=overwrite,
-                              custom_metadata=custom_metadata, is_async=True, fsync=fsync)
+                              custom_metadata=custom_metadata, is_async=True, fsync=fsync,
+                              barrier_timeout_s=barrier_timeout_s)
   return async_utils.start_background(finish, os.fspath(final))
 
 

@@ -69,20 +69,23 @@ def plan_save(tree: Any) -> SavePlan:
   return SavePlan(*treespec.encode(tree, th.handler_for_value))
 
 
-def prepare_save(cp_dir: epath.Path, plan: SavePlan, *,
-                 is_async: bool) -> Callable[[bool], None]:
+def prepare_save(cp_dir: epath.Path, plan: SavePlan, *, is_async: bool,
+                 process_index: int = 0) -> Callable[[bool], None]:
   """Snapshots the planned tree and returns ``finish(fsync)`` that writes it.
 
   Everything that reads the caller's values happens before this returns; ``finish`` only
-  touches snapshots.
+  touches snapshots. Each process writes its own data file and chunk index; only process 0
+  writes the tree metadata and runs custom handlers (which write per-leaf files).
   """
   root, leaves, handlers = plan.root, plan.leaves, plan.handlers
+  primary = process_index == 0
   os.makedirs(cp_dir, exist_ok=True)
   ts_ctx = th._LazyTsContext()
-  io = _SaveIO(storage.open_writer(os.path.join(cp_dir, builtin_handlers.data_file_name(0))))
+  io = _SaveIO(storage.open_writer(os.path.join(
+      cp_dir, builtin_handlers.data_file_name(process_index))), process_index)
   naming = th.LeafNaming([p for p, _ in leaves], treespec.path_str, _leaf_dirnames)
   leaves_dir = cp_dir / LEAVES_DIR
-  if any(not th.is_builtin(h) for h in handlers):
+  if primary and any(not th.is_builtin(h) for h in handlers):
     os.makedirs(leaves_dir, exist_ok=True)
   infos = [
       th.ParamInfo(keypath=leaves[i][0], parent_dir=cp_dir, is_async=is_async,
@@ -91,7 +94,8 @@ def prepare_save(cp_dir: epath.Path, plan: SavePlan, *,
   ]
   groups: dict[int, tuple[Any, list[int]]] = {}
   for i, h in enumerate(handlers):
-    groups.setdefault(id(h), (h, []))[1].append(i)
+    if primary or th.is_builtin(h):
+      groups.setdefault(id(h), (h, []))[1].append(i)
 
   async def serialize_all():
     futs = []
@@ -120,9 +124,13 @@ def prepare_save(cp_dir: epath.Path, plan: SavePlan, *,
     for info in infos:
       info._io = None  # release the snapshot buffers held by chunk bookkeeping
     chunks = {str(i): info.chunks for i, info in enumerate(infos) if info.chunks}
-    paths.write_json(cp_dir / f"{CHUNKS_PREFIX}0.json",
-                     {"process_index": 0, "data_file": builtin_handlers.data_file_name(0),
+    paths.write_json(cp_dir / f"{CHUNKS_PREFIX}{process_index}.json",
+                     {"process_index": process_index,
+                      "data_file": builtin_handlers.data_file_name(process_index),
                       "chunks": chunks}, fsync=fsync)
+    if not primary:
+      io.writer.write(fsync=fsync)
+      return
     records = [
         {"path": [list(e) for e in leaves[i][0]], "typestr": typestrs[i],
          "record": infos[i].record}

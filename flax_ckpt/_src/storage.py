@@ -226,7 +226,10 @@ def read_into(path: str, requests: Sequence[tuple[int, memoryview]]) -> None:
   cur_end = pieces[0][0] + pieces[0][1].nbytes
   for off, view in pieces[1:]:
     gap = off - cur_end
-    if 0 <= gap <= _GAP and len(cur_iov) < _IOV_MAX - 1 and cur_bytes + view.nbytes <= _PIECE:
+    # read through a small gap (its bytes are discarded) rather than make another system
+    # call, unless that would read much more than asked (resharding reads only its share)
+    if (0 <= gap <= min(_GAP, view.nbytes // 8) and len(cur_iov) < _IOV_MAX - 1
+        and cur_bytes + view.nbytes <= _PIECE):
       if gap:
         cur_iov.append(_JUNK[:gap])  # read through small gaps; the bytes are discarded
       cur_iov.append(view)

@@ -1,0 +1,87 @@
+"""Coordination of the processes of a ``jax.distributed`` job during a save.
+
+Everything goes through the distributed runtime client that ``jax.distributed.initialize``
+set up: its key-value store shares the temporary directory's name, and its barriers (always
+with a timeout) make the primary commit only after every process has written its part.
+A single process needs none of this and never touches the client.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+
+import jax
+
+from flax_ckpt._src import errors
+
+DEFAULT_TIMEOUT_S = 300.0
+TIMEOUT_ENV = "FLAX_CKPT_BARRIER_TIMEOUT_S"
+
+_counter = itertools.count()
+_counter_lock = threading.Lock()
+
+
+def process_index() -> int:
+  return jax.process_index()
+
+
+def process_count() -> int:
+  return jax.process_count()
+
+
+def timeout_s(timeout: float | None = None) -> float:
+  """The barrier timeout: ``timeout``, else ``$FLAX_CKPT_BARRIER_TIMEOUT_S``, else 300 s."""
+  if timeout is not None:
+    return float(timeout)
+  return float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+
+
+def next_operation_id() -> str:
+  """An id for the next save; processes that call saves in the same order agree on it."""
+  with _counter_lock:
+    return f"flax_ckpt/save/{next(_counter)}"
+
+
+def _client():
+  from jax._src import distributed
+
+  client = distributed.global_state.client
+  if client is None:
+    raise errors.CheckpointError(
+        f"this job has {process_count()} processes but jax.distributed is not initialized in "
+        "this process; call jax.distributed.initialize() before saving.")
+  return client
+
+
+def barrier(name: str, timeout: float, what: str) -> None:
+  """Waits until every process reached ``name``; a clear error after ``timeout`` seconds."""
+  if process_count() == 1:
+    return
+  try:
+    _client().wait_at_barrier(name, int(timeout * 1000))
+  except Exception as e:  # noqa: BLE001 - the runtime raises its own error types
+    raise errors.CheckpointError(
+        f"process {process_index()} of {process_count()}: not every process {what} within "
+        f"{timeout:.0f} s ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+        "Another process failed or died; nothing was committed. Raise the timeout with "
+        f"{TIMEOUT_ENV} if saves are just slow.") from e
+
+
+def share(key: str, value: str | None, timeout: float) -> str:
+  """The primary publishes ``value`` under ``key``; every other process waits for it."""
+  if process_count() == 1:
+    assert value is not None
+    return value
+  client = _client()
+  if process_index() == 0:
+    assert value is not None
+    client.key_value_set(key, value)
+    return value
+  try:
+    return client.blocking_key_value_get(key, int(timeout * 1000))
+  except Exception as e:  # noqa: BLE001
+    raise errors.CheckpointError(
+        f"process {process_index()}: the primary process did not start the save within "
+        f"{timeout:.0f} s ({type(e).__name__}); it failed or died. Nothing was committed.") from e

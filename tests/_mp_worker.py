@@ -1,0 +1,107 @@
+"""One process of a multi-process test job (launched by tests/test_multiprocess.py).
+
+  python tests/_mp_worker.py PORT NPROC PID NDEV SCENARIO PATH MESH SPEC
+
+Every process builds the same global data from a fixed seed, so each can check its own
+shards. Prints one ``RESULT {...}`` JSON line; exits non-zero on a failed check.
+"""
+
+import json
+import os
+import signal
+import sys
+import time
+
+port, nproc, pid, ndev = (int(a) for a in sys.argv[1:5])
+scenario, path, mesh_arg, spec_arg = sys.argv[5:9]
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={ndev}"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+jax.distributed.initialize(f"127.0.0.1:{port}", nproc, pid, initialization_timeout=60,
+                           heartbeat_timeout_seconds=60, shutdown_timeout_seconds=10)
+
+import flax_ckpt  # noqa: E402
+from flax_ckpt._src import storage  # noqa: E402
+
+SHAPE_W, SHAPE_B = (64, 1024), (32, 16)
+
+
+def host_data():
+  rng = np.random.default_rng(0)
+  return {"w": rng.standard_normal(SHAPE_W).astype(np.float32),
+          "b": rng.integers(-1000, 1000, SHAPE_B).astype(np.int32)}
+
+
+def mesh_and_spec():
+  shape = tuple(int(n) for n in mesh_arg.split("x"))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(shape), ("x", "y")[:len(shape)])
+  spec = P(*[None if a == "-" else a for a in spec_arg.split(",")])
+  return mesh, spec
+
+
+def result(**kw):
+  print("RESULT " + json.dumps(kw), flush=True)
+
+
+def global_tree():
+  mesh, spec = mesh_and_spec()
+  host = host_data()
+  w = jax.make_array_from_callback(SHAPE_W, NamedSharding(mesh, spec), lambda i: host["w"][i])
+  b = jax.make_array_from_callback(SHAPE_B, NamedSharding(mesh, P()), lambda i: host["b"][i])
+  return {"w": w, "b": b, "step": 7, "note": "mp", "host": np.arange(5)}
+
+
+def main():
+  if scenario == "save":
+    t = time.time()
+    flax_ckpt.save(path, global_tree(), barrier_timeout_s=60)
+    result(saved=True, seconds=time.time() - t)
+  elif scenario == "load":
+    mesh, spec = mesh_and_spec()
+    host = host_data()
+    target = NamedSharding(mesh, spec)
+    template = {"w": jax.ShapeDtypeStruct(SHAPE_W, np.float32, sharding=target),
+                "b": jax.ShapeDtypeStruct(SHAPE_B, np.int32, sharding=NamedSharding(mesh, P())),
+                "step": 0, "note": None, "host": None}
+    before = storage.READ_STATS.bytes
+    out = flax_ckpt.load(path, template)
+    read = storage.READ_STATS.bytes - before
+    boxes = {tuple((s.start or 0, s.stop or n) for s, n in zip(idx, SHAPE_W))
+             for idx in target.addressable_devices_indices_map(SHAPE_W).values()}
+    share = sum(int(np.prod([b - a for a, b in box])) * 4 for box in boxes)
+    for shard in out["w"].addressable_shards:
+      np.testing.assert_array_equal(np.asarray(shard.data), host["w"][shard.index])
+    for shard in out["b"].addressable_shards:
+      np.testing.assert_array_equal(np.asarray(shard.data), host["b"][shard.index])
+    assert out["step"] == 7 and out["note"] == "mp", out
+    np.testing.assert_array_equal(out["host"], np.arange(5))
+    assert out["w"].sharding == target
+    result(read=read, share_w=share, b_bytes=host["b"].nbytes)
+  elif scenario in ("die", "raise"):
+    tree = global_tree()
+    t = time.time()
+    if pid == 1:
+      if scenario == "die":
+        flax_ckpt.save_async(path, tree, barrier_timeout_s=8)
+        os.kill(os.getpid(), signal.SIGKILL)
+      tree["bad"] = object()  # fails validation in this process only
+    try:
+      flax_ckpt.save(path, tree, barrier_timeout_s=8)
+    except Exception as e:  # noqa: BLE001 - reported to the test
+      result(raised=type(e).__name__, message=str(e)[:500], seconds=time.time() - t,
+             exists=os.path.exists(path))
+      sys.stdout.flush()
+      os._exit(0)  # do not wait for a dead peer at shutdown
+    result(raised=None)
+    os._exit(1)
+  else:
+    raise SystemExit(f"unknown scenario {scenario}")
+
+
+if __name__ == "__main__":
+  main()
