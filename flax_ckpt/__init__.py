@@ -25,6 +25,7 @@ from flax_ckpt._src.errors import (
     StructureMismatchError,
     UnsupportedLeafError,
 )
+from flax_ckpt._src.templates import abstract_with_sharding
 from flax_ckpt._src.treespec import UnregisteredClassWarning, register_class
 from flax_ckpt._src.type_handlers import (
     ArrayMetadata,
@@ -45,6 +46,7 @@ _builtin_handlers.register_builtins()
 __version__ = "0.1.0"
 
 __all__ = [
+    "abstract_with_sharding",
     "ArrayHandler",
     "ArrayMetadata",
     "ArrayRestoreArgs",

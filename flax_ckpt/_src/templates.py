@@ -1,0 +1,119 @@
+"""Building restore templates: a tree of ``jax.ShapeDtypeStruct`` with target shardings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+SpecTree = Any  # a PartitionSpec, a tree (prefix) of them, or a callable (path, leaf) -> spec
+
+
+def _is_box(x: Any) -> bool:
+  try:
+    from flax.core import meta
+  except ImportError:  # pragma: no cover - flax is a dependency
+    return False
+  return isinstance(x, meta.AxisMetadata)
+
+
+def _is_array_like(x: Any) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
+
+
+def _box_specs(tree: Any, rules: Any) -> Any:
+  """PartitionSpecs of Flax ``Partitioned``/``LogicallyPartitioned`` boxes (None elsewhere)."""
+  import flax.linen as nn
+
+  def spec_of(x):
+    if not _is_box(x):
+      return None
+    names = getattr(x, "names", None)
+    if names is None:
+      return PartitionSpec()
+    if isinstance(x, nn.LogicallyPartitioned) or rules is not None:
+      return nn.logical_to_mesh_axes(names, rules if rules is not None else x.rules)
+    return PartitionSpec(*names)
+
+  return jax.tree_util.tree_map(spec_of, tree, is_leaf=_is_box)
+
+
+def abstract_with_sharding(tree: Any, mesh: Mesh, specs: SpecTree = None, *,
+                           rules: Any = None) -> Any:
+  """A restore template for ``tree`` whose arrays are sharded over ``mesh``.
+
+  Every array leaf (``jax.Array``, ``np.ndarray`` or ``jax.ShapeDtypeStruct``, e.g. from
+  ``jax.eval_shape(init_fn)``) becomes a ``jax.ShapeDtypeStruct`` with the same shape and
+  dtype and a ``NamedSharding(mesh, spec)``; other leaves (Python scalars, strings, None) are
+  kept, so they load as saved. Flax ``nn.Partitioned`` / ``nn.LogicallyPartitioned`` boxes
+  are unwrapped (the saved state usually holds plain arrays; ``nn.unbox`` them before saving
+  too) and give their leaf's spec when ``specs`` is None.
+
+  Args:
+    tree: the state, or its abstract version.
+    mesh: the target mesh (any shape; need not be the one the checkpoint was saved on).
+    specs: one ``PartitionSpec`` for every array, a tree of them matching ``tree`` (a prefix
+      is enough: one spec for a whole subtree), or ``fn(path, leaf) -> PartitionSpec``.
+      Default: the Flax boxes' specs, and replicated (``P()``) for everything else.
+    rules: logical-to-mesh axis rules for ``LogicallyPartitioned`` names, as for
+      ``flax.linen.logical_to_mesh_axes`` (default: the rules stored in the boxes).
+
+  Returns:
+    The template, to pass as ``flax_ckpt.load(path, template)``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np, flax_ckpt
+    >>> from jax.sharding import PartitionSpec as P
+    >>> mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('x',))
+    >>> state = {'w': jnp.zeros((4, 2)), 'step': 0}
+    >>> t = flax_ckpt.abstract_with_sharding(state, mesh, {'w': P('x'), 'step': None})
+    >>> t['w'].sharding.spec, t['step']
+    (P('x',), 0)
+  """
+  box_specs = _box_specs(tree, rules)
+  unboxed = jax.tree_util.tree_map(lambda x: x.unbox() if _is_box(x) else x, tree,
+                                   is_leaf=_is_box)
+  box_flat = jax.tree_util.tree_leaves(box_specs, is_leaf=lambda x: x is None)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(unboxed)
+  if len(box_flat) != len(flat):  # boxes hold exactly one array each
+    box_flat = [None] * len(flat)
+  if specs is None:
+    leaf_specs = [s if s is not None else PartitionSpec() for s in box_flat]
+  elif isinstance(specs, PartitionSpec):
+    leaf_specs = [specs] * len(flat)
+  elif callable(specs):
+    leaf_specs = [specs(path, leaf) for path, leaf in flat]
+  else:
+    leaf_specs = _broadcast_prefix(specs, unboxed)
+  out = []
+  for (path, leaf), spec in zip(flat, leaf_specs):
+    if not _is_array_like(leaf):
+      out.append(leaf)
+      continue
+    if spec is None:
+      spec = PartitionSpec()
+    if not isinstance(spec, PartitionSpec):
+      raise TypeError(f"leaf {jax.tree_util.keystr(path)}: expected a PartitionSpec, got "
+                      f"{spec!r}")
+    out.append(jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                    sharding=NamedSharding(mesh, spec)))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _broadcast_prefix(specs: Any, tree: Any) -> list:
+  """One spec per leaf of ``tree`` from a spec tree that is a prefix of it."""
+  out: list = []
+
+  def add(spec: Any, subtree: Any) -> None:
+    n = len(jax.tree_util.tree_leaves(subtree))
+    out.extend([spec] * n)
+
+  is_spec = lambda x: x is None or isinstance(x, PartitionSpec)  # noqa: E731
+  try:
+    jax.tree_util.tree_map(add, specs, tree, is_leaf=is_spec)
+  except ValueError as e:
+    raise ValueError(f"specs must be a PartitionSpec, a callable, or a tree that is a prefix "
+                     f"of the state's structure: {e}") from None
+  return out
