@@ -21,11 +21,15 @@ from flax_ckpt._src import storage
 pytestmark = pytest.mark.filterwarnings(
     "ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning")
 
-_MESHES = {"2x4": (2, 4), "4x2": (4, 2), "8x1": (8, 1), "1x8": (1, 8)}
+# 3- and 6-device meshes put box boundaries in the middle of saved chunks
+_MESHES = {"2x4": (2, 4), "4x2": (4, 2), "8x1": (8, 1), "1x8": (1, 8), "3x1": (3, 1),
+           "2x3": (2, 3), "1x1": (1, 1)}
 
 
 def _mesh(name):
-  return jax.sharding.Mesh(np.array(jax.devices()).reshape(_MESHES[name]), ("x", "y"))
+  shape = _MESHES[name]
+  devices = np.array(jax.devices()[:int(np.prod(shape))]).reshape(shape)
+  return jax.sharding.Mesh(devices, ("x", "y"))
 
 
 def _specs(ndim):
@@ -53,7 +57,7 @@ def _fits(shape, spec, mesh):
 def _cases(draw):
   ndim = draw(st.integers(1, 3))
   # sizes that are multiples of 8 often enough to be shardable, with small and large rows
-  shape = tuple(draw(st.sampled_from([8, 16, 24, 64, 256])) for _ in range(ndim))
+  shape = tuple(draw(st.sampled_from([8, 24, 48, 96, 240])) for _ in range(ndim))
   mesh_in, mesh_out = draw(st.sampled_from(sorted(_MESHES))), draw(st.sampled_from(
       sorted(_MESHES)))
   spec_in, spec_out = draw(_specs(ndim)), draw(_specs(ndim))
@@ -67,7 +71,7 @@ def _check_shards(out, host):
                                   np.ascontiguousarray(host[shard.index]).view(np.uint8))
 
 
-@settings(max_examples=40, deadline=None, database=None,
+@settings(max_examples=60, deadline=None, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=_cases(), staging=st.sampled_from([None, 1, 4096]))
 def test_any_sharding_into_any_sharding(tmp_path_factory, monkeypatch, case, staging):
@@ -103,7 +107,7 @@ def test_resharding_reads_each_needed_byte_once(ckpt_dir, spec_out):
 
 
 _RSS_SCRIPT = textwrap.dedent("""
-    import os, resource, sys
+    import os, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax, numpy as np, flax_ckpt
@@ -116,11 +120,15 @@ _RSS_SCRIPT = textwrap.dedent("""
       host = np.random.default_rng(0).random(shape, np.float32)
       flax_ckpt.save(path, jax.device_put(host, NamedSharding(mesh, spec(spec_in))))
       sys.exit(0)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    def hwm():  # this process's peak RSS (ru_maxrss would include the parent's, see exec)
+      for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) * 1024
+    base = hwm()
     out = flax_ckpt.load(path, jax.ShapeDtypeStruct(shape, np.float32,
                                                     sharding=NamedSharding(mesh, spec(spec_out))))
     jax.block_until_ready(out)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = hwm()
     print(peak - base)
 """)
 
@@ -139,4 +147,5 @@ def test_resharding_load_needs_no_second_copy(tmp_path, shape, spec_in, spec_out
     assert r.returncode == 0, r.stderr[-3000:]
   grown = int(r.stdout.split()[-1])
   size = int(np.prod(shape)) * 4
-  assert grown < 1.4 * size, f"load grew RSS by {grown / 2**20:.0f} MiB for {size / 2**20} MiB"
+  assert 0.9 * size < grown < 1.4 * size, (
+      f"load grew RSS by {grown / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB result")
