@@ -61,6 +61,14 @@ def main():
     t = time.time()
     flax_ckpt.save(path, global_tree(), barrier_timeout_s=60)
     result(saved=True, seconds=time.time() - t)
+  elif scenario == "save_async":
+    tree = global_tree()
+    resp = flax_ckpt.save_async(path, tree, barrier_timeout_s=60)
+    for x in jax.tree_util.tree_leaves(tree):  # the save holds its own references
+      if isinstance(x, jax.Array):
+        x.delete()
+    resp.result(timeout=60)
+    result(saved=True)
   elif scenario == "load":
     mesh, spec = mesh_and_spec()
     host = host_data()

@@ -107,6 +107,17 @@ def test_load_with_four_processes_reads_only_their_share(saved_by_two):
     assert r["share_w"] == 64 * 1024 * 4 // 2  # 2 of the 4 column blocks, not all of w
 
 
+def test_async_save_by_two_processes(tmp_path):
+  path = tmp_path / "ckpt"
+  for rc, r, out in _run_job(2, 2, "save_async", path, "2x2", "y,x"):
+    assert rc == 0 and r and r["saved"], out
+  w, b = _host()
+  out = flax_ckpt.load(path)
+  np.testing.assert_array_equal(np.asarray(out["w"]), w)
+  np.testing.assert_array_equal(np.asarray(out["b"]), b)
+  assert flax_ckpt.metadata(path)["w"].sharding["spec"] == ["y", "x"]
+
+
 @pytest.mark.parametrize("scenario", ["die", "raise"])
 def test_failed_process_mid_save_commits_nothing(tmp_path, scenario):
   path = tmp_path / "ckpt"
