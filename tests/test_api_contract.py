@@ -139,3 +139,18 @@ def test_none_in_the_template_loads_a_whole_subtree_as_saved(ckpt_dir):
   with pytest.raises(flax_ckpt.StructureMismatchError, match=r"\['step'\]"):
     flax_ckpt.load(path, {"params": None, "opt": None})
   assert set(flax_ckpt.load(path, {"params": None}, partial=True)) == {"params"}
+
+
+def test_restore_type_without_template(ckpt_dir):
+  path = ckpt_dir / "ckpt"
+  flax_ckpt.save(path, {"j": jnp.arange(3.0), "n": np.zeros(2, np.int8), "k": jax.random.key(1),
+                        "s": 1})
+  as_np = flax_ckpt.load(path, restore_type=np.ndarray)
+  assert type(as_np["j"]) is np.ndarray and type(as_np["n"]) is np.ndarray
+  np.testing.assert_array_equal(as_np["j"], np.arange(3.0, dtype=np.float32))
+  assert as_np["s"] == 1 and jax.dtypes.issubdtype(as_np["k"].dtype, jax.dtypes.prng_key)
+  as_jax = flax_ckpt.load(path, {"j": None, "n": None, "k": None, "s": None},
+                          restore_type=jax.Array)
+  assert isinstance(as_jax["n"], jax.Array) and as_jax["n"].dtype == np.int8
+  with pytest.raises(TypeError, match="restore_type"):
+    flax_ckpt.load(path, restore_type=list)

@@ -51,9 +51,9 @@ def _run_job(nproc, ndev, scenario, path, mesh, spec, timeout=120):
 
 @pytest.fixture(scope="module")
 def saved_by_two(tmp_path_factory):
-  """A checkpoint saved by 2 processes x 2 devices, w sharded P('x', 'y') on a 2x2 mesh."""
+  """A checkpoint saved by 2 processes x 4 devices, w sharded P('x', 'y') on a 2x4 mesh."""
   path = tmp_path_factory.mktemp("mp") / "ckpt"
-  res = _run_job(2, 2, "save", path, "2x2", "x,y")
+  res = _run_job(2, 4, "save", path, "2x4", "x,y")
   for rc, r, out in res:
     assert rc == 0 and r and r["saved"], out
   return path
@@ -76,11 +76,11 @@ def test_each_process_writes_its_own_shards(saved_by_two):
         assert c["p"] == i
         chunks.setdefault(leaf, []).append((tuple(c["s"]), tuple(c["h"])))
   md = flax_ckpt.metadata(saved_by_two)
-  w_id = [k for k, v in chunks.items() if (0, 0) in [s for s, _ in v] and len(v) == 4]
-  assert len(w_id) == 1  # w: 4 distinct shards, each written exactly once
-  assert sorted(chunks[w_id[0]]) == [((0, 0), (32, 512)), ((0, 512), (32, 512)),
-                                     ((32, 0), (32, 512)), ((32, 512), (32, 512))]
-  assert md["w"].sharding == {"type": "NamedSharding", "mesh_shape": [2, 2],
+  w_id = [k for k, v in chunks.items() if len(v) == 8]
+  assert len(w_id) == 1  # w: 8 distinct shards, each written exactly once
+  assert sorted(chunks[w_id[0]]) == [((r, c), (32, 256)) for r in (0, 32)
+                                     for c in (0, 256, 512, 768)]
+  assert md["w"].sharding == {"type": "NamedSharding", "mesh_shape": [2, 4],
                               "axis_names": ["x", "y"], "spec": ["x", "y"]}
   assert flax_ckpt.load(saved_by_two)["step"] == 7
 
@@ -96,6 +96,10 @@ def test_load_in_one_process_on_another_mesh(saved_by_two):
   np.testing.assert_array_equal(np.asarray(out["w"]), w)
   plain = flax_ckpt.load(saved_by_two)  # no template: single-device arrays, any topology
   np.testing.assert_array_equal(np.asarray(plain["b"]), b)
+  assert isinstance(plain["w"], jax.Array) and len(plain["w"].devices()) == 1
+  host = flax_ckpt.load(saved_by_two, restore_type=np.ndarray)  # or numpy, when asked
+  assert type(host["w"]) is np.ndarray
+  np.testing.assert_array_equal(host["w"], w)
 
 
 def test_load_with_four_processes_reads_only_their_share(saved_by_two):

@@ -228,7 +228,8 @@ def _committed_checkpointable(path: paths.PathLike) -> tuple[epath.Path, dict]:
   return final, manifest
 
 
-def load(path: paths.PathLike, abstract_state: Any = None, *, partial: bool = False) -> Any:
+def load(path: paths.PathLike, abstract_state: Any = None, *, partial: bool = False,
+         restore_type: type | None = None) -> Any:
   """Loads a checkpoint written by :func:`save`.
 
   Without ``abstract_state`` the saved structure is rebuilt: dicts (int keys stay ints),
@@ -246,6 +247,10 @@ def load(path: paths.PathLike, abstract_state: Any = None, *, partial: bool = Fa
     path: the checkpoint directory.
     abstract_state: optional template.
     partial: allow the template to be a subset of the checkpoint; only its leaves are read.
+    restore_type: for array leaves loaded without a template leaf (no ``abstract_state``, or
+      ``None`` in it): ``numpy.ndarray`` gives host numpy arrays, ``jax.Array`` arrays on
+      the default device; None (default) gives each the kind it was saved as. The saved
+      sharding is never required: a checkpoint saved on any topology loads anywhere.
 
   Raises:
     CheckpointNotFoundError, IncompleteCheckpointError: nothing committed at ``path``.
@@ -261,7 +266,18 @@ def load(path: paths.PathLike, abstract_state: Any = None, *, partial: bool = Fa
   """
   final, _ = _committed_checkpointable(path)
   with async_utils.no_gc():
-    return pytree_io.load(final / DEFAULT_CHECKPOINTABLE, abstract_state, partial=partial)
+    return pytree_io.load(final / DEFAULT_CHECKPOINTABLE, abstract_state, partial=partial,
+                          restore_type=_check_restore_type(restore_type))
+
+
+def _check_restore_type(restore_type: Any) -> Any:
+  import jax
+  import numpy as np
+
+  if restore_type not in (None, np.ndarray, jax.Array):
+    raise TypeError(f"restore_type must be None (as saved), numpy.ndarray or jax.Array, not "
+                    f"{restore_type!r}")
+  return restore_type
 
 
 def metadata(path: paths.PathLike) -> CheckpointMetadata:

@@ -306,11 +306,22 @@ def _conform(v: Any, a: th.RestoreArgs) -> Any:
   return v
 
 
-def load(cp_dir: epath.Path, abstract: Any, *, partial: bool) -> Any:
+def _as_saved_args(saved: _SavedTree, ids: list[int],
+                   restore_type: Any) -> list[th.RestoreArgs] | None:
+  """Args for leaves loaded without a template leaf: as saved, or arrays as ``restore_type``."""
+  if restore_type is None:
+    return None if ids else []
+  return [th.RestoreArgs(restore_type=restore_type)
+          if saved.leaves[i]["typestr"] in ("jax.Array", "np.ndarray") else th.RestoreArgs()
+          for i in ids]
+
+
+def load(cp_dir: epath.Path, abstract: Any, *, partial: bool,
+         restore_type: Any = None) -> Any:
   saved = read_saved_tree(cp_dir)
   if abstract is None:
     ids = list(range(len(saved.leaves)))
-    values = _run_grouped("deserialize", saved, ids, None)
+    values = _run_grouped("deserialize", saved, ids, _as_saved_args(saved, ids, restore_type))
     return treespec.decode(saved.root, values, warned=set())
 
   # JAX already treats arrays, ShapeDtypeStructs and unregistered classes as leaves; also
@@ -349,6 +360,10 @@ def load(cp_dir: epath.Path, abstract: Any, *, partial: bool) -> Any:
                  "(pass partial=True to load only the template's leaves)")
     raise errors.StructureMismatchError("\n".join(msg))
   args = [_args_from_template(t) for _, t in flat]
+  if restore_type is not None:  # None template leaves: arrays as restore_type
+    for j, ((_, t), i) in enumerate(zip(flat, ids)):
+      if t is None and i >= 0:
+        args[j] = _as_saved_args(saved, [i], restore_type)[0]
   for i, (_, t) in zip(ids, flat):
     if i < 0:
       continue
@@ -371,7 +386,8 @@ def load(cp_dir: epath.Path, abstract: Any, *, partial: bool) -> Any:
   read_args = [a for i, a in zip(ids, args) if i >= 0]
   sub_ids = sorted(set().union(*(set(sub[1]) for sub in subtrees.values())))
   got = _run_grouped("deserialize", saved, read_ids + sub_ids,
-                     read_args + [th.RestoreArgs()] * len(sub_ids))
+                     read_args + (_as_saved_args(saved, sub_ids, restore_type)
+                                  or [th.RestoreArgs()] * len(sub_ids)))
   by_id = dict(zip(sub_ids, got[len(read_ids):]))
   loaded = iter(_conform(v, a) for v, a in zip(got[:len(read_ids)], read_args))
   warned: set[str] = set()
