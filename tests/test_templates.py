@@ -82,3 +82,27 @@ def test_flax_logical_partitioning(ckpt_dir):
   assert out["params"]["Dense_1"]["kernel"].sharding == NamedSharding(mesh, P("y", "x"))
   for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_flax_nnx_partitioning_annotations(ckpt_dir):
+  from flax import nnx
+
+  mesh = _mesh()
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      init = nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, "y"))
+      self.dense = nnx.Linear(8, 16, kernel_init=init, rngs=rngs)
+
+  with jax.set_mesh(mesh):
+    model = Model(nnx.Rngs(0))
+    abstract = nnx.state(nnx.eval_shape(lambda: Model(nnx.Rngs(0))))
+  path = ckpt_dir / "c"
+  flax_ckpt.save(path, nnx.state(model))
+  template = flax_ckpt.abstract_with_sharding(abstract, mesh)
+  out = flax_ckpt.load(path, template)
+  kernel = out["dense"]["kernel"]
+  assert isinstance(kernel, nnx.Param)
+  assert kernel.get_value().sharding == NamedSharding(mesh, P(None, "y"))
+  np.testing.assert_array_equal(np.asarray(kernel.get_value()),
+                                np.asarray(model.dense.kernel.get_value()))

@@ -40,6 +40,39 @@ def _box_specs(tree: Any, rules: Any) -> Any:
   return jax.tree_util.tree_map(spec_of, tree, is_leaf=_is_box)
 
 
+def _own_spec(leaf: Any, rules: Any) -> PartitionSpec:
+  """The spec a leaf already carries (e.g. from ``nnx.eval_shape`` under a mesh), else P()."""
+  sharding = getattr(leaf, "sharding", None)
+  if isinstance(sharding, NamedSharding):
+    return sharding.spec
+  return PartitionSpec()
+
+
+def _nnx_specs(tree: Any, rules: Any) -> Any:
+  """Specs from nnx Variable metadata (``out_sharding`` / ``sharding_names``), else None."""
+  try:
+    from flax import nnx
+  except ImportError:  # pragma: no cover
+    return None
+  is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+  found = []
+
+  def spec_of(v):
+    md = v.get_metadata() if hasattr(v, "get_metadata") else {}
+    names = md.get("out_sharding") or md.get("sharding_names") or md.get("sharding")
+    if names is None or isinstance(names, jax.sharding.Sharding):
+      return _own_spec(v.get_value() if hasattr(v, "get_value") else v.value, rules)
+    found.append(True)
+    if rules is not None:
+      import flax.linen as nn
+      return nn.logical_to_mesh_axes(tuple(names), rules)
+    return PartitionSpec(*names)
+
+  specs = jax.tree_util.tree_map(lambda x: spec_of(x) if is_var(x) else None, tree,
+                                 is_leaf=is_var)
+  return specs if found else None
+
+
 def abstract_with_sharding(tree: Any, mesh: Mesh, specs: SpecTree = None, *,
                            rules: Any = None) -> Any:
   """A restore template for ``tree`` whose arrays are sharded over ``mesh``.
@@ -49,14 +82,16 @@ def abstract_with_sharding(tree: Any, mesh: Mesh, specs: SpecTree = None, *,
   dtype and a ``NamedSharding(mesh, spec)``; other leaves (Python scalars, strings, None) are
   kept, so they load as saved. Flax ``nn.Partitioned`` / ``nn.LogicallyPartitioned`` boxes
   are unwrapped (the saved state usually holds plain arrays; ``nn.unbox`` them before saving
-  too) and give their leaf's spec when ``specs`` is None.
+  too) and give their leaf's spec when ``specs`` is None; so do ``nnx.Variable`` sharding
+  annotations (``nnx.with_partitioning``: the Variables themselves are kept) and shardings
+  that abstract leaves already carry (``nnx.eval_shape`` under a mesh).
 
   Args:
     tree: the state, or its abstract version.
     mesh: the target mesh (any shape; need not be the one the checkpoint was saved on).
     specs: one ``PartitionSpec`` for every array, a tree of them matching ``tree`` (a prefix
       is enough: one spec for a whole subtree), or ``fn(path, leaf) -> PartitionSpec``.
-      Default: the Flax boxes' specs, and replicated (``P()``) for everything else.
+      Default: the Flax annotations' or the leaves' own specs, else replicated (``P()``).
     rules: logical-to-mesh axis rules for ``LogicallyPartitioned`` names, as for
       ``flax.linen.logical_to_mesh_axes`` (default: the rules stored in the boxes).
 
@@ -72,6 +107,8 @@ def abstract_with_sharding(tree: Any, mesh: Mesh, specs: SpecTree = None, *,
     >>> t['w'].sharding.spec, t['step']
     (P('x',), 0)
   """
+  if specs is None:
+    specs = _nnx_specs(tree, rules)
   box_specs = _box_specs(tree, rules)
   unboxed = jax.tree_util.tree_map(lambda x: x.unbox() if _is_box(x) else x, tree,
                                    is_leaf=_is_box)
@@ -80,7 +117,8 @@ def abstract_with_sharding(tree: Any, mesh: Mesh, specs: SpecTree = None, *,
   if len(box_flat) != len(flat):  # boxes hold exactly one array each
     box_flat = [None] * len(flat)
   if specs is None:
-    leaf_specs = [s if s is not None else PartitionSpec() for s in box_flat]
+    leaf_specs = [s if s is not None else _own_spec(leaf, rules)
+                  for s, (_, leaf) in zip(box_flat, flat)]
   elif isinstance(specs, PartitionSpec):
     leaf_specs = [specs] * len(flat)
   elif callable(specs):
