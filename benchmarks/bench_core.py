@@ -51,13 +51,7 @@ def bench_state(name, state, root, reps, use_orbax):
   ob = os.path.join(root, "orbax")
   ocp = _orbax() if use_orbax else None
   for rep in range(reps + 1):  # rep 0 warms up and is discarded
-    for p in (raw, fc, ob):
-      C.rm(p)
-    gc.collect()
-    t_raw_w, _ = C.timed(lambda: C.raw_write(raw, bufs))
-    C.drop_cache(raw)
-    t_raw_rc, _ = C.timed(lambda: C.raw_read(raw))
-    t_raw_rw, _ = C.timed(lambda: C.raw_read(raw))
+    t_raw_w, t_raw_rc, t_raw_rw = C.raw_baselines(raw, bufs, fc, ob)
 
     t_save, _ = C.timed(lambda: flax_ckpt.save(fc, state))
     files = C.count_files(fc)

@@ -91,13 +91,7 @@ def bench(gib: float, root: str, reps: int, use_orbax: bool) -> None:
     return t
 
   for rep in range(reps + 1):  # rep 0 warms up
-    for p in (raw, fc, ob):
-      C.rm(p)
-    gc.collect()
-    t_w, _ = C.timed(lambda: C.raw_write(raw, bufs))
-    C.drop_cache(raw)
-    t_rc, _ = C.timed(lambda: C.raw_read(raw))
-    t_rw, _ = C.timed(lambda: C.raw_read(raw))
+    t_w, t_rc, t_rw = C.raw_baselines(raw, bufs, fc, ob)
     t_save, _ = C.timed(lambda: flax_ckpt.save(fc, state))
     files = C.count_files(fc)
     t_load = load_cold(lambda: flax_ckpt.load(fc, same), fc)

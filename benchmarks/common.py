@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import statistics
@@ -144,3 +145,15 @@ def rm(path: str) -> None:
 
 def med(xs):
   return statistics.median(xs)
+
+
+def raw_baselines(raw: str, bufs: list[np.ndarray], *cleanup: str) -> tuple[float, float, float]:
+  """Removes ``raw`` and ``cleanup`` paths, then times raw write+fsync, cold and warm read."""
+  for p in (raw, *cleanup):
+    rm(p)
+  gc.collect()
+  t_w, _ = timed(lambda: raw_write(raw, bufs))
+  drop_cache(raw)
+  t_rc, _ = timed(lambda: raw_read(raw))
+  t_rw, _ = timed(lambda: raw_read(raw))
+  return t_w, t_rc, t_rw
