@@ -90,6 +90,39 @@ def main():
     np.testing.assert_array_equal(out["host"], np.arange(5))
     assert out["w"].sharding == target
     result(read=read, share_w=share, b_bytes=host["b"].nbytes)
+  elif scenario == "desync":
+    # process 1's first save fails a local check; the two processes must still agree on
+    # which save is which: the first fails everywhere, the second commits intact
+    tree = global_tree()
+    errors = []
+    try:
+      flax_ckpt.save(path + "/d0", tree, barrier_timeout_s=6,
+                     custom_metadata={"x": object()} if pid == 1 else None)
+    except Exception as e:  # noqa: BLE001
+      errors.append(type(e).__name__)
+    flax_ckpt.save(path + "/d1", tree, barrier_timeout_s=60)
+    result(errors=errors)
+  elif scenario == "submesh":
+    # arrays living on one process's devices only, and typed keys sharded over all
+    mesh, _ = mesh_and_spec()
+    host = host_data()
+    own = jax.sharding.Mesh(np.array(jax.local_devices() if pid == 1 else
+                                     [d for d in jax.devices() if d.process_index == 1]),
+                            ("x",))
+    on1 = jax.make_array_from_callback(SHAPE_B, NamedSharding(own, P("x")),
+                                       lambda i: host["b"][i], dtype=np.int32)
+    key_sh = NamedSharding(mesh, P(("x", "y")))
+    keys = jax.jit(lambda: jax.random.split(jax.random.key(5), 8), out_shardings=key_sh)()
+    flax_ckpt.save(path, {"on1": on1, "keys": keys}, barrier_timeout_s=60)
+    out = flax_ckpt.load(path, {"on1": None,
+                                "keys": jax.ShapeDtypeStruct((8,), keys.dtype,
+                                                             sharding=key_sh)})
+    np.testing.assert_array_equal(np.asarray(out["on1"]), host["b"])
+    want = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(5), 8)))
+    for shard in out["keys"].addressable_shards:
+      np.testing.assert_array_equal(np.asarray(jax.random.key_data(shard.data)),
+                                    want[shard.index])
+    result(ok=True)
   elif scenario in ("die", "raise"):
     tree = global_tree()
     t = time.time()

@@ -122,6 +122,26 @@ def test_async_save_by_two_processes(tmp_path):
   assert flax_ckpt.metadata(path)["w"].sharding["spec"] == ["y", "x"]
 
 
+def test_a_save_failing_in_one_process_does_not_pair_up_the_next(tmp_path):
+  res = _run_job(2, 2, "desync", tmp_path, "2x2", "x,y", timeout=90)
+  for rc, r, out in res:
+    assert rc == 0 and r, out
+  assert res[0][1]["errors"] == ["CheckpointError"]  # timed out waiting for process 1
+  assert res[1][1]["errors"] == ["TypeError"]  # its own bad custom_metadata
+  assert not (tmp_path / "d0").exists()
+  w, b = _host()
+  out = flax_ckpt.load(tmp_path / "d1")
+  np.testing.assert_array_equal(np.asarray(out["w"]), w)
+  np.testing.assert_array_equal(np.asarray(out["b"]), b)
+
+
+def test_arrays_on_one_process_and_sharded_keys(tmp_path):
+  for rc, r, out in _run_job(2, 2, "submesh", tmp_path / "ckpt", "2x2", "x,y"):
+    assert rc == 0 and r and r["ok"], out
+  _, b = _host()
+  np.testing.assert_array_equal(np.asarray(flax_ckpt.load(tmp_path / "ckpt")["on1"]), b)
+
+
 @pytest.mark.parametrize("scenario", ["die", "raise"])
 def test_failed_process_mid_save_commits_nothing(tmp_path, scenario):
   path = tmp_path / "ckpt"

@@ -92,10 +92,12 @@ def test_any_sharding_into_any_sharding(tmp_path_factory, monkeypatch, case, sta
   _check_shards(out["w"], host)
 
 
-@pytest.mark.parametrize("spec_out", [P(None, "y"), P("y", "x"), P(), P(("x", "y"), None)])
-def test_resharding_reads_each_needed_byte_once(ckpt_dir, spec_out):
+@pytest.mark.parametrize("shape", [(256, 512), (1024, 64)])  # 512-byte runs; tiny runs
+@pytest.mark.parametrize("spec_out", [P(None, "y"), P("y", "x"), P(), P(("x", "y"), None),
+                                      P(None, ("x", "y"))])
+def test_resharding_reads_each_needed_byte_once(ckpt_dir, spec_out, shape):
   mesh = _mesh("2x4")
-  host = np.random.default_rng(0).standard_normal((256, 512)).astype(np.float32)
+  host = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
   path = ckpt_dir / "c"
   flax_ckpt.save(path, jax.device_put(host, NamedSharding(mesh, P("x", None))))
   before = storage.READ_STATS.bytes

@@ -108,8 +108,10 @@ def _save_array(value: Any, info: th.ParamInfo, arg: th.SaveArgs | None, kind: s
   rec["nbytes"] = math.prod(shape) * dtype.itemsize
   writer = info._io.writer
   if info._io.process_index != 0 and (
-      not isinstance(value, jax.Array) or value.is_fully_addressable):
-    return  # process-local values (numpy, unsharded jax arrays): the primary writes them
+      not isinstance(value, jax.Array) or info._index in info._io.primary_local):
+    return  # process-local values (numpy, arrays process 0 holds whole): process 0 writes
+  # otherwise every process writes the shards whose replica 0 it holds (possibly all of
+  # them, for an array on a sub-mesh of this process's devices)
   for start, host in _host_chunks(value, copy=info.is_async and kind == "numpy"):
     if host.dtype != dtype:
       host = host.astype(dtype)
@@ -185,6 +187,10 @@ _MIN_RUN = 512  # contiguous runs shorter than this are staged instead of read o
 def staging_bytes() -> int:
   """Host memory a load may use beyond its results (``$FLAX_CKPT_STAGING_BYTES``, 64 MiB)."""
   return int(os.environ.get("FLAX_CKPT_STAGING_BYTES", 64 << 20))
+
+
+def _flat_off(idx: Sequence[int], strides: Sequence[int]) -> int:
+  return sum(i * st for i, st in zip(idx, strides))
 
 
 def _strides(shape: Sequence[int]) -> list[int]:
@@ -267,27 +273,47 @@ class _ReadPlan:
       reqs.append((f, dview[d:d + run]))
 
   def _run_staged(self) -> None:
-    """Copies tiny strided runs through one scratch buffer, a slab of chunk rows at a time."""
+    """Serves tiny strided runs through one scratch buffer, a slab of chunk rows at a time.
+
+    Items are grouped by chunk, so each chunk row is read once for all boxes that need it,
+    and of each row only the span from the first to the last byte any of them needs.
+    """
     budget = staging_bytes()
-    scratch = None
+    by_chunk: dict[tuple[int, int], list] = {}
     for c, out, a_chunk, a_dest, sub in self.staged:
+      by_chunk.setdefault((c["p"], c["o"]), [c, []])[1].append((out, a_chunk, a_dest, sub))
+    scratch = None
+    for c, items in by_chunk.values():
       ch = c["h"]
-      item = out.dtype.itemsize
-      row = math.prod(ch[1:]) * item  # one index of dim 0 of the chunk
+      dtype = items[0][0].dtype
+      item = dtype.itemsize
+      row = math.prod(ch[1:]) * item  # bytes of one index of dim 0 of the chunk
+      inner = _strides(ch[1:])
+      lo = min(_flat_off(a[1:], inner) for _, a, _, _ in items) * item
+      hi = max(_flat_off([x + n - 1 for x, n in zip(a[1:], sb[1:])], inner) + 1
+               for _, a, _, sb in items) * item
+      first = min(a[0] for _, a, _, _ in items)
+      last = max(a[0] + sb[0] for _, a, _, sb in items)
       per = max(1, budget // max(row, 1))
-      first, last = a_chunk[0], a_chunk[0] + sub[0]
-      inner_c = tuple(slice(a, a + n) for a, n in zip(a_chunk[1:], sub[1:]))
-      inner_d = tuple(slice(a, a + n) for a, n in zip(a_dest[1:], sub[1:]))
+      path = os.path.join(self.state_dir, data_file_name(c["p"]))
       for r0 in range(first, last, per):
         r1 = min(last, r0 + per)
-        n = (r1 - r0) * row
-        if scratch is None or scratch.nbytes < n:
-          scratch = storage.aligned_empty(min(max(budget, row), (last - first) * row))
-        storage.read_into(os.path.join(self.state_dir, data_file_name(c["p"])),
-                          [(c["o"] + r0 * row, memoryview(scratch)[:n])])
-        src = scratch[:n].view(out.dtype).reshape((r1 - r0, *ch[1:]))
-        d = a_dest[0] + (r0 - first)
-        out[(slice(d, d + r1 - r0), *inner_d)] = src[(slice(None), *inner_c)]
+        if scratch is None or scratch.nbytes < (r1 - r0) * row:
+          scratch = storage.aligned_empty(max(min(budget, (last - first) * row), row))
+        view = memoryview(scratch)
+        storage.read_into(path, [(c["o"] + r * row + lo, view[(r - r0) * row + lo:
+                                                             (r - r0) * row + hi])
+                                 for r in range(r0, r1)])
+        src = scratch[:(r1 - r0) * row].view(dtype).reshape((r1 - r0, *ch[1:]))
+        for out, a_chunk, a_dest, sub in items:
+          s0, s1 = max(r0, a_chunk[0]), min(r1, a_chunk[0] + sub[0])
+          if s0 >= s1:
+            continue
+          d0 = a_dest[0] + (s0 - a_chunk[0])
+          out[(slice(d0, d0 + s1 - s0),
+               *(slice(a, a + n) for a, n in zip(a_dest[1:], sub[1:])))] = src[
+              (slice(s0 - r0, s1 - r0), *(slice(a, a + n) for a, n in zip(a_chunk[1:],
+                                                                          sub[1:])))]
 
   def execute(self) -> None:
     for p, reqs in self.requests.items():
@@ -296,6 +322,16 @@ class _ReadPlan:
     if self.staged:
       self._run_staged()
       self.staged.clear()
+
+
+def _check_coverage(info: th.ParamInfo, shape: Sequence[int]) -> None:
+  """The saved chunks of a leaf must cover it exactly (else a data file or index is lost)."""
+  have = sum(math.prod(c["h"]) for c in info.chunks)
+  if have != math.prod(shape):
+    raise errors.FormatError(
+        f"leaf {info.name}: the checkpoint holds data for {have} of {math.prod(shape)} "
+        f"elements (a _CHUNKS.p<i>.json or data file of some process is missing or from "
+        f"another save); the checkpoint is damaged, load an earlier one.")
 
 
 def _boxes_for(sharding: Any, shape: tuple[int, ...]):
@@ -325,6 +361,7 @@ def load_arrays(infos: Sequence[th.ParamInfo], args: Sequence[th.RestoreArgs] | 
     arg = args[i] if args else None
     sdtype = dtypes.dtype_from_name(r["dtype"])
     shape = tuple(r["shape"])
+    _check_coverage(info, shape)
     kind = r.get("kind", default_kind)
     if arg is not None and arg.restore_type is not None:
       kind = "numpy" if arg.restore_type is np.ndarray else "jax"
@@ -349,7 +386,7 @@ def load_arrays(infos: Sequence[th.ParamInfo], args: Sequence[th.RestoreArgs] | 
         out.append(host)
         continue
       if default_dev is None:
-        default_dev = jax.devices()[0] if jax.config.jax_default_device is None else None
+        default_dev = jax.local_devices()[0] if jax.config.jax_default_device is None else None
       if default_dev is None:
         out.append(jax.device_put(host))
         continue
@@ -438,19 +475,40 @@ class PRNGKeyHandler(_Builtin):
     return []
 
   async def deserialize(self, infos, args=None):
-    datas = load_arrays(infos, None, default_kind="numpy")
-    out = []
-    for i, (info, data) in enumerate(zip(infos, datas)):
-      impl = info.record["impl"]
-      try:
-        key = jax.random.wrap_key_data(data, impl=impl)
-      except Exception as e:
-        raise ValueError(
-            f"leaf {info.name}: PRNG impl {impl!r} is not known to this jax version") from e
+    """Reads key data, only each device's slice when the template gives a sharding."""
+    if not infos:
+      return []
+    plan = _ReadPlan(os.fspath(infos[0].parent_dir))
+    pending = []
+    for i, info in enumerate(infos):
+      r = info.record
+      impl = r["impl"]
+      if isinstance(_key_dtype(impl), str):  # this jax cannot make keys of that impl
+        raise ValueError(f"leaf {info.name}: PRNG impl {impl!r} is not known to this jax "
+                         "version; load with a jax that has it.")
+      dtype, shape = dtypes.dtype_from_name(r["dtype"]), tuple(r["shape"])
+      _check_coverage(info, shape)
+      key_shape = tuple(r["key_shape"])
       arg = args[i] if args else None
-      if arg is not None and arg.sharding is not None:
-        key = jax.device_put(key, arg.sharding)
-      out.append(key)
+      sharding = arg.sharding if arg is not None else None
+      if sharding is None:
+        pending.append((impl, None, plan.box(info.chunks, dtype, (0,) * len(shape), shape)))
+        continue
+      devices, which, boxes = _boxes_for(sharding, key_shape)
+      tail = shape[len(key_shape):]  # the impl's own dims are never split
+      hosts = [plan.box(info.chunks, dtype, [b[0] for b in box] + [0] * len(tail),
+                        [b[1] - b[0] for b in box] + list(tail)) for box in boxes]
+      pending.append((impl, (key_shape, sharding, devices, which), hosts))
+    plan.execute()
+    out = []
+    for impl, target, host in pending:
+      if target is None:
+        out.append(jax.random.wrap_key_data(host, impl=impl))
+        continue
+      key_shape, sharding, devices, which = target
+      parts = [jax.random.wrap_key_data(jax.device_put(host[w], d), impl=impl)
+               for d, w in zip(devices, which)]
+      out.append(jax.make_array_from_single_device_arrays(key_shape, sharding, parts))
     return out
 
   async def metadata(self, infos):

@@ -78,28 +78,38 @@ def _release(key: str) -> None:
 
 def _start_save(path: paths.PathLike, state: Any, *, overwrite: bool, custom_metadata: Any,
                 is_async: bool, fsync: bool, barrier_timeout_s: float | None = None):
+  nproc, pid = multihost.process_count(), multihost.process_index()
+  primary = pid == 0
   final = paths.to_path(path)
+  # Numbered before any check that could fail in one process only, and named after the
+  # path: processes that disagree about a save time out instead of pairing different saves.
+  op = multihost.next_operation_id(os.fspath(final)) if nproc > 1 else ""
+  timeout = multihost.timeout_s(barrier_timeout_s)
   storage.backend_name()  # a bad FLAX_CKPT_STORAGE fails before anything is written
   paths.check_destination(final, overwrite)
   _check_custom_metadata(custom_metadata)
-  nproc, pid = multihost.process_count(), multihost.process_index()
-  primary = pid == 0
-  timeout = multihost.timeout_s(barrier_timeout_s)
-  op = multihost.next_operation_id() if nproc > 1 else ""
   key = _claim(final, overwrite)
   try:
     if primary:
       paths.cleanup_stale_tmp(final)
     with async_utils.no_gc():
       plan = pytree_io.plan_save(state)  # validates the whole tree before touching the disk
-    # The primary makes the temporary directory; every process writes its part into it.
+    # The primary makes the temporary directory and says which arrays it writes as its own
+    # (process-local values); every process writes its part into that directory.
     tmp, created = paths.make_tmp_dir(final) if primary else (None, [])
-    tmp = epath.Path(multihost.share(f"{op}/tmp", os.fspath(tmp) if primary else None,
-                                     timeout))
+    shared = multihost.share(
+        f"{op}/start",
+        json.dumps({"tmp": os.fspath(tmp), "local": pytree_io.local_array_ids(plan)})
+        if primary else None, timeout) if nproc > 1 else None
+    primary_local: frozenset[int] = frozenset()
+    if shared is not None:
+      info = json.loads(shared)
+      tmp, primary_local = epath.Path(info["tmp"]), frozenset(info["local"])
     try:
       with async_utils.no_gc():
         finish_tree = pytree_io.prepare_save(tmp / DEFAULT_CHECKPOINTABLE, plan,
-                                             is_async=is_async, process_index=pid)
+                                             is_async=is_async, process_index=pid,
+                                             primary_local=primary_local)
     except BaseException:
       if primary:
         pytree_io.remove_quietly(tmp)
@@ -117,8 +127,15 @@ def _start_save(path: paths.PathLike, state: Any, *, overwrite: bool, custom_met
 
   def _finish() -> None:
     try:
-      with async_utils.no_gc():
-        finish_tree(fsync)
+      try:
+        with async_utils.no_gc():
+          finish_tree(fsync)
+      except OSError as e:
+        if primary:
+          raise
+        raise errors.CheckpointError(
+            f"process {pid} could not write its part of {final} ({e}); if process 0 failed "
+            "first, its error says why. Nothing was committed.") from e
       multihost.barrier(f"{op}/written", timeout, "finished writing its part")
       if primary:
         manifest = {
@@ -135,7 +152,7 @@ def _start_save(path: paths.PathLike, state: Any, *, overwrite: bool, custom_met
       if primary:
         pytree_io.remove_quietly(tmp)
       raise
-    multihost.barrier(f"{op}/committed", timeout, "saw the commit")
+    multihost.barrier(f"{op}/committed", timeout, "saw the commit", committed=True)
 
   return final, finish
 

@@ -8,6 +8,7 @@ A single process needs none of this and never touches the client.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import threading
@@ -38,10 +39,11 @@ def timeout_s(timeout: float | None = None) -> float:
   return float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
 
 
-def next_operation_id() -> str:
-  """An id for the next save; processes that call saves in the same order agree on it."""
+def next_operation_id(path: str) -> str:
+  """An id for the next save to ``path``; processes that save in the same order agree."""
+  digest = hashlib.sha1(path.encode("utf-8", "surrogatepass")).hexdigest()[:16]
   with _counter_lock:
-    return f"flax_ckpt/save/{next(_counter)}"
+    return f"flax_ckpt/save/{next(_counter)}/{digest}"
 
 
 def _client():
@@ -55,18 +57,24 @@ def _client():
   return client
 
 
-def barrier(name: str, timeout: float, what: str) -> None:
-  """Waits until every process reached ``name``; a clear error after ``timeout`` seconds."""
+def barrier(name: str, timeout: float, what: str, *, committed: bool = False) -> None:
+  """Waits until every process reached ``name``; a clear error after ``timeout`` seconds.
+
+  Keep the timeout below ``jax.distributed``'s heartbeat timeout: when a process dies, the
+  runtime aborts the survivors once the heartbeat times out.
+  """
   if process_count() == 1:
     return
   try:
     _client().wait_at_barrier(name, int(timeout * 1000))
   except Exception as e:  # noqa: BLE001 - the runtime raises its own error types
+    state = ("process 0 had committed the checkpoint, but a process did not confirm it"
+             if committed else "another process failed or died; nothing was committed")
     raise errors.CheckpointError(
         f"process {process_index()} of {process_count()}: not every process {what} within "
-        f"{timeout:.0f} s ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-        "Another process failed or died; nothing was committed. Raise the timeout with "
-        f"{TIMEOUT_ENV} if saves are just slow.") from e
+        f"{timeout:.0f} s ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
+        f"{state}. Raise the timeout with barrier_timeout_s= or {TIMEOUT_ENV} if saves are "
+        "just slow.") from e
 
 
 def share(key: str, value: str | None, timeout: float) -> str:

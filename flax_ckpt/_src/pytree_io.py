@@ -31,6 +31,7 @@ TREE_VERSION = 1
 class _SaveIO:
   writer: Any  # storage.DataWriter or storage.KvStoreDataWriter
   process_index: int = 0
+  primary_local: frozenset = frozenset()  # leaf ids process 0 writes as process-local
 
 
 def _leaf_dirnames(names: list[str]) -> list[str]:
@@ -69,8 +70,15 @@ def plan_save(tree: Any) -> SavePlan:
   return SavePlan(*treespec.encode(tree, th.handler_for_value))
 
 
+def local_array_ids(plan: SavePlan) -> list[int]:
+  """Leaves that are jax arrays held entirely by this process (written by process 0)."""
+  return [i for i, (_, v) in enumerate(plan.leaves)
+          if isinstance(v, jax.Array) and v.is_fully_addressable]
+
+
 def prepare_save(cp_dir: epath.Path, plan: SavePlan, *, is_async: bool,
-                 process_index: int = 0) -> Callable[[bool], None]:
+                 process_index: int = 0,
+                 primary_local: frozenset = frozenset()) -> Callable[[bool], None]:
   """Snapshots the planned tree and returns ``finish(fsync)`` that writes it.
 
   Everything that reads the caller's values happens before this returns; ``finish`` only
@@ -82,7 +90,7 @@ def prepare_save(cp_dir: epath.Path, plan: SavePlan, *, is_async: bool,
   os.makedirs(cp_dir, exist_ok=True)
   ts_ctx = th._LazyTsContext()
   io = _SaveIO(storage.open_writer(os.path.join(
-      cp_dir, builtin_handlers.data_file_name(process_index))), process_index)
+      cp_dir, builtin_handlers.data_file_name(process_index))), process_index, primary_local)
   naming = th.LeafNaming([p for p, _ in leaves], treespec.path_str, _leaf_dirnames)
   leaves_dir = cp_dir / LEAVES_DIR
   if primary and any(not th.is_builtin(h) for h in handlers):
@@ -130,6 +138,8 @@ def prepare_save(cp_dir: epath.Path, plan: SavePlan, *, is_async: bool,
                       "chunks": chunks}, fsync=fsync)
     if not primary:
       io.writer.write(fsync=fsync)
+      if fsync:
+        paths.fsync_path(cp_dir)  # this process's directory entries, before the barrier
       return
     records = [
         {"path": [list(e) for e in leaves[i][0]], "typestr": typestrs[i],

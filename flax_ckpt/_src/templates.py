@@ -23,21 +23,16 @@ def _is_array_like(x: Any) -> bool:
   return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
 
 
-def _box_specs(tree: Any, rules: Any) -> Any:
-  """PartitionSpecs of Flax ``Partitioned``/``LogicallyPartitioned`` boxes (None elsewhere)."""
+def _box_spec(box: Any, rules: Any) -> PartitionSpec:
+  """The PartitionSpec of a Flax ``Partitioned`` / ``LogicallyPartitioned`` box."""
   import flax.linen as nn
 
-  def spec_of(x):
-    if not _is_box(x):
-      return None
-    names = getattr(x, "names", None)
-    if names is None:
-      return PartitionSpec()
-    if isinstance(x, nn.LogicallyPartitioned) or rules is not None:
-      return nn.logical_to_mesh_axes(names, rules if rules is not None else x.rules)
-    return PartitionSpec(*names)
-
-  return jax.tree_util.tree_map(spec_of, tree, is_leaf=_is_box)
+  names = getattr(box, "names", None)
+  if names is None:
+    return PartitionSpec()
+  if isinstance(box, nn.LogicallyPartitioned) or rules is not None:
+    return nn.logical_to_mesh_axes(names, rules if rules is not None else box.rules)
+  return PartitionSpec(*names)
 
 
 def _own_spec(leaf: Any, rules: Any) -> PartitionSpec:
@@ -109,13 +104,15 @@ def abstract_with_sharding(tree: Any, mesh: Mesh, specs: SpecTree = None, *,
   """
   if specs is None:
     specs = _nnx_specs(tree, rules)
-  box_specs = _box_specs(tree, rules)
+  box_flat = []  # the spec of each leaf's Flax box, aligned with the unboxed leaves
+  for x in jax.tree_util.tree_leaves(tree, is_leaf=_is_box):
+    if _is_box(x):
+      box_flat += [_box_spec(x, rules)] * len(jax.tree_util.tree_leaves(x.unbox()))
+    else:
+      box_flat.append(None)
   unboxed = jax.tree_util.tree_map(lambda x: x.unbox() if _is_box(x) else x, tree,
                                    is_leaf=_is_box)
-  box_flat = jax.tree_util.tree_leaves(box_specs, is_leaf=lambda x: x is None)
   flat, treedef = jax.tree_util.tree_flatten_with_path(unboxed)
-  if len(box_flat) != len(flat):  # boxes hold exactly one array each
-    box_flat = [None] * len(flat)
   if specs is None:
     leaf_specs = [s if s is not None else _own_spec(leaf, rules)
                   for s, (_, leaf) in zip(box_flat, flat)]
