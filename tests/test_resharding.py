@@ -151,3 +151,33 @@ def test_resharding_load_needs_no_second_copy(tmp_path, shape, spec_in, spec_out
   size = int(np.prod(shape)) * 4
   assert 0.9 * size < grown < 1.4 * size, (
       f"load grew RSS by {grown / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB result")
+
+
+_ONE_DEVICE = textwrap.dedent("""
+    import os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax, numpy as np, flax_ckpt
+    assert jax.device_count() == 1
+    path, want = sys.argv[1], np.load(sys.argv[2])
+    plain = flax_ckpt.load(path)["w"]  # the saved 8-device sharding is metadata only
+    np.testing.assert_array_equal(np.asarray(plain), want)
+    single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    out = flax_ckpt.load(path, {"w": jax.ShapeDtypeStruct(want.shape, want.dtype,
+                                                          sharding=single)})["w"]
+    np.testing.assert_array_equal(np.asarray(out), want)
+    assert flax_ckpt.metadata(path)["w"].sharding["mesh_shape"] == [2, 4]
+    print("OK")
+""")
+
+
+def test_saved_on_eight_devices_loads_on_one(tmp_path):
+  host = np.random.default_rng(3).standard_normal((64, 32)).astype(np.float32)
+  flax_ckpt.save(tmp_path / "c", {"w": jax.device_put(host, NamedSharding(_mesh("2x4"),
+                                                                          P("x", "y")))})
+  np.save(tmp_path / "want.npy", host)
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  r = subprocess.run([sys.executable, "-c", _ONE_DEVICE, str(tmp_path / "c"),
+                      str(tmp_path / "want.npy")], capture_output=True, text=True,
+                     timeout=120, env=env)
+  assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
