@@ -273,16 +273,22 @@ def _kind_conflict(t: Any, typestr: str) -> str | None:
     return None
   if isinstance(t, (jax.ShapeDtypeStruct, jax.Array, np.ndarray, np.generic)):
     if jax.dtypes.issubdtype(t.dtype, jax.dtypes.prng_key):
-      want, ok = "a typed PRNG key", typestr == "jax.PRNGKey"
+      if typestr == "jax.PRNGKey":
+        return None
+      want = "a typed PRNG key"
     else:
-      want, ok = f"an array of {t.dtype}", typestr in _NUMERIC
+      if typestr in _NUMERIC:
+        return None
+      want = f"an array of {t.dtype}"
   elif type(t) in (int, float, bool, complex):
-    want, ok = f"a Python {type(t).__name__}", typestr in _NUMERIC
+    if typestr in _NUMERIC:
+      return None
+    want = f"a Python {type(t).__name__}"
   elif type(t) in (str, bytes):
-    want, ok = f"a {type(t).__name__}", typestr == type(t).__name__
+    if typestr == type(t).__name__:
+      return None
+    want = f"a {type(t).__name__}"
   else:
-    return None
-  if ok:
     return None
   return (f"the checkpoint holds a {typestr} leaf, the template asks for {want} (use None "
           "in the template to load it as saved)")
