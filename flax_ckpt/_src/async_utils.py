@@ -103,8 +103,15 @@ class AsyncResponse:
     Args:
       timeout: seconds to wait; ``TimeoutError`` if the save is still running then.
     """
+    try:
+      out = self._future.result(timeout)
+    except concurrent.futures.TimeoutError:
+      raise  # still pending: a later failure must still be reported
+    except BaseException:
+      self._observed = True
+      raise
     self._observed = True
-    return self._future.result(timeout)
+    return out
 
   def done(self) -> bool:
     """Whether the save has finished (committed or failed)."""

@@ -62,7 +62,7 @@ def _host_chunks(value: Any, copy: bool) -> list[tuple[tuple[int, ...], np.ndarr
   """(start index, host buffer) of every distinct shard this process must write."""
   if isinstance(value, np.ndarray):
     host = np.array(value, copy=True, order="C") if copy else np.ascontiguousarray(value)
-    return [((0,) * value.ndim, host)]
+    return [((0,) * value.ndim, host.reshape(value.shape))]  # ascontiguousarray makes 0-d 1-d
   sharding = value.sharding
   if isinstance(sharding, jax.sharding.SingleDeviceSharding) and value.is_fully_addressable:
     # On CPU this is a zero-copy, read-only view that pins the device buffer: a later
@@ -324,14 +324,31 @@ class _ReadPlan:
       self.staged.clear()
 
 
+def _chunks_tile(chunks: list[dict], shape: Sequence[int]) -> bool:
+  """Whether the chunk boxes lie inside ``shape``, do not overlap, and cover it."""
+  if sum(math.prod(c["h"]) for c in chunks) != math.prod(shape):
+    return False
+  if len(chunks) < 2:  # one chunk of the right volume (0-d arrays may have a [1] chunk)
+    return all(not any(c["s"]) for c in chunks)
+  lo = np.array([c["s"] for c in chunks], np.int64).reshape(len(chunks), len(shape))
+  hi = lo + np.array([c["h"] for c in chunks], np.int64).reshape(len(chunks), len(shape))
+  if (lo < 0).any() or (hi > np.asarray(shape, np.int64)).any():
+    return False
+  # boxes i != j overlap when they intersect in every dimension
+  inter = (lo[:, None, :] < hi[None, :, :]) & (lo[None, :, :] < hi[:, None, :])
+  overlap = inter.all(axis=2)
+  np.fill_diagonal(overlap, False)
+  return not overlap.any()  # no overlaps + total volume == array volume: exact cover
+
+
 def _check_coverage(info: th.ParamInfo, shape: Sequence[int]) -> None:
   """The saved chunks of a leaf must cover it exactly (else a data file or index is lost)."""
   have = sum(math.prod(c["h"]) for c in info.chunks)
-  if have != math.prod(shape):
+  if not _chunks_tile(info.chunks, shape):
     raise errors.FormatError(
-        f"leaf {info.name}: the checkpoint holds data for {have} of {math.prod(shape)} "
-        f"elements (a _CHUNKS.p<i>.json or data file of some process is missing or from "
-        f"another save); the checkpoint is damaged, load an earlier one.")
+        f"leaf {info.name}: the checkpoint's chunks ({have} of {math.prod(shape)} elements) "
+        "do not tile the array (a _CHUNKS.p<i>.json or data file of some process is missing, "
+        "damaged or from another save); the checkpoint is damaged, load an earlier one.")
 
 
 def _boxes_for(sharding: Any, shape: tuple[int, ...]):
@@ -367,6 +384,8 @@ def load_arrays(infos: Sequence[th.ParamInfo], args: Sequence[th.RestoreArgs] | 
       kind = "numpy" if arg.restore_type is np.ndarray else "jax"
     sharding = arg.sharding if arg is not None else None
     tdtype = np.dtype(arg.dtype) if arg is not None and arg.dtype is not None else sdtype
+    if kind != "numpy":  # jax arrays hold canonical dtypes (int64 -> int32 without x64)
+      tdtype = np.dtype(jax.dtypes.canonicalize_dtype(tdtype))
     if kind == "numpy" or sharding is None:
       host = plan.box(info.chunks, sdtype, (0,) * len(shape), shape)
       pending.append((kind, host, None, tdtype))
@@ -579,7 +598,8 @@ class ScalarHandler(_Builtin):
     out = []
     for info in infos:
       v = info.record.get("v")
-      n = len(v.encode()) if self._ty is str else (0 if v is None else 8)
+      n = len(v.encode("utf-8", "surrogatepass")) if self._ty is str else (
+          0 if v is None else 8)
       out.append(th.ValueMetadata(name=info.name, type=self.typestr(), nbytes=n))
     return out
 
@@ -608,6 +628,8 @@ class BytesHandler(_Builtin):
         out[i] = base64.b64decode(info.record["b64"])
       else:
         big.append(i)
+    for i in big:
+      _check_coverage(infos[i], (infos[i].record["nbytes"],))
     if big:
       plan = _ReadPlan(os.fspath(infos[0].parent_dir))
       bufs = [plan.box(infos[i].chunks, np.dtype(np.uint8), (0,), (infos[i].record["nbytes"],))

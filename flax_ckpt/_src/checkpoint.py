@@ -151,6 +151,7 @@ def _start_save(path: paths.PathLike, state: Any, *, overwrite: bool, custom_met
     except BaseException:
       if primary:
         pytree_io.remove_quietly(tmp)
+        paths.remove_created(created)
       raise
     multihost.barrier(f"{op}/committed", timeout, "saw the commit", committed=True)
 

@@ -137,6 +137,18 @@ def path_str(path: Sequence[Sequence[Any]]) -> str:
   return "".join(parts)
 
 
+def restore_dataclass(cls: type, fields: dict) -> Any:
+  """An instance of dataclass ``cls`` holding exactly ``fields``, as saved.
+
+  ``__init__`` and ``__post_init__`` are not run: they already ran when the saved object was
+  made, and running them again could change the values (or need arguments not saved).
+  """
+  obj = cls.__new__(cls)
+  for name, value in fields.items():
+    object.__setattr__(obj, name, value)
+  return obj
+
+
 def plain_dataclass_children(x: Any) -> list[tuple[PathElem, Any]]:
   """Fields of a registered dataclass that is not a JAX PyTree node, as (("a", name), value)."""
   return [(("a", f.name), getattr(x, f.name)) for f in dataclasses.fields(x)]
@@ -185,12 +197,7 @@ def collapse_plain_dataclasses(tree: Any) -> Any:
   def collapse(x):
     if isinstance(x, _PlainNode):
       kw = dict(zip(x.names, (collapse_plain_dataclasses(v) for v in x.values)))
-      init = {f.name for f in dataclasses.fields(x.cls) if f.init}
-      obj = x.cls(**{k: v for k, v in kw.items() if k in init})
-      for k, v in kw.items():
-        if k not in init:
-          object.__setattr__(obj, k, v)
-      return obj
+      return restore_dataclass(x.cls, kw)
     return x
   return jax.tree_util.tree_map(collapse, tree, is_leaf=lambda y: isinstance(y, _PlainNode))
 
@@ -283,16 +290,12 @@ def _rebuild_class(node: dict, keys: list, values: list, warned: set[str] | None
         return cls(*values)
       if dataclasses.is_dataclass(cls) and named:
         kw = dict(zip((k[1] for k in keys), values))
-        init_names = [f.name for f in dataclasses.fields(cls) if f.init]
-        missing = [n for n in init_names if n not in kw]
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in kw]
         if missing:
           _warn(warned, node["cls"], f"fields {missing} are static (not saved) and cannot be "
                 "restored without a template; pass abstract_state to restore the class")
           return kw
-        obj = cls(**{n: kw.pop(n) for n in init_names})
-        for n, v in kw.items():
-          object.__setattr__(obj, n, v)
-        return obj
+        return restore_dataclass(cls, kw)
       return cls(**dict(zip((k[1] for k in keys), values))) if named else cls(*values)
     except Exception as e:  # noqa: BLE001 - report and fall back, never fail the load
       _warn(warned, node["cls"], f"rebuilding it failed ({type(e).__name__}: {e})")
