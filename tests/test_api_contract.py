@@ -154,3 +154,54 @@ def test_restore_type_without_template(ckpt_dir):
   assert isinstance(as_jax["n"], jax.Array) and as_jax["n"].dtype == np.int8
   with pytest.raises(TypeError, match="restore_type"):
     flax_ckpt.load(path, restore_type=list)
+
+
+def test_loads_during_overwrites_never_mix_two_checkpoints(ckpt_dir):
+  import threading
+
+  path = ckpt_dir / "ckpt"
+  a = {"a": np.full(20_000, 1.0), "b": np.full(20_000, 2.0)}
+  b = {"b": np.full(20_000, 4.0), "a": np.full(20_000, 3.0)}  # same leaves, other order
+  flax_ckpt.save(path, a)
+  stop, seen, problems = threading.Event(), set(), []
+
+  def writer():
+    for i in range(40):
+      flax_ckpt.save(path, a if i % 2 else b, overwrite=True)
+    stop.set()
+
+  t = threading.Thread(target=writer)
+  t.start()
+  while not stop.is_set():
+    try:
+      out = flax_ckpt.load(path)
+    except flax_ckpt.CheckpointError as e:  # only after repeated replacement mid-read
+      problems.append(repr(e))
+      continue
+    pair = (float(out["a"][0]), float(out["b"][0]))
+    seen.add(pair)
+    assert pair in ((1.0, 2.0), (3.0, 4.0)), pair
+    assert np.all(out["a"] == pair[0]) and np.all(out["b"] == pair[1])
+  t.join()
+  assert len(problems) <= 2, problems
+
+
+def test_overwrites_commit_in_call_order(ckpt_dir):
+  path = ckpt_dir / "ckpt"
+  resp = flax_ckpt.save_async(path, {"w": np.random.default_rng(0).random(8 << 20),
+                                     "tag": "A"}, overwrite=True)
+  flax_ckpt.save(path, {"tag": "B"}, overwrite=True)  # called later, so it must win
+  resp.result()
+  assert flax_ckpt.load(path) == {"tag": "B"}
+
+
+def test_concurrent_overwrites_to_a_new_path(ckpt_dir):
+  import concurrent.futures
+
+  path = ckpt_dir / "new"
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    futs = [pool.submit(flax_ckpt.save, path, {"i": i}, overwrite=True) for i in range(8)]
+    for f in futs:
+      f.result()  # no "Directory not empty" from a lost race
+  assert flax_ckpt.load(path) == {"i": 7}
+  assert [p.name for p in ckpt_dir.iterdir()] == ["new"]

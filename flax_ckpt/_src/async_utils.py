@@ -59,6 +59,13 @@ def run_coro(coro: Coroutine) -> Any:
   try:
     asyncio.get_running_loop()
   except RuntimeError:
+    if threading.current_thread() is not threading.main_thread():
+      # other threads may be short-lived: a loop per call, closed at once (no leaked sockets)
+      loop = asyncio.new_event_loop()
+      try:
+        return loop.run_until_complete(coro)
+      finally:
+        loop.close()
     loop = getattr(_local, "loop", None)
     if loop is None or loop.is_closed():
       loop = _local.loop = asyncio.new_event_loop()

@@ -211,8 +211,9 @@ class _ReadPlan:
   more than its results plus that budget.
   """
 
-  def __init__(self, state_dir: str):
+  def __init__(self, state_dir: str, files: storage.CheckpointFiles | None = None):
     self.state_dir = state_dir
+    self.files = files
     self.requests: dict[int, list[tuple[int, memoryview]]] = {}
     self.staged: list[tuple[dict, np.ndarray, list[int], list[int], list[int]]] = []
 
@@ -301,9 +302,9 @@ class _ReadPlan:
         if scratch is None or scratch.nbytes < (r1 - r0) * row:
           scratch = storage.aligned_empty(max(min(budget, (last - first) * row), row))
         view = memoryview(scratch)
-        storage.read_into(path, [(c["o"] + r * row + lo, view[(r - r0) * row + lo:
-                                                             (r - r0) * row + hi])
-                                 for r in range(r0, r1)])
+        reqs = [(c["o"] + r * row + lo, view[(r - r0) * row + lo:(r - r0) * row + hi])
+                for r in range(r0, r1)]
+        storage.read_into(path, reqs, self.files)
         src = scratch[:(r1 - r0) * row].view(dtype).reshape((r1 - r0, *ch[1:]))
         for out, a_chunk, a_dest, sub in items:
           s0, s1 = max(r0, a_chunk[0]), min(r1, a_chunk[0] + sub[0])
@@ -317,7 +318,7 @@ class _ReadPlan:
 
   def execute(self) -> None:
     for p, reqs in self.requests.items():
-      storage.read_into(os.path.join(self.state_dir, data_file_name(p)), reqs)
+      storage.read_into(os.path.join(self.state_dir, data_file_name(p)), reqs, self.files)
     self.requests.clear()
     if self.staged:
       self._run_staged()
@@ -371,7 +372,7 @@ def load_arrays(infos: Sequence[th.ParamInfo], args: Sequence[th.RestoreArgs] | 
   """Reads array leaves described by ``infos``; batches all reads and device puts."""
   if not infos:
     return []
-  plan = _ReadPlan(os.fspath(infos[0].parent_dir))
+  plan = _ReadPlan(os.fspath(infos[0].parent_dir), infos[0]._files)
   pending = []
   for i, info in enumerate(infos):
     r = info.record
@@ -470,7 +471,7 @@ def is_prng_key(x: Any) -> bool:
 
 
 @functools.cache
-def _key_dtype(impl: str) -> Any:
+def key_dtype(impl: str) -> Any:
   """The typed-key dtype of ``impl`` (e.g. ``key<fry>``); its name if this jax lacks it."""
   try:
     return jax.eval_shape(lambda: jax.random.key(0, impl=impl)).dtype
@@ -497,12 +498,12 @@ class PRNGKeyHandler(_Builtin):
     """Reads key data, only each device's slice when the template gives a sharding."""
     if not infos:
       return []
-    plan = _ReadPlan(os.fspath(infos[0].parent_dir))
+    plan = _ReadPlan(os.fspath(infos[0].parent_dir), infos[0]._files)
     pending = []
     for i, info in enumerate(infos):
       r = info.record
       impl = r["impl"]
-      if isinstance(_key_dtype(impl), str):  # this jax cannot make keys of that impl
+      if isinstance(key_dtype(impl), str):  # this jax cannot make keys of that impl
         raise ValueError(f"leaf {info.name}: PRNG impl {impl!r} is not known to this jax "
                          "version; load with a jax that has it.")
       dtype, shape = dtypes.dtype_from_name(r["dtype"]), tuple(r["shape"])
@@ -532,7 +533,7 @@ class PRNGKeyHandler(_Builtin):
 
   async def metadata(self, infos):
     return [th.ArrayMetadata(name=info.name, shape=tuple(info.record["key_shape"]),
-                             dtype=_key_dtype(info.record["impl"]), type="jax.PRNGKey",
+                             dtype=key_dtype(info.record["impl"]), type="jax.PRNGKey",
                              nbytes=info.record["nbytes"], sharding=info.record.get("sharding"))
             for info in infos]
 
@@ -631,7 +632,7 @@ class BytesHandler(_Builtin):
     for i in big:
       _check_coverage(infos[i], (infos[i].record["nbytes"],))
     if big:
-      plan = _ReadPlan(os.fspath(infos[0].parent_dir))
+      plan = _ReadPlan(os.fspath(infos[0].parent_dir), infos[0]._files)
       bufs = [plan.box(infos[i].chunks, np.dtype(np.uint8), (0,), (infos[i].record["nbytes"],))
               for i in big]
       plan.execute()

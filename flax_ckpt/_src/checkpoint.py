@@ -53,27 +53,36 @@ def _check_custom_metadata(custom_metadata: Any) -> None:
         "other objects to str/int/float/bool/list/dict. Nothing was written.") from e
 
 
-_in_flight: dict[str, int] = {}  # destination -> saves of this process writing to it
+_in_flight: dict[str, list[threading.Event]] = {}  # destination -> saves in call order
 _in_flight_lock = threading.Lock()
 
 
-def _claim(final: epath.Path, overwrite: bool) -> str:
-  """Registers a save to ``final``; without overwrite, a second concurrent one is an error."""
+def _claim(final: epath.Path, overwrite: bool) -> tuple[str, threading.Event, list]:
+  """Registers a save to ``final``; without overwrite, a second concurrent one is an error.
+
+  Returns the key, this save's ticket, and the tickets of earlier saves to the same path in
+  this process: this save commits only after those finished, so the last call wins.
+  """
   key = os.fspath(final)
   with _in_flight_lock:
-    if _in_flight.get(key) and not overwrite:
+    earlier = _in_flight.get(key, [])
+    if earlier and not overwrite:
       raise errors.CheckpointExistsError(
           f"a save to {key} is already in progress in this process; wait for it "
           "(AsyncResponse.result()) or pass overwrite=True. Nothing was written.")
-    _in_flight[key] = _in_flight.get(key, 0) + 1
-  return key
+    ticket = threading.Event()
+    _in_flight[key] = [*earlier, ticket]
+  return key, ticket, list(earlier)
 
 
-def _release(key: str) -> None:
+def _release(key: str, ticket: threading.Event) -> None:
   with _in_flight_lock:
-    n = _in_flight.pop(key, 1) - 1
-    if n > 0:
-      _in_flight[key] = n
+    rest = [t for t in _in_flight.get(key, []) if t is not ticket]
+    if rest:
+      _in_flight[key] = rest
+    else:
+      _in_flight.pop(key, None)
+  ticket.set()
 
 
 def _start_save(path: paths.PathLike, state: Any, *, overwrite: bool, custom_metadata: Any,
@@ -88,7 +97,7 @@ def _start_save(path: paths.PathLike, state: Any, *, overwrite: bool, custom_met
   storage.backend_name()  # a bad FLAX_CKPT_STORAGE fails before anything is written
   paths.check_destination(final, overwrite)
   _check_custom_metadata(custom_metadata)
-  key = _claim(final, overwrite)
+  key, ticket, earlier = _claim(final, overwrite)
   try:
     if primary:
       paths.cleanup_stale_tmp(final)
@@ -116,14 +125,14 @@ def _start_save(path: paths.PathLike, state: Any, *, overwrite: bool, custom_met
         paths.remove_created(created)
       raise
   except BaseException:
-    _release(key)
+    _release(key, ticket)
     raise
 
   def finish() -> None:
     try:
       _finish()
     finally:
-      _release(key)
+      _release(key, ticket)
 
   def _finish() -> None:
     try:
@@ -147,6 +156,8 @@ def _start_save(path: paths.PathLike, state: Any, *, overwrite: bool, custom_met
         paths.write_json(tmp / paths.COMMIT_MARKER, manifest, fsync=fsync)
         if fsync:
           paths.fsync_path(tmp)
+        for t in earlier:  # earlier saves to this path commit (or fail) first
+          t.wait()
         paths.commit(tmp, final, overwrite=overwrite, fsync=fsync)
     except BaseException:
       if primary:
@@ -282,10 +293,17 @@ def load(path: paths.PathLike, abstract_state: Any = None, *, partial: bool = Fa
     >>> flax_ckpt.load(path, template)['w'].dtype
     dtype(bfloat16)
   """
-  final, _ = _committed_checkpointable(path)
-  with async_utils.no_gc():
-    return pytree_io.load(final / DEFAULT_CHECKPOINTABLE, abstract_state, partial=partial,
-                          restore_type=_check_restore_type(restore_type))
+  restore_type = _check_restore_type(restore_type)
+  for attempt in range(3):  # a concurrent overwrite=True may replace it while we read
+    final, _ = _committed_checkpointable(path)
+    try:
+      with async_utils.no_gc():
+        return pytree_io.load(final / DEFAULT_CHECKPOINTABLE, abstract_state, partial=partial,
+                              restore_type=restore_type)
+    except pytree_io.CheckpointReplacedError:
+      if attempt == 2:
+        raise
+  raise AssertionError("unreachable")
 
 
 def _check_restore_type(restore_type: Any) -> Any:

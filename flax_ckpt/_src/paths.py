@@ -212,7 +212,18 @@ def commit(tmp: epath.Path, final: epath.Path, *, overwrite: bool, fsync: bool) 
       fsync_path(parent)
     shutil.rmtree(old, ignore_errors=True)
     return
-  os.rename(tmp_s, final_s)
+  try:
+    os.rename(tmp_s, final_s)
+  except OSError as e:
+    # another writer committed in between; with overwrite, replace that checkpoint
+    if overwrite and e.errno in (errno.ENOTEMPTY, errno.EEXIST) and os.path.isdir(final_s):
+      commit(tmp, final, overwrite=True, fsync=fsync)
+      return
+    if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+      raise errors.CheckpointExistsError(
+          f"a checkpoint appeared at {final_s} while saving; pass overwrite=True or use a "
+          "new path. The new data was discarded.") from e
+    raise
   if fsync:
     fsync_path(parent)
 

@@ -8,6 +8,7 @@ Files (see docs/format.md): ``_TREE.json`` (structure + leaf records), ``_CHUNKS
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -166,23 +167,46 @@ class _SavedTree:
   root: dict
   leaves: list[dict]
   chunks: dict[int, list[dict]]
+  files: storage.CheckpointFiles | None = None
+
+  def close(self) -> None:
+    if self.files is not None:
+      self.files.close()
+
+
+class CheckpointReplacedError(errors.CheckpointError):
+  """The checkpoint was replaced (``overwrite=True``) while it was being read."""
 
 
 def read_saved_tree(cp_dir: epath.Path) -> _SavedTree:
+  """Reads the tree and chunk indexes; the data files stay reachable through ``files``."""
   try:
-    tree = paths.read_json(cp_dir / TREE_FILE)
+    files = storage.CheckpointFiles(os.fspath(cp_dir))
   except FileNotFoundError as e:
-    raise errors.FormatError(f"{cp_dir} has no {TREE_FILE}; the checkpoint is damaged.") from e
-  if tree.get("version") != TREE_VERSION:
-    raise errors.FormatError(
-        f"{cp_dir / TREE_FILE}: tree format version {tree.get('version')} is not supported by "
-        f"this flax_ckpt (knows {TREE_VERSION}); upgrade flax_ckpt.")
-  chunks: dict[int, list[dict]] = {}
-  for name in sorted(os.listdir(cp_dir)):
-    if name.startswith(CHUNKS_PREFIX) and name.endswith(".json"):
-      for k, v in paths.read_json(cp_dir / name)["chunks"].items():
-        chunks.setdefault(int(k), []).extend(v)
-  return _SavedTree(cp_dir, tree["root"], tree["leaves"], chunks)
+    raise CheckpointReplacedError(f"{cp_dir} disappeared while loading") from e
+  try:
+    try:
+      tree = json.loads(files.read_bytes(TREE_FILE).decode("utf-8", "surrogatepass"))
+    except FileNotFoundError as e:
+      raise errors.FormatError(
+          f"{cp_dir} has no {TREE_FILE}; the checkpoint is damaged.") from e
+    if tree.get("version") != TREE_VERSION:
+      raise errors.FormatError(
+          f"{cp_dir / TREE_FILE}: tree format version {tree.get('version')} is not supported "
+          f"by this flax_ckpt (knows {TREE_VERSION}); upgrade flax_ckpt.")
+    chunks: dict[int, list[dict]] = {}
+    for name in sorted(files.listdir()):
+      if name.startswith(CHUNKS_PREFIX) and name.endswith(".json"):
+        data = json.loads(files.read_bytes(name).decode("utf-8", "surrogatepass"))
+        for k, v in data["chunks"].items():
+          chunks.setdefault(int(k), []).extend(v)
+  except BaseException as e:
+    gone = isinstance(e, (FileNotFoundError, errors.FormatError)) and files.is_gone()
+    files.close()
+    if gone:
+      raise CheckpointReplacedError(f"{cp_dir} was replaced while loading") from e
+    raise
+  return _SavedTree(cp_dir, tree["root"], tree["leaves"], chunks, files)
 
 
 def _infos_for(saved: _SavedTree, ids: list[int]) -> list[th.ParamInfo]:
@@ -194,7 +218,8 @@ def _infos_for(saved: _SavedTree, ids: list[int]) -> list[th.ParamInfo]:
     leaf = saved.leaves[i]
     out.append(th.ParamInfo(
         keypath=leaf["path"], parent_dir=saved.cp_dir, record=leaf["record"],
-        chunks=saved.chunks.get(i, []), _index=i, _naming=naming, _ts_context=ctx))
+        chunks=saved.chunks.get(i, []), _index=i, _naming=naming, _ts_context=ctx,
+        _files=saved.files))
   return out
 
 
@@ -267,15 +292,16 @@ def _args_from_template(t: Any) -> th.RestoreArgs:
 _NUMERIC = {"jax.Array", "np.ndarray", "np.generic", "int", "float", "bool", "complex"}
 
 
-def _kind_conflict(t: Any, typestr: str) -> str | None:
+def _kind_conflict(t: Any, typestr: str, impl: str | None = None) -> str | None:
   """Why template leaf ``t`` cannot receive a leaf saved as ``typestr`` (None if it can)."""
   if t is None:
     return None
   if isinstance(t, (jax.ShapeDtypeStruct, jax.Array, np.ndarray, np.generic)):
     if jax.dtypes.issubdtype(t.dtype, jax.dtypes.prng_key):
-      if typestr == "jax.PRNGKey":
+      if typestr == "jax.PRNGKey" and (impl is None or
+                                       builtin_handlers.key_dtype(impl) == t.dtype):
         return None
-      want = "a typed PRNG key"
+      want = f"a typed PRNG key of {t.dtype}" + (f" (saved: key<{impl}>)" if impl else "")
     else:
       if typestr in _NUMERIC:
         return None
@@ -305,18 +331,24 @@ def _saved_shape(leaf: dict) -> tuple[int, ...] | None:
   return None
 
 
+def _host_as(v: Any, dtype: Any) -> np.ndarray:
+  """``v`` as a numpy array of ``dtype`` with ``astype`` semantics (ints wrap)."""
+  host = np.asarray(v)
+  return host if dtype is None or host.dtype == dtype else host.astype(dtype)
+
+
 def _conform(v: Any, a: th.RestoreArgs) -> Any:
   """Converts a loaded scalar/array to the template leaf's type when they differ."""
   rt = a.restore_type
   if rt is None:
     return v
   if rt is jax.Array and not isinstance(v, jax.Array):
-    host = np.asarray(v, dtype=a.dtype)
+    host = _host_as(v, a.dtype)
     return jax.device_put(host, a.sharding) if a.sharding is not None else jax.device_put(host)
   if rt is np.ndarray and not isinstance(v, np.ndarray):
-    return np.asarray(v, dtype=a.dtype)
+    return _host_as(v, a.dtype)
   if rt is np.generic and not isinstance(v, np.generic):
-    return np.asarray(v, dtype=a.dtype)[()]
+    return _host_as(v, a.dtype)[()]
   if rt in (int, float, bool, complex) and type(v) is not rt:
     return rt(np.asarray(v).item())
   return v
@@ -335,6 +367,20 @@ def _as_saved_args(saved: _SavedTree, ids: list[int],
 def load(cp_dir: epath.Path, abstract: Any, *, partial: bool,
          restore_type: Any = None) -> Any:
   saved = read_saved_tree(cp_dir)
+  try:
+    return _load(saved, cp_dir, abstract, partial=partial, restore_type=restore_type)
+  except FileNotFoundError as e:
+    if saved.files is not None and saved.files.is_gone():  # replaced by an overwrite
+      raise CheckpointReplacedError(f"{cp_dir} was replaced while loading ({e})") from e
+    raise FileNotFoundError(
+        e.errno, f"{cp_dir}: a data file of this checkpoint is missing ({e.filename}); the "
+        "checkpoint is damaged, load an earlier one.", e.filename) from e
+  finally:
+    saved.close()
+
+
+def _load(saved: _SavedTree, cp_dir: epath.Path, abstract: Any, *, partial: bool,
+          restore_type: Any) -> Any:
   if abstract is None:
     ids = list(range(len(saved.leaves)))
     values = _run_grouped("deserialize", saved, ids, _as_saved_args(saved, ids, restore_type))
@@ -383,7 +429,7 @@ def load(cp_dir: epath.Path, abstract: Any, *, partial: bool,
   for i, (_, t) in zip(ids, flat):
     if i < 0:
       continue
-    why = _kind_conflict(t, saved.leaves[i]["typestr"])
+    why = _kind_conflict(t, saved.leaves[i]["typestr"], saved.leaves[i]["record"].get("impl"))
     if why:
       problems.append(f"{treespec.path_str(saved.leaves[i]['path'])}: {why}")
   for i, a in zip(ids, args):
@@ -405,7 +451,17 @@ def load(cp_dir: epath.Path, abstract: Any, *, partial: bool,
                      read_args + (_as_saved_args(saved, sub_ids, restore_type)
                                   or [th.RestoreArgs()] * len(sub_ids)))
   by_id = dict(zip(sub_ids, got[len(read_ids):]))
-  loaded = iter(_conform(v, a) for v, a in zip(got[:len(read_ids)], read_args))
+  def conform(v: Any, a: th.RestoreArgs, i: int) -> Any:
+    try:
+      return _conform(v, a)
+    except (TypeError, ValueError, OverflowError) as e:
+      raise errors.StructureMismatchError(
+          f"{treespec.path_str(saved.leaves[i]['path'])}: cannot convert the saved value to "
+          f"the template's type ({type(e).__name__}: {e}); fix the template leaf or use None "
+          "to load it as saved.") from e
+
+  loaded = iter(conform(v, a, i) for v, a, i in zip(got[:len(read_ids)], read_args,
+                                                      read_ids))
   warned: set[str] = set()
   values = [treespec.decode(subtrees[pos][0], by_id, warned) if i < 0 else next(loaded)
             for pos, i in enumerate(ids)]
@@ -414,6 +470,7 @@ def load(cp_dir: epath.Path, abstract: Any, *, partial: bool,
 
 def metadata_tree(cp_dir: epath.Path) -> Any:
   saved = read_saved_tree(cp_dir)
+  saved.close()  # metadata reads no data file
   ids = list(range(len(saved.leaves)))
   handlers = [th.handler_for_typestr(saved.leaves[i]["typestr"]) for i in ids]
   known = [i for i in ids if handlers[i] is not None]

@@ -208,8 +208,64 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
     return _READ_POOL
 
 
-def read_into(path: str, requests: Sequence[tuple[int, memoryview]]) -> None:
-  """Fills each (file offset, writable byte view) request from the file at ``path``."""
+class CheckpointFiles:
+  """The files of one checkpointable directory, all opened through one directory fd.
+
+  A concurrent ``overwrite=True`` save swaps the directory's name to a new one; files opened
+  through this fd still come from the version it was opened on (or fail to open if that
+  version is being deleted), so one load never mixes two checkpoints.
+  """
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    self._dfd: int | None = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    self._fds: dict[str, int] = {}
+    self._lock = threading.Lock()
+
+  def is_gone(self) -> bool:
+    """Whether the path no longer names this directory (replaced by an overwrite)."""
+    if self._dfd is None:
+      return False
+    mine = os.fstat(self._dfd)
+    try:
+      now = os.stat(self.directory)
+    except FileNotFoundError:
+      return True
+    return mine.st_nlink == 0 or (now.st_ino, now.st_dev) != (mine.st_ino, mine.st_dev)
+
+  def listdir(self) -> list[str]:
+    return os.listdir(self._dfd)
+
+  def fd(self, name: str) -> int:
+    with self._lock:
+      if name not in self._fds:
+        self._fds[name] = os.open(name, os.O_RDONLY, dir_fd=self._dfd)
+      return self._fds[name]
+
+  def read_bytes(self, name: str) -> bytes:
+    fd = os.open(name, os.O_RDONLY, dir_fd=self._dfd)
+    try:
+      with os.fdopen(fd, "rb", closefd=False) as f:
+        return f.read()
+    finally:
+      os.close(fd)
+
+  def close(self) -> None:
+    with self._lock:
+      for fd in self._fds.values():
+        os.close(fd)
+      self._fds.clear()
+      if self._dfd is not None:
+        os.close(self._dfd)
+        self._dfd = None
+
+
+def read_into(path: str, requests: Sequence[tuple[int, memoryview]],
+              files: CheckpointFiles | None = None) -> None:
+  """Fills each (file offset, writable byte view) request from the file at ``path``.
+
+  With ``files`` (posix backend), the file is opened through its directory fd.
+  """
   if backend_name() == "tensorstore":
     _kvstore_read_into(path, requests)
     return
@@ -239,7 +295,7 @@ def read_into(path: str, requests: Sequence[tuple[int, memoryview]]) -> None:
       cur_off, cur_iov, cur_bytes = off, [view], view.nbytes
     cur_end = off + view.nbytes
   batches.append((cur_off, cur_iov, cur_bytes))
-  fd = os.open(path, os.O_RDONLY)
+  fd = files.fd(os.path.basename(path)) if files is not None else os.open(path, os.O_RDONLY)
   try:
     if len(batches) == 1 or sum(b[2] for b in batches) < (8 << 20):
       for b in batches:
@@ -249,7 +305,8 @@ def read_into(path: str, requests: Sequence[tuple[int, memoryview]]) -> None:
       for f in futs:
         f.result()
   finally:
-    os.close(fd)
+    if files is None:
+      os.close(fd)
 
 
 def _preadv_all(fd: int, offset: int, iov: list[memoryview]) -> None:

@@ -163,6 +163,7 @@ class ParamInfo:
   _naming: Any = dataclasses.field(default=None, repr=False)
   _ts_context: Any = dataclasses.field(default=None, repr=False)
   _io: Any = dataclasses.field(default=None, repr=False)
+  _files: Any = dataclasses.field(default=None, repr=False)  # storage.CheckpointFiles on load
 
   @property
   def name(self) -> str:
