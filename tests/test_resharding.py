@@ -114,7 +114,8 @@ _RSS_SCRIPT = textwrap.dedent("""
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax, numpy as np, flax_ckpt
     from jax.sharding import NamedSharding, PartitionSpec as P
-    path, shape, spec_in, spec_out = sys.argv[1], eval(sys.argv[2]), sys.argv[3], sys.argv[4]
+    path, spec_in, spec_out = sys.argv[1], sys.argv[3], sys.argv[4]
+    shape = tuple(int(n) for n in sys.argv[2].split(","))
     mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("x", "y"))
     def spec(s):
       return P(*[None if a == "-" else a for a in s])
@@ -144,7 +145,7 @@ def test_resharding_load_needs_no_second_copy(tmp_path, shape, spec_in, spec_out
   path = str(tmp_path / "c")
   env = {**os.environ, "FLAX_CKPT_STAGING_BYTES": str(8 << 20)}
   for _ in range(2):  # save, then load in a fresh process
-    r = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, path, repr(shape), spec_in,
+    r = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, path, ",".join(map(str, shape)), spec_in,
                         spec_out], capture_output=True, text=True, timeout=240, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
   grown = int(r.stdout.split()[-1])
