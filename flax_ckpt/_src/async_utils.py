@@ -46,6 +46,18 @@ def _get_loop() -> asyncio.AbstractEventLoop:
     return _loop
 
 
+class _LoopHolder:
+  """A thread's own event loop, closed when the thread ends (its thread-local dies)."""
+
+  def __init__(self):
+    self.loop = asyncio.new_event_loop()
+
+  def __del__(self):
+    loop = getattr(self, "loop", None)
+    if loop is not None and not loop.is_closed() and not loop.is_running():
+      loop.close()
+
+
 _local = threading.local()
 
 
@@ -59,17 +71,10 @@ def run_coro(coro: Coroutine) -> Any:
   try:
     asyncio.get_running_loop()
   except RuntimeError:
-    if threading.current_thread() is not threading.main_thread():
-      # other threads may be short-lived: a loop per call, closed at once (no leaked sockets)
-      loop = asyncio.new_event_loop()
-      try:
-        return loop.run_until_complete(coro)
-      finally:
-        loop.close()
-    loop = getattr(_local, "loop", None)
-    if loop is None or loop.is_closed():
-      loop = _local.loop = asyncio.new_event_loop()
-    return loop.run_until_complete(coro)
+    holder = getattr(_local, "holder", None)
+    if holder is None or holder.loop.is_closed():
+      holder = _local.holder = _LoopHolder()
+    return holder.loop.run_until_complete(coro)
   return asyncio.run_coroutine_threadsafe(coro, _get_loop()).result()
 
 

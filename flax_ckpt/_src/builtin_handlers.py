@@ -302,8 +302,11 @@ class _ReadPlan:
         if scratch is None or scratch.nbytes < (r1 - r0) * row:
           scratch = storage.aligned_empty(max(min(budget, (last - first) * row), row))
         view = memoryview(scratch)
-        reqs = [(c["o"] + r * row + lo, view[(r - r0) * row + lo:(r - r0) * row + hi])
-                for r in range(r0, r1)]
+        if lo == 0 and hi == row:  # whole rows: one contiguous read for the slab
+          reqs = [(c["o"] + r0 * row, view[:(r1 - r0) * row])]
+        else:
+          reqs = [(c["o"] + r * row + lo, view[(r - r0) * row + lo:(r - r0) * row + hi])
+                  for r in range(r0, r1)]
         storage.read_into(path, reqs, self.files)
         src = scratch[:(r1 - r0) * row].view(dtype).reshape((r1 - r0, *ch[1:]))
         for out, a_chunk, a_dest, sub in items:
@@ -329,8 +332,9 @@ def _chunks_tile(chunks: list[dict], shape: Sequence[int]) -> bool:
   """Whether the chunk boxes lie inside ``shape``, do not overlap, and cover it."""
   if sum(math.prod(c["h"]) for c in chunks) != math.prod(shape):
     return False
-  if len(chunks) < 2:  # one chunk of the right volume (0-d arrays may have a [1] chunk)
-    return all(not any(c["s"]) for c in chunks)
+  if len(chunks) < 2:  # one chunk: the whole array (0-d arrays may have a [1] chunk)
+    return all(not any(c["s"]) and (list(c["h"]) == list(shape) or not shape)
+               for c in chunks)
   lo = np.array([c["s"] for c in chunks], np.int64).reshape(len(chunks), len(shape))
   hi = lo + np.array([c["h"] for c in chunks], np.int64).reshape(len(chunks), len(shape))
   if (lo < 0).any() or (hi > np.asarray(shape, np.int64)).any():

@@ -15,6 +15,7 @@ from flax_ckpt._src import async_utils, errors, multihost, paths, pytree_io, sto
 
 FORMAT_VERSION = 1
 DEFAULT_CHECKPOINTABLE = "state"
+_ATTEMPTS = 5  # reads retried when an overwrite replaces the checkpoint mid-read
 
 
 @dataclasses.dataclass
@@ -63,7 +64,7 @@ def _claim(final: epath.Path, overwrite: bool) -> tuple[str, threading.Event, li
   Returns the key, this save's ticket, and the tickets of earlier saves to the same path in
   this process: this save commits only after those finished, so the last call wins.
   """
-  key = os.fspath(final)
+  key = os.path.realpath(final)  # one key however the path is spelled
   with _in_flight_lock:
     earlier = _in_flight.get(key, [])
     if earlier and not overwrite:
@@ -294,14 +295,14 @@ def load(path: paths.PathLike, abstract_state: Any = None, *, partial: bool = Fa
     dtype(bfloat16)
   """
   restore_type = _check_restore_type(restore_type)
-  for attempt in range(3):  # a concurrent overwrite=True may replace it while we read
+  for attempt in range(_ATTEMPTS):  # a concurrent overwrite=True may replace it meanwhile
     final, _ = _committed_checkpointable(path)
     try:
       with async_utils.no_gc():
         return pytree_io.load(final / DEFAULT_CHECKPOINTABLE, abstract_state, partial=partial,
                               restore_type=restore_type)
-    except pytree_io.CheckpointReplacedError:
-      if attempt == 2:
+    except errors.CheckpointReplacedError:
+      if attempt == _ATTEMPTS - 1:
         raise
   raise AssertionError("unreachable")
 
@@ -335,8 +336,14 @@ def metadata(path: paths.PathLike) -> CheckpointMetadata:
     >>> md['w'].shape, md.custom_metadata
     ((2, 3), {'lr': 0.1})
   """
-  final, manifest = _committed_checkpointable(path)
-  tree = pytree_io.metadata_tree(final / DEFAULT_CHECKPOINTABLE)
+  for attempt in range(_ATTEMPTS):  # a concurrent overwrite=True may replace it meanwhile
+    final, manifest = _committed_checkpointable(path)
+    try:
+      tree = pytree_io.metadata_tree(final / DEFAULT_CHECKPOINTABLE)
+      break
+    except errors.CheckpointReplacedError:
+      if attempt == _ATTEMPTS - 1:
+        raise
   return CheckpointMetadata(
       tree=tree, custom_metadata=manifest.get("custom_metadata"),
       format_version=manifest["version"], checkpointables=manifest.get("checkpointables", {}),

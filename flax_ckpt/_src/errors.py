@@ -32,3 +32,7 @@ class StructureMismatchError(CheckpointError, ValueError):
 
 class FormatError(CheckpointError, ValueError):
   """The checkpoint's metadata is unreadable or of an unknown format version."""
+
+
+class CheckpointReplacedError(CheckpointError):
+  """The checkpoint was replaced (``overwrite=True``) while it was being read, repeatedly."""

@@ -174,8 +174,7 @@ class _SavedTree:
       self.files.close()
 
 
-class CheckpointReplacedError(errors.CheckpointError):
-  """The checkpoint was replaced (``overwrite=True``) while it was being read."""
+CheckpointReplacedError = errors.CheckpointReplacedError
 
 
 def read_saved_tree(cp_dir: epath.Path) -> _SavedTree:
@@ -206,6 +205,9 @@ def read_saved_tree(cp_dir: epath.Path) -> _SavedTree:
     if gone:
       raise CheckpointReplacedError(f"{cp_dir} was replaced while loading") from e
     raise
+  if files.is_gone():  # replaced while we listed: the index may be incomplete
+    files.close()
+    raise CheckpointReplacedError(f"{cp_dir} was replaced while loading")
   return _SavedTree(cp_dir, tree["root"], tree["leaves"], chunks, files)
 
 
@@ -369,9 +371,11 @@ def load(cp_dir: epath.Path, abstract: Any, *, partial: bool,
   saved = read_saved_tree(cp_dir)
   try:
     return _load(saved, cp_dir, abstract, partial=partial, restore_type=restore_type)
-  except FileNotFoundError as e:
+  except (FileNotFoundError, errors.FormatError) as e:
     if saved.files is not None and saved.files.is_gone():  # replaced by an overwrite
       raise CheckpointReplacedError(f"{cp_dir} was replaced while loading ({e})") from e
+    if isinstance(e, errors.FormatError):
+      raise
     raise FileNotFoundError(
         e.errno, f"{cp_dir}: a data file of this checkpoint is missing ({e.filename}); the "
         "checkpoint is damaged, load an earlier one.", e.filename) from e

@@ -138,14 +138,22 @@ def path_str(path: Sequence[Sequence[Any]]) -> str:
 
 
 def restore_dataclass(cls: type, fields: dict) -> Any:
-  """An instance of dataclass ``cls`` holding exactly ``fields``, as saved.
+  """An instance of dataclass ``cls`` from its saved ``fields``.
 
-  ``__init__`` and ``__post_init__`` are not run: they already ran when the saved object was
-  made, and running them again could change the values (or need arguments not saved).
+  Built like any dataclass, ``cls(**init_fields)``, so ``__post_init__`` sets up derived
+  attributes again (it must therefore not transform fields it is given in a way that is not
+  idempotent); fields with ``init=False`` are then set to their saved values. If the
+  constructor fails, the object is built without it from the saved fields alone.
   """
-  obj = cls.__new__(cls)
+  init = {f.name for f in dataclasses.fields(cls) if f.init}
+  try:
+    obj = cls(**{k: v for k, v in fields.items() if k in init})
+  except Exception:  # noqa: BLE001 - a constructor that needs more than the saved fields
+    obj = cls.__new__(cls)
+    init = set()
   for name, value in fields.items():
-    object.__setattr__(obj, name, value)
+    if name not in init:
+      object.__setattr__(obj, name, value)
   return obj
 
 
