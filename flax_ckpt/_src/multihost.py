@@ -68,7 +68,8 @@ def barrier(name: str, timeout: float, what: str, *, committed: bool = False) ->
   try:
     _client().wait_at_barrier(name, int(timeout * 1000))
   except Exception as e:  # noqa: BLE001 - the runtime raises its own error types
-    state = ("process 0 had committed the checkpoint, but a process did not confirm it"
+    state = ("every process had written its part, so the checkpoint may be committed: "
+             "process 0's error (if any) says whether it is; load it to check"
              if committed else "another process failed or died; nothing was committed")
     raise errors.CheckpointError(
         f"process {process_index()} of {process_count()}: not every process {what} within "
