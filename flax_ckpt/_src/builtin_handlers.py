@@ -371,6 +371,16 @@ def _boxes_for(sharding: Any, shape: tuple[int, ...]):
   return devices, which, boxes
 
 
+def _plan_device_boxes(plan: _ReadPlan, info: th.ParamInfo, dtype: np.dtype, sharding: Any,
+                       shape: tuple[int, ...], tail: Sequence[int] = ()):
+  """Plans one host buffer per distinct device box of ``sharding`` over ``shape`` (+ whole
+  ``tail`` dims); returns (devices, box index per device, buffers)."""
+  devices, which, boxes = _boxes_for(sharding, shape)
+  hosts = [plan.box(info.chunks, dtype, [b[0] for b in box] + [0] * len(tail),
+                    [b[1] - b[0] for b in box] + list(tail)) for box in boxes]
+  return devices, which, hosts
+
+
 def load_arrays(infos: Sequence[th.ParamInfo], args: Sequence[th.RestoreArgs] | None,
                 default_kind: str) -> list[Any]:
   """Reads array leaves described by ``infos``; batches all reads and device puts."""
@@ -395,9 +405,7 @@ def load_arrays(infos: Sequence[th.ParamInfo], args: Sequence[th.RestoreArgs] | 
       host = plan.box(info.chunks, sdtype, (0,) * len(shape), shape)
       pending.append((kind, host, None, tdtype))
     else:
-      devices, which, boxes = _boxes_for(sharding, shape)
-      hosts = [plan.box(info.chunks, sdtype, [b[0] for b in box], [b[1] - b[0] for b in box])
-               for box in boxes]
+      devices, which, hosts = _plan_device_boxes(plan, info, sdtype, sharding, shape)
       pending.append((kind, hosts, (shape, sharding, devices, which), tdtype))
   plan.execute()
   out = []
@@ -518,10 +526,8 @@ class PRNGKeyHandler(_Builtin):
       if sharding is None:
         pending.append((impl, None, plan.box(info.chunks, dtype, (0,) * len(shape), shape)))
         continue
-      devices, which, boxes = _boxes_for(sharding, key_shape)
-      tail = shape[len(key_shape):]  # the impl's own dims are never split
-      hosts = [plan.box(info.chunks, dtype, [b[0] for b in box] + [0] * len(tail),
-                        [b[1] - b[0] for b in box] + list(tail)) for box in boxes]
+      devices, which, hosts = _plan_device_boxes(  # the impl's own dims are never split
+          plan, info, dtype, sharding, key_shape, tail=shape[len(key_shape):])
       pending.append((impl, (key_shape, sharding, devices, which), hosts))
     plan.execute()
     out = []
