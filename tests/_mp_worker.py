@@ -90,6 +90,11 @@ def main():
     np.testing.assert_array_equal(out["host"], np.arange(5))
     assert out["w"].sharding == target
     result(read=read, share_w=share, b_bytes=host["b"].nbytes)
+  elif scenario == "overwrite":
+    tree = global_tree()
+    flax_ckpt.save(path, tree, barrier_timeout_s=60)
+    flax_ckpt.save(path, {**tree, "step": 8}, overwrite=True, barrier_timeout_s=60)
+    result(saved=True)
   elif scenario == "desync":
     # process 1's first save fails a local check; the two processes must still agree on
     # which save is which: the first fails everywhere, the second commits intact

@@ -122,6 +122,17 @@ def test_async_save_by_two_processes(tmp_path):
   assert flax_ckpt.metadata(path)["w"].sharding["spec"] == ["y", "x"]
 
 
+def test_overwrite_by_two_processes(tmp_path):
+  path = tmp_path / "ckpt"
+  for rc, r, out in _run_job(2, 2, "overwrite", path, "2x2", "x,y"):
+    assert rc == 0 and r and r["saved"], out
+  w, _ = _host()
+  out = flax_ckpt.load(path)
+  assert out["step"] == 8
+  np.testing.assert_array_equal(np.asarray(out["w"]), w)
+  assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary or old dirs left
+
+
 def test_a_save_failing_in_one_process_does_not_pair_up_the_next(tmp_path):
   res = _run_job(2, 2, "desync", tmp_path, "2x2", "x,y", timeout=90)
   for rc, r, out in res:

@@ -348,8 +348,8 @@ def _chunks_tile(chunks: list[dict], shape: Sequence[int]) -> bool:
 
 def _check_coverage(info: th.ParamInfo, shape: Sequence[int]) -> None:
   """The saved chunks of a leaf must cover it exactly (else a data file or index is lost)."""
-  have = sum(math.prod(c["h"]) for c in info.chunks)
   if not _chunks_tile(info.chunks, shape):
+    have = sum(math.prod(c["h"]) for c in info.chunks)
     raise errors.FormatError(
         f"leaf {info.name}: the checkpoint's chunks ({have} of {math.prod(shape)} elements) "
         "do not tile the array (a _CHUNKS.p<i>.json or data file of some process is missing, "

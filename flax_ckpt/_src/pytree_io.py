@@ -174,15 +174,13 @@ class _SavedTree:
       self.files.close()
 
 
-CheckpointReplacedError = errors.CheckpointReplacedError
-
 
 def read_saved_tree(cp_dir: epath.Path) -> _SavedTree:
   """Reads the tree and chunk indexes; the data files stay reachable through ``files``."""
   try:
     files = storage.CheckpointFiles(os.fspath(cp_dir))
   except FileNotFoundError as e:
-    raise CheckpointReplacedError(f"{cp_dir} disappeared while loading") from e
+    raise errors.CheckpointReplacedError(f"{cp_dir} disappeared while loading") from e
   try:
     try:
       tree = json.loads(files.read_bytes(TREE_FILE).decode("utf-8", "surrogatepass"))
@@ -203,11 +201,11 @@ def read_saved_tree(cp_dir: epath.Path) -> _SavedTree:
     gone = isinstance(e, (FileNotFoundError, errors.FormatError)) and files.is_gone()
     files.close()
     if gone:
-      raise CheckpointReplacedError(f"{cp_dir} was replaced while loading") from e
+      raise errors.CheckpointReplacedError(f"{cp_dir} was replaced while loading") from e
     raise
   if files.is_gone():  # replaced while we listed: the index may be incomplete
     files.close()
-    raise CheckpointReplacedError(f"{cp_dir} was replaced while loading")
+    raise errors.CheckpointReplacedError(f"{cp_dir} was replaced while loading")
   return _SavedTree(cp_dir, tree["root"], tree["leaves"], chunks, files)
 
 
@@ -360,7 +358,7 @@ def _as_saved_args(saved: _SavedTree, ids: list[int],
                    restore_type: Any) -> list[th.RestoreArgs] | None:
   """Args for leaves loaded without a template leaf: as saved, or arrays as ``restore_type``."""
   if restore_type is None:
-    return None if ids else []
+    return None
   return [th.RestoreArgs(restore_type=restore_type)
           if saved.leaves[i]["typestr"] in ("jax.Array", "np.ndarray") else th.RestoreArgs()
           for i in ids]
@@ -373,7 +371,7 @@ def load(cp_dir: epath.Path, abstract: Any, *, partial: bool,
     return _load(saved, cp_dir, abstract, partial=partial, restore_type=restore_type)
   except (FileNotFoundError, errors.FormatError) as e:
     if saved.files is not None and saved.files.is_gone():  # replaced by an overwrite
-      raise CheckpointReplacedError(f"{cp_dir} was replaced while loading ({e})") from e
+      raise errors.CheckpointReplacedError(f"{cp_dir} was replaced while loading ({e})") from e
     if isinstance(e, errors.FormatError):
       raise
     raise FileNotFoundError(
