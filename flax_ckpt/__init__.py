@@ -9,6 +9,7 @@ Example:
 """
 
 from flax_ckpt import (
+    args,  # CheckpointArgs, register_with_handler and the built-in args classes
     metadata,  # callable module: metadata(path) and the metadata classes
     type_handlers,  # the TypeHandler extension API in one namespace
 )
@@ -16,6 +17,19 @@ from flax_ckpt._src import builtin_handlers as _builtin_handlers
 from flax_ckpt._src.async_utils import AsyncResponse
 from flax_ckpt._src.builtin_handlers import ArrayHandler, ScalarHandler
 from flax_ckpt._src.checkpoint import CheckpointMetadata, load, save, save_async
+from flax_ckpt._src.checkpoint_args import (
+    CheckpointArgs,
+    RegistrationError,
+    register_checkpointable_handler,
+    register_with_handler,
+)
+from flax_ckpt._src.checkpoint_handlers import AsyncCheckpointHandler, CheckpointHandler
+from flax_ckpt._src.checkpointables import (
+    load_checkpointables,
+    save_checkpointables,
+    save_checkpointables_async,
+)
+from flax_ckpt._src.checkpointer import AsyncCheckpointer, Checkpointer
 from flax_ckpt._src.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -25,6 +39,13 @@ from flax_ckpt._src.errors import (
     IncompleteCheckpointError,
     StructureMismatchError,
     UnsupportedLeafError,
+)
+from flax_ckpt._src.pytree_handler import PyTreeCheckpointHandler, PyTreeRestore, PyTreeSave
+from flax_ckpt._src.stateful_handler import (
+    StatefulCheckpointHandler,
+    StatefulMetadata,
+    StatefulRestore,
+    StatefulSave,
 )
 from flax_ckpt._src.templates import abstract_with_sharding
 from flax_ckpt._src.treespec import UnregisteredClassWarning, register_class
@@ -48,6 +69,25 @@ __version__ = "0.1.0"
 
 __all__ = [
     "abstract_with_sharding",
+    "args",
+    "AsyncCheckpointer",
+    "AsyncCheckpointHandler",
+    "CheckpointArgs",
+    "Checkpointer",
+    "CheckpointHandler",
+    "load_checkpointables",
+    "PyTreeCheckpointHandler",
+    "PyTreeRestore",
+    "PyTreeSave",
+    "register_checkpointable_handler",
+    "register_with_handler",
+    "RegistrationError",
+    "save_checkpointables",
+    "save_checkpointables_async",
+    "StatefulCheckpointHandler",
+    "StatefulMetadata",
+    "StatefulRestore",
+    "StatefulSave",
     "ArrayHandler",
     "ArrayMetadata",
     "ArrayRestoreArgs",

@@ -22,7 +22,7 @@ _OLD_TAG = ".flax_ckpt-old-"
 def _siblings(path):
   parent, name = os.path.split(os.fspath(path))
   return sorted(e for e in os.listdir(parent)
-                if e.startswith(f".{name}{_TMP_TAG}") or e.startswith(f".{name}{_OLD_TAG}"))
+                if e.startswith(f"{name}{_TMP_TAG}") or e.startswith(f"{name}{_OLD_TAG}"))
 
 
 def _child_env():

@@ -1,8 +1,8 @@
 """Atomicity under a real crash: ``kill -9`` of a process in the middle of a large save.
 
 A child process builds ~1.5 GiB of float32 data, prints ``SAVING`` and calls
-``flax_ckpt.save``. The parent waits for that line and for the hidden temporary sibling
-``.<name>.flax_ckpt-tmp-<host>-<pid>-<rand>`` to appear, sleeps a short random time and
+``flax_ckpt.save``. The parent waits for that line and for the temporary sibling
+``<name>.flax_ckpt-tmp-<host>-<pid>-<rand>`` to appear, sleeps a short random time and
 sends SIGKILL. Whatever was at the path before must be untouched, the partial data must
 never load, and the next save must clean up after the dead process.
 """
@@ -56,7 +56,7 @@ def _siblings(path, tag=_TMP_TAG):
   parent, name = os.path.split(os.fspath(path))
   if not os.path.isdir(parent):
     return []
-  return sorted(e for e in os.listdir(parent) if e.startswith(f".{name}{tag}"))
+  return sorted(e for e in os.listdir(parent) if e.startswith(f"{name}{tag}"))
 
 
 def _start_child(code, args, stderr_file):
@@ -233,14 +233,14 @@ def test_kill_during_first_save_leaves_nothing(ckpt_dir):
 def test_temp_dirs_of_live_processes_and_other_hosts_are_kept(ckpt_dir):
   path = ckpt_dir / "ckpt"
   host = socket.gethostname()
-  other_host = ckpt_dir / f".ckpt{_TMP_TAG}not-{host}-1-abcd1234"
-  unrelated = ckpt_dir / f".other{_TMP_TAG}{host}-999999999-abcd1234"
+  other_host = ckpt_dir / f"ckpt{_TMP_TAG}not-{host}-1-abcd1234"
+  unrelated = ckpt_dir / f"other{_TMP_TAG}{host}-999999999-abcd1234"
   err_path = ckpt_dir / "sleeper.err"
   with open(err_path, "w") as err:
     proc, lines = _start_child(_CHILD_SLEEP, [], err)
     try:
       _wait_line(proc, lines, "UP", 60, err_path)
-      live = ckpt_dir / f".ckpt{_TMP_TAG}{host}-{proc.pid}-abcd1234"
+      live = ckpt_dir / f"ckpt{_TMP_TAG}{host}-{proc.pid}-abcd1234"
       for d in (live, other_host, unrelated):
         d.mkdir()
         (d / "data.p0.bin").write_bytes(b"x" * 100)

@@ -1,7 +1,7 @@
 """Checkpoint paths and the atomic commit protocol (temporary sibling + rename).
 
-A save writes everything into a hidden sibling directory
-``.<name>.flax_ckpt-tmp-<host>-<pid>-<rand>``, makes it durable, writes the commit
+A save writes everything into a sibling directory
+``<name>.flax_ckpt-tmp-<host>-<pid>-<rand>``, makes it durable, writes the commit
 marker last and then renames the directory into place. With ``overwrite=True`` the
 new directory is swapped with the old one atomically (``renameat2(RENAME_EXCHANGE)``
 on Linux); the old one is deleted only after the swap.
@@ -120,7 +120,7 @@ def cleanup_stale_tmp(final: epath.Path) -> list[str]:
     return removed
   for entry in entries:
     for tag in (_TMP_TAG, _OLD_TAG):
-      prefix = f".{name}{tag}"
+      prefix = f"{name}{tag}"
       if not entry.startswith(prefix):
         continue
       parts = entry[len(prefix):].rsplit("-", 2)
@@ -137,7 +137,7 @@ def cleanup_stale_tmp(final: epath.Path) -> list[str]:
 
 
 def make_tmp_dir(final: epath.Path) -> tuple[epath.Path, list[str]]:
-  """Creates the hidden temporary sibling a save writes into.
+  """Creates the temporary sibling a save writes into.
 
   Returns:
     The directory, and the parent directories that had to be created (deepest last), so a
@@ -152,7 +152,7 @@ def make_tmp_dir(final: epath.Path) -> tuple[epath.Path, list[str]]:
   created.reverse()
   os.makedirs(parent, exist_ok=True)
   tag = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
-  tmp = os.path.join(parent, f".{name}{_TMP_TAG}{tag}")
+  tmp = os.path.join(parent, f"{name}{_TMP_TAG}{tag}")
   os.mkdir(tmp)
   return epath.Path(tmp), created
 
@@ -235,7 +235,7 @@ def require_committed(path: epath.Path) -> dict:
     parent, name = os.path.split(p)
     olds = []
     if os.path.isdir(parent):
-      olds = [e for e in os.listdir(parent) if e.startswith(f".{name}{_OLD_TAG}")]
+      olds = [e for e in os.listdir(parent) if e.startswith(f"{name}{_OLD_TAG}")]
     hint = (
         f" A previous version survives as {os.path.join(parent, olds[0])} (a crash between "
         "the two renames of an overwrite); rename it back to recover it."

@@ -1,0 +1,200 @@
+"""``Checkpointer`` and ``AsyncCheckpointer``: one handler, one checkpoint per path.
+
+The handler writes straight into the checkpoint directory (a temporary sibling until the
+commit), so a checkpoint looks like the handler's own files plus flax_ckpt's ``_CHECKPOINT``
+marker, written last.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from flax_ckpt._src import async_utils, checkpoint_args, checkpointables, errors, paths
+from flax_ckpt._src.checkpoint_args import CheckpointArgs
+
+
+class Checkpointer:
+  """Saves and restores with one :class:`CheckpointHandler`, atomically.
+
+  ``save`` writes into a temporary directory and renames it into place once the handler
+  finished and everything is durable; ``restore`` and ``metadata`` read through the handler.
+
+  Args:
+    handler: the handler (an instance).
+    fsync: make the data durable before committing.
+    barrier_timeout_s: multi-process only: how long each process waits for the others.
+
+  Example:
+    >>> import numpy as np, flax_ckpt, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), 'ckpt')
+    >>> with flax_ckpt.Checkpointer(flax_ckpt.PyTreeCheckpointHandler()) as ckptr:
+    ...   ckptr.save(path, args=flax_ckpt.args.PyTreeSave({'w': np.ones(2)}))
+    ...   ckptr.restore(path, args=flax_ckpt.args.PyTreeRestore())
+    {'w': array([1., 1.])}
+  """
+
+  _is_async = False
+
+  def __init__(self, handler: Any, *, fsync: bool = True,
+               barrier_timeout_s: float | None = None):
+    for m in ("save", "restore"):
+      if not callable(getattr(handler, m, None)):
+        raise TypeError(f"{handler!r} is not a CheckpointHandler (no {m}() method); pass a "
+                        "handler instance, e.g. Checkpointer(MyHandler())")
+    self._handler = handler
+    self._fsync = fsync
+    self._barrier_timeout_s = barrier_timeout_s
+
+  @property
+  def handler(self) -> Any:
+    """The handler this checkpointer drives."""
+    return self._handler
+
+  def _save_args(self, args: Any) -> Any:
+    if args is None:
+      raise TypeError("save needs args=..., e.g. MySave(item) registered with this handler")
+    if not isinstance(args, CheckpointArgs):
+      args_cls = checkpoint_args.registered_args_cls(self._handler, for_save=True)
+      if args_cls is None:
+        raise TypeError(
+            f"save takes a CheckpointArgs object, not a {type(args).__qualname__}; "
+            f"{type(self._handler).__qualname__} has no registered save args to wrap it in.")
+      return args_cls(args)
+    if not checkpoint_args.is_registered_for(args, self._handler, for_save=True):
+      raise checkpoint_args.RegistrationError(
+          f"{type(args).__qualname__} is not registered for saving with "
+          f"{type(self._handler).__qualname__}; decorate it with "
+          f"@flax_ckpt.args.register_with_handler({type(self._handler).__qualname__}, "
+          "for_save=True). Nothing was written.")
+    return args
+
+  def _start(self, path: paths.PathLike, args: Any, force: bool, custom_metadata: Any):
+    args = self._save_args(args)
+    driver = checkpointables.driver_for_handler(self._handler, args, owned=False)
+    part = checkpointables.Part(checkpointables.DEFAULT_CHECKPOINTABLE,
+                                checkpointables.ROOT_DIR, driver)
+    return checkpointables.start_save(
+        path, [part], overwrite=force, custom_metadata=custom_metadata,
+        is_async=self._is_async, fsync=self._fsync, barrier_timeout_s=self._barrier_timeout_s)
+
+  def save(self, path: paths.PathLike, args: CheckpointArgs | None = None, *,
+           force: bool = False, custom_metadata: dict | None = None) -> None:
+    """Saves and commits; returns when the checkpoint is complete.
+
+    Args:
+      path: destination directory.
+      args: save args registered with the handler (a plain object is wrapped in the
+        handler's registered save args class).
+      force: replace an existing checkpoint at ``path`` (kept intact until the new one
+        commits); without it an existing ``path`` is an error.
+      custom_metadata: a JSON-serializable dict stored in the commit marker.
+
+    Raises:
+      CheckpointExistsError: ``path`` exists and ``force`` is False.
+      RegistrationError: ``args`` is not registered with this handler.
+    """
+    _, finish = self._start(path, args, force, custom_metadata)
+    finish()
+
+  def _part(self, path: paths.PathLike) -> tuple[Any, str, dict]:
+    final, manifest = checkpointables.committed(path)
+    entries = manifest["checkpointables"]
+    if len(entries) != 1:
+      raise errors.CheckpointError(
+          f"{final} holds several parts ({', '.join(entries)}); restore them with "
+          "flax_ckpt.load_checkpointables(path, {name: args}).")
+    (name, entry), = entries.items()
+    return final, name, entry
+
+  def restore(self, path: paths.PathLike, args: CheckpointArgs | None = None) -> Any:
+    """Restores through the handler; ``args=None`` uses its restore args' defaults.
+
+    Args:
+      path: a checkpoint written by this kind of handler.
+      args: restore args for the handler, or None.
+    """
+    final, name, entry = self._part(path)
+    if args is None:
+      args = checkpointables._default_restore_args(type(self._handler))
+    return self._handler.restore(checkpointables.part_dir(final, name, entry), args)
+
+  def metadata(self, path: paths.PathLike) -> Any:
+    """The handler's ``metadata()`` for the checkpoint at ``path``."""
+    final, name, entry = self._part(path)
+    fn = getattr(self._handler, "metadata", None)
+    return fn(checkpointables.part_dir(final, name, entry)) if callable(fn) else None
+
+  def close(self) -> None:
+    """Closes the handler."""
+    fn = getattr(self._handler, "close", None)
+    if callable(fn):
+      fn()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self.close()
+
+
+class AsyncCheckpointer(Checkpointer):
+  """A :class:`Checkpointer` whose ``save`` returns before the data is written.
+
+  ``save`` returns once the handler's ``async_save`` has scheduled its work (a handler
+  without ``async_save`` saves synchronously before ``save`` returns); the checkpoint is
+  written under a temporary name next to ``path`` and renamed to ``path`` when complete.
+  At most one save is in flight: the next ``save`` waits for the previous one. An error in
+  the background is raised by the next call (``save``, ``restore``, ``metadata``,
+  ``wait_until_finished`` or ``close``; each of them first waits for the pending save).
+
+  Example:
+    >>> import numpy as np, flax_ckpt, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), 'ckpt')
+    >>> with flax_ckpt.AsyncCheckpointer(flax_ckpt.PyTreeCheckpointHandler()) as ckptr:
+    ...   ckptr.save(path, args=flax_ckpt.args.PyTreeSave({'w': np.ones(2)}))
+    ...   ckptr.wait_until_finished()
+    ...   ckptr.restore(path)['w']
+    array([1., 1.])
+  """
+
+  _is_async = True
+
+  def __init__(self, handler: Any, *, fsync: bool = True,
+               barrier_timeout_s: float | None = None):
+    super().__init__(handler, fsync=fsync, barrier_timeout_s=barrier_timeout_s)
+    self._lock = threading.Lock()
+    self._pending: async_utils.AsyncResponse | None = None
+
+  def save(self, path: paths.PathLike, args: CheckpointArgs | None = None, *,
+           force: bool = False, custom_metadata: dict | None = None) -> None:
+    """Starts a save; returns once the data to write is captured (see the class doc)."""
+    self.wait_until_finished()
+    final, finish = self._start(path, args, force, custom_metadata)
+    with self._lock:
+      self._pending = async_utils.start_background(finish, os.fspath(final))
+
+  def wait_until_finished(self) -> None:
+    """Blocks until the pending save is committed; raises its error if it failed."""
+    with self._lock:
+      r, self._pending = self._pending, None
+    if r is not None:
+      r.result()
+
+  def restore(self, path: paths.PathLike, args: CheckpointArgs | None = None) -> Any:
+    """Waits for a pending save (raising its error), then restores."""
+    self.wait_until_finished()
+    return super().restore(path, args)
+
+  def metadata(self, path: paths.PathLike) -> Any:
+    """Waits for a pending save (raising its error), then reads the handler's metadata."""
+    self.wait_until_finished()
+    return super().metadata(path)
+
+  def close(self) -> None:
+    """Waits for the pending save, then closes the handler."""
+    try:
+      self.wait_until_finished()
+    finally:
+      super().close()

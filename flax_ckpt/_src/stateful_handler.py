@@ -1,0 +1,249 @@
+"""Objects with ``get_state()`` / ``set_state(state)``: data iterators and the like.
+
+Every process saves its own object's state in ``process_<i>-of-<n>.json`` (JSON data) or
+``process_<i>-of-<n>.bin`` (bytes), because a data iterator's position is per process.
+grain's ``DatasetIterator`` and ``DataLoaderIterator`` follow this protocol unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from etils import epath
+
+from flax_ckpt._src import errors, multihost, paths
+from flax_ckpt._src.checkpoint_args import CheckpointArgs, register_with_handler
+from flax_ckpt._src.checkpoint_handlers import CheckpointHandler
+
+_FILE_RE = re.compile(r"^process_(\d+)-of-(\d+)\.(json|bin)$")
+
+
+def is_stateful(obj: Any) -> bool:
+  """Whether ``obj`` follows the stateful protocol (callable get_state and set_state)."""
+  return (not isinstance(obj, type) and callable(getattr(obj, "get_state", None))
+          and callable(getattr(obj, "set_state", None)))
+
+
+def file_name(index: int, count: int, ext: str) -> str:
+  return f"process_{index}-of-{count}.{ext}"
+
+
+def _not_json(v: Any, where: str) -> str | None:
+  """Where ``v`` stops being plain JSON data (so it would not come back as it is)."""
+  if v is None or type(v) in (str, bool, int):
+    return None
+  if type(v) is float:
+    return None if math.isfinite(v) else f"{where} is {v!r} (not representable in JSON)"
+  if type(v) is list:
+    for i, x in enumerate(v):
+      bad = _not_json(x, f"{where}[{i}]")
+      if bad:
+        return bad
+    return None
+  if type(v) is dict:
+    for k, x in v.items():
+      if type(k) is not str:
+        return f"{where} has the non-str key {k!r}"
+      bad = _not_json(x, f"{where}[{k!r}]")
+      if bad:
+        return bad
+    return None
+  return f"{where} is a {type(v).__qualname__}"
+
+
+def encode_state(state: Any, what: str) -> tuple[str, bytes]:
+  """``(extension, file bytes)`` for a ``get_state()`` result."""
+  if isinstance(state, (bytes, bytearray, memoryview)):
+    return "bin", bytes(state)
+  bad = _not_json(state, "state")
+  if bad:
+    raise errors.UnsupportedLeafError(
+        f"{what}: get_state() must return bytes or plain JSON data (dict with str keys, list, "
+        f"str, int, finite float, bool, None) so that set_state() gets back exactly what was "
+        f"saved, but {bad}. Convert it (e.g. tuples to lists, numpy numbers with int()/"
+        "float()) or serialize the state to bytes yourself. Nothing was written.")
+  return "json", json.dumps(state, ensure_ascii=False, allow_nan=False).encode(
+      "utf-8", "surrogatepass")
+
+
+@dataclasses.dataclass
+class StatefulSave(CheckpointArgs):
+  """Save args for an object with ``get_state()`` / ``set_state()``.
+
+  Attributes:
+    item: the object; ``item.get_state()`` is called once, when the save starts.
+  """
+
+  item: Any
+
+
+@dataclasses.dataclass
+class StatefulRestore(CheckpointArgs):
+  """Restore args for an object with ``get_state()`` / ``set_state()``.
+
+  Attributes:
+    item: the object to restore into (``item.set_state(state)`` is called and ``item`` is
+      returned); None returns the saved state itself (a dict/list/... or bytes).
+    process_mapping: for a job with another process count than the one that saved: which
+      saved process's state each process takes, as ``{process_index: saved_index}`` or a
+      function ``process_index -> saved_index``. Without it a different process count is
+      an error, because iterator positions of one process layout rarely fit another.
+  """
+
+  item: Any = None
+  process_mapping: Mapping[int, int] | Callable[[int], int] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StatefulMetadata:
+  """What a stateful part holds: how many processes saved it and in which formats."""
+
+  process_count: int
+  formats: tuple[str, ...]
+
+
+class StatefulCheckpointHandler(CheckpointHandler):
+  """Saves ``get_state()`` per process; restores with ``set_state()``.
+
+  Example:
+    >>> import flax_ckpt, tempfile, os
+    >>> class Counter:
+    ...   def __init__(self): self.n = 0
+    ...   def get_state(self): return {'n': self.n}
+    ...   def set_state(self, state): self.n = state['n']
+    >>> c = Counter(); c.n = 7
+    >>> path = os.path.join(tempfile.mkdtemp(), 'ckpt')
+    >>> flax_ckpt.save_checkpointables(path, {'counter': c})
+    >>> flax_ckpt.load_checkpointables(path, {'counter': Counter()})['counter'].n
+    7
+  """
+
+  save_on_all_processes = True
+
+  def save(self, directory: epath.Path, args: StatefulSave) -> None:
+    driver = self._flax_ckpt_driver(args)
+    driver.plan(None)
+    driver.start(directory, None, None)(True)
+
+  def restore(self, directory: epath.Path, args: StatefulRestore | None = None) -> Any:
+    args = args if args is not None else StatefulRestore()
+    if not isinstance(args, StatefulRestore):
+      raise TypeError(f"StatefulCheckpointHandler.restore takes StatefulRestore args, not "
+                      f"{type(args).__qualname__}")
+    if args.item is not None and not is_stateful(args.item):
+      raise TypeError(
+          f"cannot restore into a {type(args.item).__qualname__}: it has no get_state()/"
+          "set_state(); pass the object to restore into (e.g. a fresh data iterator), or "
+          "None to get the saved state itself.")
+    saved = _saved_files(directory)
+    counts = {n for n, _ in saved}
+    if len(counts) != 1:
+      raise errors.FormatError(f"{directory}: stateful part has files of several process "
+                               f"counts {sorted(counts)}; the checkpoint is damaged.")
+    (n,) = counts
+    me, now = multihost.process_index(), multihost.process_count()
+    src = me
+    if args.process_mapping is not None:
+      m = args.process_mapping
+      src = m(me) if callable(m) else m.get(me, None)
+      if src is None:
+        raise errors.StructureMismatchError(
+            f"{directory}: process_mapping has no entry for process {me}")
+    elif n != now:
+      raise errors.StructureMismatchError(
+          f"{directory}: the state was saved by {n} processes, this job has {now}. Each "
+          "process's iterator position belongs to its own process; pass "
+          "StatefulRestore(item, process_mapping={this_index: saved_index, ...}) (or a "
+          "function) to say which saved state each process takes, or start the iterator "
+          "fresh.")
+    if not 0 <= int(src) < n:
+      raise errors.StructureMismatchError(
+          f"{directory}: process_mapping sends process {me} to saved process {src}, but the "
+          f"state was saved by processes 0..{n - 1}")
+    ext = saved[(n, int(src))]
+    raw = (directory / file_name(int(src), n, ext)).read_bytes()
+    state = raw if ext == "bin" else json.loads(raw.decode("utf-8", "surrogatepass"))
+    if args.item is None:
+      return state
+    args.item.set_state(state)
+    return args.item
+
+  def metadata(self, directory: epath.Path) -> StatefulMetadata:
+    saved = _saved_files(directory)
+    n = max((c for c, _ in saved), default=0)
+    return StatefulMetadata(n, tuple(saved[k] for k in sorted(saved)))
+
+  def _flax_ckpt_driver(self, args: Any) -> _StatefulDriver:
+    if not isinstance(args, StatefulSave):
+      raise TypeError(f"StatefulCheckpointHandler.save takes StatefulSave args, not "
+                      f"{type(args).__qualname__}")
+    return _StatefulDriver(args.item)
+
+
+register_with_handler(StatefulCheckpointHandler, for_save=True)(StatefulSave)
+register_with_handler(StatefulCheckpointHandler, for_restore=True)(StatefulRestore)
+
+
+def _saved_files(directory: epath.Path) -> dict[tuple[int, int], str]:
+  """``{(process_count, process_index): extension}`` of the state files present."""
+  out = {}
+  try:
+    names = os.listdir(os.fspath(directory))
+  except FileNotFoundError as e:
+    raise errors.FormatError(f"{directory} is missing; the checkpoint is damaged.") from e
+  for name in names:
+    m = _FILE_RE.match(name)
+    if m:
+      out[(int(m.group(2)), int(m.group(1)))] = m.group(3)
+  if not out:
+    raise errors.FormatError(f"{directory} holds no process_<i>-of-<n> state file; the "
+                             "checkpoint is damaged.")
+  return out
+
+
+class _StatefulDriver:
+  """The save of one stateful object, in the steps the checkpoint writer drives."""
+
+  kind = "stateful"
+
+  def __init__(self, item: Any):
+    self.item = item
+    self.ext = self.data = None
+
+  def plan(self, ctx: Any, what: str = "stateful object") -> None:
+    if not is_stateful(self.item):
+      raise TypeError(f"{what}: {type(self.item).__qualname__} has no get_state()/set_state()")
+    self.ext, self.data = encode_state(self.item.get_state(), what)  # state as of now
+
+  def share(self) -> Any:
+    return None
+
+  def start(self, directory: epath.Path, shared: Any, ctx: Any):
+    i, n = multihost.process_index(), multihost.process_count()
+    target = os.path.join(os.fspath(directory), file_name(i, n, self.ext))
+    data = self.data
+
+    def finish(fsync: bool) -> None:
+      with open(target, "wb") as f:
+        f.write(data)
+        if fsync:
+          f.flush()
+          os.fsync(f.fileno())
+      if fsync:
+        paths.fsync_path(directory)
+
+    return finish
+
+  def entry(self) -> dict:
+    t = type(self.item)
+    return {"kind": "stateful", "process_count": multihost.process_count(),
+            "type": f"{t.__module__}.{t.__qualname__}"}
+
+  def close(self) -> None:
+    pass
