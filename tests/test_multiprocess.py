@@ -163,3 +163,23 @@ def test_failed_process_mid_save_commits_nothing(tmp_path, scenario):
   assert r0["seconds"] < 40 and not r0["exists"], r0
   assert not path.exists()
   assert not [p for p in tmp_path.iterdir() if "flax_ckpt-tmp" in p.name]
+
+
+def test_each_process_restores_its_own_iterator_state(tmp_path):
+  pytest.importorskip("grain")
+  path = tmp_path / "ckpt"
+  res = _run_job(2, 2, "stateful", path, "2x2", "x,y")
+  for rc, r, out in res:
+    assert rc == 0 and r, out
+  (_, r0, _), (_, r1, _) = res
+  for r in (r0, r1):
+    assert r["restored"] == r["following"]  # resumes exactly where this process saved
+    assert r["files"] == ["process_0-of-2.json", "process_1-of-2.json"]
+  assert r0["following"] != r1["following"]
+  # process_mapping={0: 1, 1: 0}: each process got the other's saved state
+  assert r0["swapped"] == {"next_index": 8} and r1["swapped"] == {"next_index": 5}
+  md = flax_ckpt.metadata(path)
+  assert md.checkpointables["dataset"]["kind"] == "stateful"
+  assert md.checkpointables["dataset"]["process_count"] == 2
+  with pytest.raises(flax_ckpt.StructureMismatchError, match="saved by 2 processes"):
+    flax_ckpt.load_checkpointables(path, {"dataset": None})  # this test is one process

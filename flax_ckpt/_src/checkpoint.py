@@ -25,7 +25,7 @@ def save(path: paths.PathLike, state: Any, *, overwrite: bool = False,
          checkpointable_name: str = DEFAULT_CHECKPOINTABLE) -> None:
   """Saves any PyTree to ``path``; returns once the checkpoint is committed.
 
-  The checkpoint is written into a hidden sibling directory and renamed into place after
+  The checkpoint is written into a temporary sibling directory and renamed into place after
   every byte is durable, so ``path`` either holds the complete checkpoint or nothing new.
 
   In a multi-process job every process calls ``save`` with the same path and tree (in the

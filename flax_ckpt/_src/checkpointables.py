@@ -272,7 +272,8 @@ def _annotate(e: BaseException, parts: list[Part], name: str) -> None:
 
 def start_save(path: paths.PathLike, parts: list[Part], *, overwrite: bool,
                custom_metadata: Any, is_async: bool, fsync: bool,
-               barrier_timeout_s: float | None = None) -> tuple[epath.Path, Callable[[], None]]:
+               barrier_timeout_s: float | None = None, overwrite_flag: str = "overwrite"
+               ) -> tuple[epath.Path, Callable[[], None]]:
   """Snapshots every part into a temporary directory; returns ``finish()`` that commits.
 
   Everything that reads the caller's objects happens before this returns.
@@ -295,7 +296,7 @@ def start_save(path: paths.PathLike, parts: list[Part], *, overwrite: bool,
 
   try:
     storage.backend_name()  # a bad FLAX_CKPT_STORAGE fails before anything is written
-    paths.check_destination(final, overwrite)
+    paths.check_destination(final, overwrite, overwrite_flag)
     check_custom_metadata(custom_metadata)
     key, ticket, earlier = _claim(final, overwrite)
   except BaseException:

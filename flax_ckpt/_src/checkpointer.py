@@ -77,7 +77,8 @@ class Checkpointer:
                                 checkpointables.ROOT_DIR, driver)
     return checkpointables.start_save(
         path, [part], overwrite=force, custom_metadata=custom_metadata,
-        is_async=self._is_async, fsync=self._fsync, barrier_timeout_s=self._barrier_timeout_s)
+        is_async=self._is_async, fsync=self._fsync, barrier_timeout_s=self._barrier_timeout_s,
+        overwrite_flag="force")
 
   def save(self, path: paths.PathLike, args: CheckpointArgs | None = None, *,
            force: bool = False, custom_metadata: dict | None = None) -> None:

@@ -78,7 +78,7 @@ def read_json(path: PathLike) -> Any:
     return json.loads(f.read().decode("utf-8", "surrogatepass"))
 
 
-def check_destination(final: epath.Path, overwrite: bool) -> None:
+def check_destination(final: epath.Path, overwrite: bool, flag: str = "overwrite") -> None:
   """Raises before anything is written if ``final`` cannot receive a checkpoint."""
   p = os.fspath(final)
   if os.path.lexists(p):
@@ -88,7 +88,7 @@ def check_destination(final: epath.Path, overwrite: bool) -> None:
       )
     if not overwrite:
       raise errors.CheckpointExistsError(
-          f"a checkpoint already exists at {p}; pass overwrite=True to replace it "
+          f"a checkpoint already exists at {p}; pass {flag}=True to replace it "
           "(the old one stays intact until the new one is committed) or choose a new path."
       )
   parent = os.path.dirname(p)
