@@ -379,3 +379,15 @@ def test_pytree_checkpointer_is_loadable_with_load(tmp_path):
       path, args=flax_ckpt.args.PyTreeSave({"w": np.arange(4)}))
   np.testing.assert_array_equal(flax_ckpt.load(path)["w"], np.arange(4))
   assert flax_ckpt.metadata(path)["w"].shape == (4,)
+
+
+def test_checkpointer_wraps_plain_objects_in_registered_args(tmp_path):
+  import jax
+
+  path = tmp_path / "ckpt"
+  ckptr = ocp.Checkpointer(flax_ckpt.PyTreeCheckpointHandler())
+  ckptr.save(path, {"w": np.arange(4, dtype=np.float32)})  # wrapped in PyTreeSave
+  got = ckptr.restore(path, {"w": jax.ShapeDtypeStruct((4,), np.int32)})  # -> PyTreeRestore
+  assert isinstance(got["w"], jax.Array) and got["w"].dtype == np.int32
+  with pytest.raises(flax_ckpt.RegistrationError, match="for_restore"):
+    ckptr.restore(path, MyStateRestore())

@@ -25,6 +25,10 @@ def save(path: paths.PathLike, state: Any, *, overwrite: bool = False,
          checkpointable_name: str = DEFAULT_CHECKPOINTABLE) -> None:
   """Saves any PyTree to ``path``; returns once the checkpoint is committed.
 
+  This is :func:`save_checkpointables` with one part, named ``checkpointable_name``; like
+  there, an object that is not a PyTree (a data iterator, args of a CheckpointHandler) is
+  saved by its own handler.
+
   The checkpoint is written into a temporary sibling directory and renamed into place after
   every byte is durable, so ``path`` either holds the complete checkpoint or nothing new.
 
@@ -44,6 +48,7 @@ def save(path: paths.PathLike, state: Any, *, overwrite: bool = False,
       waits for the others at each step of the save before raising (default
       ``$FLAX_CKPT_BARRIER_TIMEOUT_S`` or 300 s). Nothing is committed unless every
       process wrote its part.
+    checkpointable_name: the part's name (its sub-directory); ``load`` takes the same.
 
   Raises:
     CheckpointExistsError: ``path`` exists and ``overwrite`` is False.
@@ -86,6 +91,7 @@ def save_async(path: paths.PathLike, state: Any, *, overwrite: bool = False,
       waits for the others at each step of the save before raising (default
       ``$FLAX_CKPT_BARRIER_TIMEOUT_S`` or 300 s). Nothing is committed unless every
       process wrote its part.
+    checkpointable_name: the part's name (its sub-directory).
 
   Returns:
     An :class:`AsyncResponse`; ``result()`` blocks until committed and re-raises failures.
@@ -127,6 +133,8 @@ def load(path: paths.PathLike, abstract_state: Any = None, *, partial: bool = Fa
       ``None`` in it): ``numpy.ndarray`` gives host numpy arrays, ``jax.Array`` arrays on
       the default device; None (default) gives each the kind it was saved as. The saved
       sharding is never required: a checkpoint saved on any topology loads anywhere.
+    checkpointable_name: which part to load (default ``state``, what :func:`save` writes);
+      see :func:`load_checkpointables` for several parts.
 
   Raises:
     CheckpointNotFoundError, IncompleteCheckpointError: nothing committed at ``path``.
@@ -152,9 +160,10 @@ def metadata(path: paths.PathLike) -> CheckpointMetadata:
     path: the checkpoint directory.
 
   Returns:
-    A :class:`CheckpointMetadata` whose ``tree`` mirrors the saved structure with one
-    metadata object per leaf (shape, dtype, type, size in bytes, saved sharding).
-    ``md[key]`` indexes the tree.
+    A :class:`CheckpointMetadata`: ``checkpointables`` lists the parts and their kinds
+    (``pytree``, ``stateful``, ``handler``), ``parts`` holds each part's metadata, and
+    ``tree`` mirrors the ``state`` part (what :func:`save` writes) with one metadata object
+    per leaf (shape, dtype, type, size in bytes, saved sharding); ``md[key]`` indexes it.
 
   Example:
     >>> import numpy as np, flax_ckpt, tempfile, os

@@ -114,11 +114,27 @@ class Checkpointer:
 
     Args:
       path: a checkpoint written by this kind of handler.
-      args: restore args for the handler, or None.
+      args: restore args registered with the handler, or None (its registered restore
+        args with their defaults); another object is wrapped in the registered restore
+        args class (e.g. a template for :class:`PyTreeCheckpointHandler`).
     """
     final, name, entry = self._part(path)
     if args is None:
       args = checkpointables._default_restore_args(type(self._handler))
+    elif not isinstance(args, CheckpointArgs):
+      args_cls = checkpoint_args.registered_args_cls(self._handler, for_save=False)
+      if args_cls is None:
+        raise TypeError(
+            f"restore takes a CheckpointArgs object, not a {type(args).__qualname__}; "
+            f"{type(self._handler).__qualname__} has no registered restore args to wrap it in.")
+      args = args_cls(args)
+    elif not (checkpoint_args.is_registered_for(args, self._handler, for_save=False)
+              or checkpoint_args.is_registered_for(args, self._handler, for_save=True)):
+      raise checkpoint_args.RegistrationError(
+          f"{type(args).__qualname__} is not registered for restoring with "
+          f"{type(self._handler).__qualname__}; decorate it with "
+          f"@flax_ckpt.args.register_with_handler({type(self._handler).__qualname__}, "
+          "for_restore=True).")
     return self._handler.restore(checkpointables.part_dir(final, name, entry), args)
 
   def metadata(self, path: paths.PathLike) -> Any:
