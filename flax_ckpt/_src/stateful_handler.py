@@ -61,15 +61,19 @@ def encode_state(state: Any, what: str) -> tuple[str, bytes]:
   """``(extension, file bytes)`` for a ``get_state()`` result."""
   if isinstance(state, (bytes, bytearray, memoryview)):
     return "bin", bytes(state)
-  bad = _not_json(state, "state")
+  try:
+    bad = _not_json(state, "state")
+    data = None if bad else json.dumps(state, ensure_ascii=False, allow_nan=False).encode(
+        "utf-8", "surrogatepass")
+  except (RecursionError, ValueError) as e:  # self-reference, ints beyond str() limits
+    bad = f"it cannot be written as JSON ({type(e).__name__}: {e})"
   if bad:
     raise errors.UnsupportedLeafError(
         f"{what}: get_state() must return bytes or plain JSON data (dict with str keys, list, "
         f"str, int, finite float, bool, None) so that set_state() gets back exactly what was "
         f"saved, but {bad}. Convert it (e.g. tuples to lists, numpy numbers with int()/"
         "float()) or serialize the state to bytes yourself. Nothing was written.")
-  return "json", json.dumps(state, ensure_ascii=False, allow_nan=False).encode(
-      "utf-8", "surrogatepass")
+  return "json", data
 
 
 @dataclasses.dataclass
@@ -166,7 +170,11 @@ class StatefulCheckpointHandler(CheckpointHandler):
       raise errors.StructureMismatchError(
           f"{directory}: process_mapping sends process {me} to saved process {src}, but the "
           f"state was saved by processes 0..{n - 1}")
-    ext = saved[(n, int(src))]
+    ext = saved.get((n, int(src)))
+    if ext is None:
+      raise errors.FormatError(
+          f"{directory}: the state of saved process {src} (process_{src}-of-{n}) is missing; "
+          "the checkpoint is damaged.")
     raw = (directory / file_name(int(src), n, ext)).read_bytes()
     state = raw if ext == "bin" else json.loads(raw.decode("utf-8", "surrogatepass"))
     if args.item is None:
