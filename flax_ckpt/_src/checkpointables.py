@@ -49,7 +49,7 @@ FORMAT_VERSION = 1
 DEFAULT_CHECKPOINTABLE = "state"
 ROOT_DIR = "."  # a Checkpointer's single part lives in the checkpoint directory itself
 _ATTEMPTS = 5  # reads retried when an overwrite replaces the checkpoint mid-read
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 @dataclasses.dataclass
@@ -100,7 +100,7 @@ def check_custom_metadata(custom_metadata: Any) -> None:
 
 
 def check_name(name: Any) -> str:
-  if not isinstance(name, str) or not _NAME_RE.match(name):
+  if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
     raise ValueError(
         f"checkpointable name {name!r} is not allowed: use 1-128 characters from "
         "[A-Za-z0-9_.-], starting with a letter or digit (it becomes a directory name).")
@@ -490,7 +490,7 @@ def part_dir(final: epath.Path, name: str, entry: dict) -> epath.Path:
   d = entry.get("dir", name)
   if d == ROOT_DIR:
     return final
-  if not isinstance(d, str) or not _NAME_RE.match(d):
+  if not isinstance(d, str) or not _NAME_RE.fullmatch(d):
     raise errors.FormatError(f"{final}: part {name!r} has an invalid directory {d!r}")
   return final / d
 
