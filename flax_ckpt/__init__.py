@@ -14,6 +14,7 @@ from flax_ckpt import (
     type_handlers,  # the TypeHandler extension API in one namespace
 )
 from flax_ckpt._src import builtin_handlers as _builtin_handlers
+from flax_ckpt._src import library_types as _library_types  # noqa: F401 - Optax/Flax classes
 from flax_ckpt._src.async_utils import AsyncResponse
 from flax_ckpt._src.builtin_handlers import ArrayHandler, ScalarHandler
 from flax_ckpt._src.checkpoint import CheckpointMetadata, load, save, save_async

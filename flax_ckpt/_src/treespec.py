@@ -31,10 +31,50 @@ class _ClassEntry:
   cls: type
   name: str
   build: Callable[[Sequence[Any], Sequence[Any]], Any] | None
+  from_aux: bool = False  # rebuilt by the class's own unflatten from its saved aux data
 
 
 _BY_NAME: dict[str, _ClassEntry] = {}
 _BY_CLASS: dict[type, _ClassEntry] = {}
+# Known-library resolvers (see library_types.py): called on a registry miss, they register
+# the classes they know (from libraries already imported or flax_ckpt's own dependencies)
+# and return whether they did. They never import a name read from a checkpoint.
+_CLASS_RESOLVERS: list[Callable[[type], bool]] = []
+_NAME_RESOLVERS: list[Callable[[str], bool]] = []
+
+
+def add_resolvers(by_class: Callable[[type], bool], by_name: Callable[[str], bool]) -> None:
+  _CLASS_RESOLVERS.append(by_class)
+  _NAME_RESOLVERS.append(by_name)
+
+
+def register_known(cls: type, name: str, *, aliases: Sequence[str] = (),
+                   from_aux: bool = False) -> None:
+  """Registers a library class under a stable ``name`` (plus ``aliases`` for reading)."""
+  if cls in _BY_CLASS:
+    return
+  entry = _ClassEntry(cls, name, None, from_aux)
+  _BY_CLASS[cls] = entry
+  for n in (name, *aliases):
+    _BY_NAME.setdefault(n, entry)
+
+
+def entry_known(name: str) -> bool:
+  return name in _BY_NAME
+
+
+def _entry_for_class(cls: type) -> _ClassEntry | None:
+  entry = _BY_CLASS.get(cls)
+  if entry is None and any(r(cls) for r in _CLASS_RESOLVERS):
+    entry = _BY_CLASS.get(cls)
+  return entry
+
+
+def _entry_for_name(name: str) -> _ClassEntry | None:
+  entry = _BY_NAME.get(name)
+  if entry is None and any(r(name) for r in _NAME_RESOLVERS):
+    entry = _BY_NAME.get(name)
+  return entry
 
 
 def default_class_name(cls: type) -> str:
@@ -93,8 +133,75 @@ def is_registered_class(cls: type) -> bool:
 
 
 def _class_name(cls: type) -> tuple[str, bool]:
-  entry = _BY_CLASS.get(cls)
+  entry = _entry_for_class(cls)
   return (entry.name, True) if entry else (default_class_name(cls), False)
+
+
+# --- aux data (a node's static part) as faithful JSON -----------------------------------
+
+_NOT_JSON = object()
+
+
+def encode_aux(v: Any) -> Any:
+  """``v`` as JSON that :func:`decode_aux` turns back into an equal value of the same types,
+  or ``_NOT_JSON``. Containers are tagged: ``{"l": [...]}`` list, ``{"t": [...]}`` tuple,
+  ``{"d": {...}}`` dict with str keys, ``{"P": [...]}`` PartitionSpec."""
+  t = type(v)
+  if v is None or t is bool or t is str:
+    return v
+  if t is int:
+    return v if abs(v) < 2**53 else _NOT_JSON
+  if t is float:
+    return v if v == v and v not in (float("inf"), float("-inf")) else _NOT_JSON
+  if t is list or t is tuple:
+    items = [encode_aux(x) for x in v]
+    if any(x is _NOT_JSON for x in items):
+      return _NOT_JSON
+    return {"l" if t is list else "t": items}
+  if t is dict:
+    if not all(type(k) is str for k in v):
+      return _NOT_JSON
+    items = {k: encode_aux(x) for k, x in v.items()}
+    if any(x is _NOT_JSON for x in items.values()):
+      return _NOT_JSON
+    return {"d": items}
+  if t is jax.sharding.PartitionSpec:
+    items = [encode_aux(x) for x in v]
+    return _NOT_JSON if any(x is _NOT_JSON for x in items) else {"P": items}
+  return _NOT_JSON
+
+
+def decode_aux(v: Any) -> Any:
+  if not isinstance(v, dict):
+    return v
+  ((tag, body),) = v.items()
+  if tag == "l":
+    return [decode_aux(x) for x in body]
+  if tag == "t":
+    return tuple(decode_aux(x) for x in body)
+  if tag == "d":
+    return {k: decode_aux(x) for k, x in body.items()}
+  if tag == "P":
+    return jax.sharding.PartitionSpec(*(decode_aux(x) for x in body))
+  raise errors.FormatError(f"unknown aux data tag {tag!r}; upgrade flax_ckpt")
+
+
+def _encode_node_aux(aux: Any) -> tuple[Any, list[str]]:
+  """Encoded aux data, and the names of mapping entries left out because they are not JSON.
+
+  A mapping (or a tuple of ``(str, value)`` pairs, as metadata is often kept) loses only
+  its non-JSON entries; any other aux data is kept whole or not at all.
+  """
+  if type(aux) is dict and all(type(k) is str for k in aux):
+    kept = {k: encode_aux(x) for k, x in aux.items()}
+    dropped = [k for k, x in kept.items() if x is _NOT_JSON]
+    return {"d": {k: x for k, x in kept.items() if x is not _NOT_JSON}}, dropped
+  if (type(aux) is tuple and aux
+      and all(type(p) is tuple and len(p) == 2 and type(p[0]) is str for p in aux)):
+    pairs = [(k, encode_aux(x)) for k, x in aux]
+    dropped = [k for k, x in pairs if x is _NOT_JSON]
+    return {"t": [{"t": [k, x]} for k, x in pairs if x is not _NOT_JSON]}, dropped
+  return encode_aux(aux), []
 
 
 def _is_namedtuple(x: Any) -> bool:
@@ -210,12 +317,12 @@ def collapse_plain_dataclasses(tree: Any) -> Any:
   return jax.tree_util.tree_map(collapse, tree, is_leaf=lambda y: isinstance(y, _PlainNode))
 
 
-def _one_level(x: Any) -> tuple[list[tuple[PathElem, Any]], bool]:
-  """Children of a custom PyTree node with their keys; (_, False) if ``x`` is a leaf."""
+def _one_level(x: Any) -> tuple[list[tuple[PathElem, Any]], Any]:
+  """Children of a custom PyTree node with their keys, and its treedef (None for a leaf)."""
   flat, treedef = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
   if jax.tree_util.treedef_is_leaf(treedef):
-    return [], False
-  return [(path_from_jax(kp)[0], v) for kp, v in flat], True
+    return [], None
+  return [(path_from_jax(kp)[0], v) for kp, v in flat], treedef
 
 
 def encode(
@@ -264,7 +371,8 @@ def encode(
       name, reg = _class_name(t)
       return {"t": "namedtuple", "cls": name, "reg": reg, "f": list(t._fields),
               "c": [walk(getattr(x, f), path + (("a", f),)) for f in t._fields]}
-    kids, is_node = _one_level(x)
+    kids, treedef = _one_level(x)
+    is_node = treedef is not None
     if not is_node and t in _BY_CLASS and dataclasses.is_dataclass(x):
       kids, is_node = plain_dataclass_children(x), True
     if not is_node:
@@ -273,9 +381,25 @@ def encode(
                  "the class as a JAX PyTree node)")
       return {"t": "leaf", "id": -1}
     name, reg = _class_name(t)
-    return {"t": "node", "cls": name, "reg": reg,
+    node = {"t": "node", "cls": name, "reg": reg,
             "keys": [[kind, key] for (kind, key), _ in kids],
             "c": [walk(v, path + ((kind, key),)) for (kind, key), v in kids]}
+    if treedef is not None:
+      try:
+        aux = treedef.node_data()[1]
+      except Exception:  # noqa: BLE001 - no node data: nothing more to record
+        aux = _NOT_JSON
+      enc, dropped = _encode_node_aux(aux) if aux is not _NOT_JSON else (_NOT_JSON, [])
+      if enc is not _NOT_JSON:
+        node["aux"] = enc
+      if dropped:
+        node["aux_dropped"] = dropped
+    if dataclasses.is_dataclass(x) and all(kind == "a" for (kind, _), _ in kids):
+      static = [f.name for f in dataclasses.fields(x)
+                if f.name not in {k for (_, k), _ in kids}]
+      if static:
+        node["static"] = static
+    return node
 
   root = walk(tree, ())
   if bad:
@@ -287,11 +411,20 @@ def encode(
 
 def _rebuild_class(node: dict, keys: list, values: list, warned: set[str] | None) -> Any:
   # Registered in this process is what counts (also for classes registered after saving).
-  entry = _BY_NAME.get(node["cls"])
+  entry = _entry_for_name(node["cls"])
   named = all(k[0] in ("a", "d") for k in keys)
   if entry is not None:
     cls = entry.cls
     try:
+      if entry.from_aux and "aux" in node:
+        if node.get("aux_dropped"):
+          _warn(warned, node["cls"], f"its entries {node['aux_dropped']} were not JSON and "
+                "were not saved", rebuilt=True)
+        leaf = jax.tree_util.tree_structure(0)
+        treedef = jax.tree_util.PyTreeDef.from_node_data_and_children(
+            jax.tree_util.default_registry, (cls, decode_aux(node["aux"])),
+            [leaf] * len(values))
+        return treedef.unflatten(values)
       if entry.build is not None:
         return entry.build([k[1] for k in keys], values)
       if _is_namedtuple_cls(cls):
@@ -308,7 +441,9 @@ def _rebuild_class(node: dict, keys: list, values: list, warned: set[str] | None
     except Exception as e:  # noqa: BLE001 - report and fall back, never fail the load
       _warn(warned, node["cls"], f"rebuilding it failed ({type(e).__name__}: {e})")
   else:
-    _warn(warned, node["cls"], "it is not registered with flax_ckpt.register_class")
+    static = (f"; its fields {node['static']} are static (not saved) and need a template"
+              if node.get("static") else "")
+    _warn(warned, node["cls"], f"it is not registered with flax_ckpt.register_class{static}")
   if named:
     return {k[1]: v for k, v in zip(keys, values)}
   return tuple(values)
@@ -318,12 +453,13 @@ def _is_namedtuple_cls(cls: type) -> bool:
   return issubclass(cls, tuple) and hasattr(cls, "_fields")
 
 
-def _warn(warned: set[str] | None, name: str, why: str) -> None:
+def _warn(warned: set[str] | None, name: str, why: str, rebuilt: bool = False) -> None:
   if warned is None or name in warned:
     return
   warned.add(name)
+  what = "was rebuilt, but" if rebuilt else "was returned as a dict/tuple:"
   warnings.warn(
-      f"class {name} from the checkpoint was returned as a dict/tuple: {why}. "
+      f"class {name} from the checkpoint {what} {why}. "
       "Load with a template (abstract_state) to get the exact types back.",
       UnregisteredClassWarning,
       stacklevel=4,

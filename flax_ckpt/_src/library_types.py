@@ -1,0 +1,160 @@
+"""Optax and Flax classes that load back as themselves without any registration.
+
+* Every NamedTuple in optax's public modules (optimizer states, ``EmptyState``,
+  ``MaskedNode``, ...) is found by walking ``optax`` and its public submodules, so a new
+  optax release is covered without a list to maintain. Each is stored under its public
+  name (``optax.ScaleByAdamState``, ``optax.contrib.ScheduleFreeState``), which survives
+  optax moving classes between private modules; the ``module.QualName`` of this optax
+  version is accepted too.
+* ``flax.core.FrozenDict``, ``flax.nnx.State`` and every ``flax.nnx.Variable`` subclass
+  defined in the running process (``Param``, ``BatchStat``, ``RngKey``, ..., and users'
+  own) are rebuilt by their own unflatten from the saved aux data (Variable metadata such as
+  sharding names; entries that are not JSON are left out with a warning).
+* ``flax.training.train_state.TrainState`` is known, so loading it without a template
+  names the fields that cannot come back (``apply_fn``, ``tx``).
+
+Resolution happens on first use: when a save meets one of these classes, or a load meets a
+name starting with ``optax.`` or ``flax.``. Only optax and flax themselves (dependencies of
+flax_ckpt) are ever imported here; a name read from a checkpoint is only compared with the
+names of classes found this way.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import threading
+
+from flax_ckpt._src import treespec
+
+_lock = threading.RLock()
+_optax_done = False
+_flax_done = False
+
+
+def _is_namedtuple_cls(obj: object) -> bool:
+  return inspect.isclass(obj) and issubclass(obj, tuple) and hasattr(obj, "_fields")
+
+
+def _optax_public_classes() -> dict[type, list[str]]:
+  """Every NamedTuple class reachable from optax's public namespace -> its public names."""
+  import optax
+
+  try:
+    import optax.contrib  # noqa: F401 - a public submodule that is imported lazily
+  except ImportError:  # pragma: no cover - optax without contrib
+    pass
+  found: dict[type, list[str]] = {}
+  seen_mods = set()
+
+  def walk(mod, prefix: str, depth: int) -> None:
+    if id(mod) in seen_mods or depth > 3:
+      return
+    seen_mods.add(id(mod))
+    for attr in sorted(dir(mod)):
+      if attr.startswith("_"):
+        continue
+      try:
+        obj = getattr(mod, attr)
+      except Exception:  # noqa: BLE001,S112 - a lazy attribute that fails: skip it
+        continue
+      if _is_namedtuple_cls(obj) and obj.__module__.startswith("optax"):
+        found.setdefault(obj, []).append(f"{prefix}.{attr}")
+      elif inspect.ismodule(obj) and obj.__name__ == f"{prefix}.{attr}":
+        walk(obj, obj.__name__, depth + 1)
+
+  walk(optax, "optax", 0)
+  return found
+
+
+def _stable_name(cls: type, names: list[str]) -> str:
+  """The public name to store: the shortest one spelled like the class itself."""
+  same = [n for n in names if n.rsplit(".", 1)[1] == cls.__name__]
+  return min(same or names, key=lambda n: (n.count("."), n))
+
+
+def _register_optax() -> None:
+  global _optax_done
+  with _lock:
+    if _optax_done:
+      return
+    _optax_done = True
+    for cls, names in _optax_public_classes().items():
+      stable = _stable_name(cls, names)
+      treespec.register_known(cls, stable,
+                              aliases=[*names, treespec.default_class_name(cls)])
+
+
+def _register_flax() -> None:
+  global _flax_done
+  with _lock:
+    if _flax_done:
+      return
+    _flax_done = True
+    from flax.core import frozen_dict
+    from flax.training import train_state
+
+    treespec.register_known(frozen_dict.FrozenDict, "flax.core.FrozenDict",
+                            aliases=[treespec.default_class_name(frozen_dict.FrozenDict)],
+                            from_aux=True)
+    treespec.register_known(train_state.TrainState, "flax.training.train_state.TrainState")
+    nnx = _nnx()
+    if nnx is not None:
+      treespec.register_known(nnx.State, "flax.nnx.State",
+                              aliases=[treespec.default_class_name(nnx.State)], from_aux=True)
+
+
+def _nnx():
+  try:
+    from flax import nnx
+  except ImportError:  # pragma: no cover - flax without nnx
+    return None
+  return nnx
+
+
+def _variable_classes() -> list[type]:
+  nnx = _nnx()
+  if nnx is None:
+    return []
+  out, todo = [], [nnx.Variable]
+  while todo:
+    c = todo.pop()
+    out.append(c)
+    todo.extend(c.__subclasses__())
+  return out
+
+
+def _register_variable(cls: type) -> None:
+  treespec.register_known(cls, treespec.default_class_name(cls), from_aux=True)
+
+
+def resolve_class(cls: type) -> bool:
+  """Registers ``cls`` if it is one of the known library classes; True if it now is."""
+  mod = getattr(cls, "__module__", "") or ""
+  if mod.startswith("optax"):
+    _register_optax()
+  elif mod.startswith("flax"):
+    _register_flax()
+  if "flax.nnx" in sys.modules:
+    nnx = _nnx()
+    if nnx is not None and inspect.isclass(cls) and issubclass(cls, nnx.Variable):
+      with _lock:
+        _register_variable(cls)
+  return treespec.is_registered_class(cls)
+
+
+def resolve_name(name: str) -> bool:
+  """Registers the known library class saved under ``name``; True if one was found."""
+  if name.startswith("optax."):
+    _register_optax()
+  elif name.startswith("flax."):
+    _register_flax()
+  if name.startswith("flax.") or "flax.nnx" in sys.modules:
+    with _lock:
+      for c in _variable_classes():
+        if treespec.default_class_name(c) == name:
+          _register_variable(c)
+  return treespec.entry_known(name)
+
+
+treespec.add_resolvers(resolve_class, resolve_name)
