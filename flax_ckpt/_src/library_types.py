@@ -1,11 +1,12 @@
 """Optax and Flax classes that load back as themselves without any registration.
 
-* Every NamedTuple in optax's public modules (optimizer states, ``EmptyState``,
-  ``MaskedNode``, ...) is found by walking ``optax`` and its public submodules, so a new
-  optax release is covered without a list to maintain. Each is stored under its public
-  name (``optax.ScaleByAdamState``, ``optax.contrib.ScheduleFreeState``), which survives
-  optax moving classes between private modules; the ``module.QualName`` of this optax
-  version is accepted too.
+* Every NamedTuple defined in optax's modules (optimizer states, ``EmptyState``,
+  ``MaskedNode``, ...) is found by walking ``optax`` (public namespace first, then every
+  loaded ``optax.*`` module), so a new optax release is covered without a list to
+  maintain. A class with a public name is stored under it (``optax.ScaleByAdamState``,
+  ``optax.contrib.ScheduleFreeState``), which survives optax moving classes between
+  private modules; others under ``module.QualName``, which is also accepted for all.
+* ``collections.OrderedDict`` (used by ``optax.named_chain``) keeps its type.
 * ``flax.core.FrozenDict``, ``flax.nnx.State`` and every ``flax.nnx.Variable`` subclass
   defined in the running process (``Param``, ``BatchStat``, ``RngKey``, ..., and users'
   own) are rebuilt by their own unflatten from the saved aux data (Variable metadata such as
@@ -21,6 +22,7 @@ names of classes found this way.
 
 from __future__ import annotations
 
+import collections
 import inspect
 import sys
 import threading
@@ -64,11 +66,20 @@ def _optax_public_classes() -> dict[type, list[str]]:
         walk(obj, obj.__name__, depth + 1)
 
   walk(optax, "optax", 0)
+  # States that only live in private modules (returned by public factories all the same)
+  for modname, mod in list(sys.modules.items()):
+    if mod is None or not (modname == "optax" or modname.startswith("optax.")):
+      continue
+    for obj in list(vars(mod).values()):
+      if _is_namedtuple_cls(obj) and obj.__module__ == modname and obj not in found:
+        found[obj] = []
   return found
 
 
 def _stable_name(cls: type, names: list[str]) -> str:
   """The public name to store: the shortest one spelled like the class itself."""
+  if not names:
+    return treespec.default_class_name(cls)
   same = [n for n in names if n.rsplit(".", 1)[1] == cls.__name__]
   return min(same or names, key=lambda n: (n.count("."), n))
 
@@ -157,4 +168,5 @@ def resolve_name(name: str) -> bool:
   return treespec.entry_known(name)
 
 
+treespec.register_known(collections.OrderedDict, "collections.OrderedDict", from_aux=True)
 treespec.add_resolvers(resolve_class, resolve_name)

@@ -320,7 +320,7 @@ def collapse_plain_dataclasses(tree: Any) -> Any:
 def _one_level(x: Any) -> tuple[list[tuple[PathElem, Any]], Any]:
   """Children of a custom PyTree node with their keys, and its treedef (None for a leaf)."""
   flat, treedef = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
-  if jax.tree_util.treedef_is_leaf(treedef):
+  if len(flat) == 1 and not flat[0][0] and flat[0][1] is x:  # (an empty node has no leaf)
     return [], None
   return [(path_from_jax(kp)[0], v) for kp, v in flat], treedef
 
