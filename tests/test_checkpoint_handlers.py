@@ -391,3 +391,238 @@ def test_checkpointer_wraps_plain_objects_in_registered_args(tmp_path):
   assert isinstance(got["w"], jax.Array) and got["w"].dtype == np.int32
   with pytest.raises(flax_ckpt.RegistrationError, match="for_restore"):
     ckptr.restore(path, MyStateRestore())
+
+
+# --- regressions from review -------------------------------------------------------------
+
+
+class OrbaxSignatureHandler(ocp.CheckpointHandler):
+  """The signature Orbax's own handlers (and grain's) use: item first, args by keyword."""
+
+  def save(self, directory, item=None, args=None):
+    item = item if args is None else args.item
+    (directory / "v.txt").write_text(str(item))
+
+  def restore(self, directory, item=None, args=None):
+    return (directory / "v.txt").read_text() + ("!" if args is not None else "?")
+
+
+@ocp.args.register_with_handler(OrbaxSignatureHandler, for_save=True)
+@dataclasses.dataclass
+class OrbaxSigSave(ocp.args.CheckpointArgs):
+  item: int
+
+
+@ocp.args.register_with_handler(OrbaxSignatureHandler, for_restore=True)
+@dataclasses.dataclass
+class OrbaxSigRestore(ocp.args.CheckpointArgs):
+  pass
+
+
+class KeywordOnlyHandler(ocp.CheckpointHandler):
+  def save(self, directory, *, args):
+    (directory / "v.txt").write_text(str(args.item))
+
+  def restore(self, directory, *, args=None):
+    return int((directory / "v.txt").read_text())
+
+
+@ocp.args.register_with_handler(KeywordOnlyHandler, for_save=True)
+@dataclasses.dataclass
+class KwSave(ocp.args.CheckpointArgs):
+  item: int
+
+
+def test_handlers_get_args_by_keyword_when_they_ask_for_it(tmp_path):
+  ocp.Checkpointer(OrbaxSignatureHandler()).save(tmp_path / "a", args=OrbaxSigSave(5))
+  assert ocp.Checkpointer(OrbaxSignatureHandler()).restore(tmp_path / "a") == "5!"
+  flax_ckpt.save_checkpointables(tmp_path / "b", {"x": OrbaxSigSave(6), "y": KwSave(7)})
+  assert flax_ckpt.load_checkpointables(tmp_path / "b") == {"x": "6!", "y": 7}
+
+
+class ExtraFilePyTreeHandler(flax_ckpt.PyTreeCheckpointHandler):
+  def save(self, directory, args):
+    super().save(directory, args)
+    (directory / "extra.txt").write_text("x")
+
+  def restore(self, directory, args=None):
+    out = super().restore(directory, args)
+    out["extra"] = (directory / "extra.txt").read_text()
+    return out
+
+
+def test_subclass_of_builtin_handler_keeps_its_save(tmp_path):
+  ckptr = ocp.Checkpointer(ExtraFilePyTreeHandler())
+  ckptr.save(tmp_path / "c", args=flax_ckpt.args.PyTreeSave({"w": np.ones(2)}))
+  out = ckptr.restore(tmp_path / "c")
+  assert out["extra"] == "x"
+  np.testing.assert_array_equal(out["w"], np.ones(2))
+
+
+class AsyncioHandler(ocp.AsyncCheckpointHandler):
+  """async_save returning asyncio tasks and run_in_executor futures."""
+
+  async def _write(self, directory, text):
+    await asyncio.sleep(0.2)
+    (directory / "a.txt").write_text(text)
+
+  async def async_save(self, directory, args):
+    loop = asyncio.get_running_loop()
+    return [asyncio.ensure_future(self._write(directory, args.text)),
+            loop.run_in_executor(None, (directory / "b.txt").write_text, args.text)]
+
+  def save(self, directory, args):
+    (directory / "a.txt").write_text(args.text)
+    (directory / "b.txt").write_text(args.text)
+
+  def restore(self, directory, args=None):
+    return (directory / "a.txt").read_text() + (directory / "b.txt").read_text()
+
+
+@ocp.args.register_with_handler(AsyncioHandler, for_save=True)
+@dataclasses.dataclass
+class TextSave(ocp.args.CheckpointArgs):
+  text: str
+
+
+def test_async_save_may_return_asyncio_futures(tmp_path):
+  with ocp.AsyncCheckpointer(AsyncioHandler()) as ckptr:
+    ckptr.save(tmp_path / "c", args=TextSave("hi"))
+  assert ocp.Checkpointer(AsyncioHandler()).restore(tmp_path / "c") == "hihi"
+  r = flax_ckpt.save_checkpointables_async(tmp_path / "d", {"t": TextSave("yo")})
+  r.result()
+  assert flax_ckpt.load_checkpointables(tmp_path / "d")["t"] == "yoyo"
+
+
+class SlowWriter(ocp.AsyncCheckpointHandler):
+  def __init__(self):
+    self._pool = futures.ThreadPoolExecutor(1)
+
+  def _write(self, directory):
+    time.sleep(0.4)
+    (directory / "slow.txt").write_text("late")
+
+  def async_save(self, directory, args):
+    return [self._pool.submit(self._write, directory)]
+
+  def save(self, directory, args):
+    self._write(directory)
+
+  def restore(self, directory, args=None):
+    return (directory / "slow.txt").read_text()
+
+  def close(self):
+    self._pool.shutdown()
+
+
+class Boom(ocp.AsyncCheckpointHandler):
+  def async_save(self, directory, args):
+    raise RuntimeError("boom in async_save")
+
+  def save(self, directory, args):
+    raise RuntimeError("boom in save")
+
+  def restore(self, directory, args=None):
+    return None
+
+
+@ocp.args.register_with_handler(SlowWriter, for_save=True)
+@dataclasses.dataclass
+class SlowSave(ocp.args.CheckpointArgs):
+  pass
+
+
+@ocp.args.register_with_handler(Boom, for_save=True)
+@dataclasses.dataclass
+class BoomSave(ocp.args.CheckpointArgs):
+  pass
+
+
+def test_failed_part_waits_for_other_parts_before_cleaning_up(tmp_path):
+  with pytest.raises(RuntimeError, match="boom in async_save"):
+    flax_ckpt.save_checkpointables_async(tmp_path / "c", {"a": SlowSave(), "b": BoomSave()})
+  time.sleep(0.6)  # the slow part's write would have re-created the temporary directory
+  assert os.listdir(tmp_path) == []
+
+
+def test_concurrent_saves_on_one_async_checkpointer_are_all_committed(tmp_path):
+  ckptr = ocp.AsyncCheckpointer(SlowWriter())
+  ts = [threading.Thread(target=ckptr.save, args=(tmp_path / f"c{i}", SlowSave()))
+        for i in range(3)]
+  for t in ts:
+    t.start()
+  for t in ts:
+    t.join()
+  ckptr.close()
+  assert sorted(os.listdir(tmp_path)) == ["c0", "c1", "c2"]
+  with pytest.raises(flax_ckpt.CheckpointError, match="closed"):
+    ckptr.save(tmp_path / "late", SlowSave())
+
+
+class BrokenMetadata(MyStateCheckpointHandler):
+  def metadata(self, directory):
+    raise NotImplementedError
+
+
+@ocp.args.register_with_handler(BrokenMetadata, for_save=True)
+@dataclasses.dataclass
+class BrokenMetadataSave(MyStateSave):
+  pass
+
+
+class NeedsArg(ocp.CheckpointHandler):
+  def __init__(self, sep):
+    self.sep = sep
+
+  def save(self, directory, args):
+    (directory / "v.txt").write_text(self.sep)
+
+  def restore(self, directory, args=None):
+    return (directory / "v.txt").read_text()
+
+
+@ocp.args.register_with_handler(NeedsArg, for_save=True)
+@dataclasses.dataclass
+class NeedsArgSave(ocp.args.CheckpointArgs):
+  pass
+
+
+def test_metadata_survives_handlers_without_metadata(tmp_path):
+  flax_ckpt.save_checkpointables(tmp_path / "c", {"m": BrokenMetadataSave(item=_state()),
+                                                  "w": np.ones(2)})
+  md = flax_ckpt.metadata(tmp_path / "c")
+  assert list(md.checkpointables) == ["m", "w"] and md.parts["m"] is None
+  ocp.Checkpointer(NeedsArg(">")).save(tmp_path / "n", args=NeedsArgSave())
+  assert flax_ckpt.metadata(tmp_path / "n").parts["state"] is None
+  with pytest.raises(TypeError, match="without arguments"):
+    flax_ckpt.load_checkpointables(tmp_path / "n")
+  with pytest.raises(TypeError, match="without arguments"):
+    flax_ckpt.save_checkpointables(tmp_path / "m", {"x": NeedsArgSave()})
+  assert ocp.Checkpointer(NeedsArg(">")).restore(tmp_path / "n") == ">"
+
+
+def test_with_block_error_is_not_replaced_by_a_failed_save(tmp_path):
+  with pytest.raises(KeyError) as e:
+    with ocp.AsyncCheckpointer(_FailingAsync()) as ckptr:
+      ckptr.save(tmp_path / "bad", args=_FailingSave(item=_state()))
+      raise KeyError("mine")
+  assert any("disk on fire" in n for n in getattr(e.value, "__notes__", []))
+
+
+def test_checkpointer_refuses_class_and_other_kinds(tmp_path):
+  with pytest.raises(TypeError, match="instance"):
+    ocp.Checkpointer(MyStateCheckpointHandler)
+  flax_ckpt.save(tmp_path / "tree", {"w": np.ones(2)})
+  with pytest.raises(flax_ckpt.CheckpointError, match="pytree handler"):
+    ocp.Checkpointer(MyStateCheckpointHandler()).restore(tmp_path / "tree")
+  ocp.Checkpointer(MyStateCheckpointHandler()).save(tmp_path / "mine",
+                                                    args=MyStateSave(item=_state()))
+  with pytest.raises(flax_ckpt.CheckpointError, match="MyStateAsyncCheckpointHandler|MyState"):
+    ocp.Checkpointer(flax_ckpt.PyTreeCheckpointHandler()).restore(tmp_path / "mine")
+
+
+def test_registered_type_object_works_as_restore_template(tmp_path):
+  flax_ckpt.register_checkpointable_handler(Opaque, OpaqueHandler, override=True)
+  flax_ckpt.save_checkpointables(tmp_path / "c", {"blob": Opaque("v")})
+  out = flax_ckpt.load_checkpointables(tmp_path / "c", {"blob": Opaque("")})
+  assert out["blob"].payload == "v"

@@ -77,9 +77,9 @@ class BrokenIterator(CountingIterator):
     raise RuntimeError("iterator state is unavailable")
 
 
-class TupleStateIterator(CountingIterator):
+class SetStateIterator(CountingIterator):
   def get_state(self):
-    return {"pos": (1, 2)}  # a tuple would come back as a list: refused
+    return {"pos": {1, 2}}  # a set cannot be stored faithfully: refused
 
 
 class PlainObject:
@@ -403,7 +403,7 @@ def test_params_load_opens_nothing_of_the_other_parts(saved):
 _FAILING_PARTS = {
     # name: (make the failing part, the error it raises)
     "stateful_get_state_raises": (BrokenIterator, RuntimeError),
-    "stateful_state_not_json": (TupleStateIterator, flax_ckpt.UnsupportedLeafError),
+    "stateful_state_not_storable": (SetStateIterator, flax_ckpt.UnsupportedLeafError),
     "unsupported_leaf_in_pytree": (lambda: {"ok": np.ones(2), "bad": PlainObject()},
                                    flax_ckpt.UnsupportedLeafError),
     "unsupported_object": (object, flax_ckpt.UnsupportedLeafError),

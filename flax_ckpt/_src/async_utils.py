@@ -78,20 +78,57 @@ def run_coro(coro: Coroutine) -> Any:
   return asyncio.run_coroutine_threadsafe(coro, _get_loop()).result()
 
 
-def wait_futures(futures: list[Any]) -> None:
-  """Waits for concurrent/asyncio futures or awaitables returned by handlers."""
+def run_on_background_loop(coro: Coroutine) -> Any:
+  """Runs ``coro`` on flax_ckpt's long-lived loop thread and returns its result.
+
+  Tasks and futures the coroutine leaves running stay attached to a loop that keeps
+  running, so they can finish (and be awaited from any thread) after it returns.
+  """
+  return asyncio.run_coroutine_threadsafe(coro, _get_loop()).result()
+
+
+def wait_futures(futures: list[Any], *, quiet: bool = False) -> None:
+  """Waits for concurrent/asyncio futures or awaitables returned by handlers.
+
+  With ``quiet``, waits for every one of them and swallows their errors (used to make sure
+  nothing is still writing before a failed save's directory is removed).
+  """
   for f in futures:
     if f is None:
       continue
-    if isinstance(f, concurrent.futures.Future):
-      f.result()
-    elif asyncio.isfuture(f) or asyncio.iscoroutine(f) or hasattr(f, "__await__"):
-      async def _aw(x=f):
+    try:
+      _wait_one(f)
+    except BaseException:
+      if not quiet:
+        raise
+
+
+def _wait_one(f: Any) -> None:
+  if isinstance(f, concurrent.futures.Future):
+    f.result()
+    return
+  if asyncio.isfuture(f):
+    loop = f.get_loop()
+    if loop.is_running() and loop is not _running_loop():
+      async def _aw_on_own_loop(x=f):
         return await x
 
-      run_coro(_aw())
-    elif hasattr(f, "result"):
-      f.result()
+      asyncio.run_coroutine_threadsafe(_aw_on_own_loop(), loop).result()
+      return
+  if asyncio.isfuture(f) or asyncio.iscoroutine(f) or hasattr(f, "__await__"):
+    async def _aw(x=f):
+      return await x
+
+    run_coro(_aw())
+  elif hasattr(f, "result"):
+    f.result()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+  try:
+    return asyncio.get_running_loop()
+  except RuntimeError:
+    return None
 
 
 class AsyncResponse:

@@ -12,6 +12,7 @@ qualified name, and loading looks that name up among the handler classes registe
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import threading
 from typing import Any, TypeVar
@@ -19,6 +20,7 @@ from typing import Any, TypeVar
 from flax_ckpt._src import errors
 
 
+@dataclasses.dataclass
 class CheckpointArgs:
   """Base class of the argument objects passed to a CheckpointHandler's save/restore.
 
@@ -63,21 +65,13 @@ def handler_name(handler_cls: type) -> str:
 
 
 def _remember_handler(handler_cls: type) -> None:
-  name = handler_name(handler_cls)
-  known = _HANDLERS_BY_NAME.get(name)
-  if known is not None and known is not handler_cls:
-    # the same class defined again (a re-run notebook cell or a reloaded module): the
-    # newest definition is the one this process uses from now on
-    for table in (_SAVE, _RESTORE):
-      for hs in table.values():
-        hs[:] = [handler_cls if h is known else h for h in hs]
-    for t, h in list(_TYPE_HANDLERS.items()):
-      if h is known:
-        _TYPE_HANDLERS[t] = handler_cls
-  _HANDLERS_BY_NAME[name] = handler_cls
+  # the newest class under a name is what a checkpoint's recorded name resolves to (a
+  # re-run notebook cell defines the class again)
+  _HANDLERS_BY_NAME[handler_name(handler_cls)] = handler_cls
 
 
-def _related(a: type, b: type) -> bool:
+def related(a: type, b: type) -> bool:
+  """Whether two handler classes are the same handler or one derives from the other."""
   return issubclass(a, b) or issubclass(b, a) or handler_name(a) == handler_name(b)
 
 
@@ -131,7 +125,7 @@ def register_with_handler(handler_cls: type, for_save: bool = False,
         if not flag:
           continue
         current = table.get(cls, [])
-        clash = [h for h in current if not _related(h, handler_cls)]
+        clash = [h for h in current if not related(h, handler_cls)]
         if clash:
           raise RegistrationError(
               f"{cls.__qualname__} is already registered for {what} with "

@@ -8,6 +8,7 @@ a directory inside the temporary checkpoint and commits only after the handler f
 from __future__ import annotations
 
 import abc
+import inspect
 from typing import Any, Protocol, runtime_checkable
 
 from etils import epath
@@ -88,3 +89,23 @@ class AsyncCheckpointHandler(CheckpointHandler, Protocol):
   @abc.abstractmethod
   def async_save(self, directory: epath.Path, args: CheckpointArgs) -> Any:
     """Starts saving; returns a list of futures the caller waits for before committing."""
+
+
+def call_with_args(method: Any, directory: epath.Path, args: Any) -> Any:
+  """Calls a handler's ``save``/``restore``/``async_save`` the way it was written for.
+
+  Handlers written for Orbax take ``(directory, item=None, args=None)`` or a keyword-only
+  ``args``; they get ``args=`` by name. Others get it as the second positional argument.
+  """
+  try:
+    params = inspect.signature(method).parameters
+  except (TypeError, ValueError):
+    return method(directory, args)
+  p = params.get("args")
+  if p is not None:
+    positional = [q for q in params.values()
+                  if q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD)]
+    if len(positional) >= 2 and positional[1].name == "args":
+      return method(directory, args)
+    return method(directory, args=args)
+  return method(directory, args)

@@ -32,6 +32,7 @@ from flax_ckpt._src import (
 )
 from flax_ckpt._src import type_handlers as th
 from flax_ckpt._src.checkpoint_args import CheckpointArgs
+from flax_ckpt._src.checkpoint_handlers import call_with_args
 from flax_ckpt._src.pytree_handler import (
     PyTreeCheckpointHandler,
     PyTreeRestore,
@@ -118,6 +119,7 @@ class _CustomDriver:
 
   def __init__(self, handler: Any, args: Any, owned: bool):
     self.handler, self.args, self.owned = handler, args, owned
+    self.futures: list = []
 
   def plan(self, ctx: Any, what: str = "") -> None:
     for m in ("save", "restore"):
@@ -133,16 +135,17 @@ class _CustomDriver:
     if (multihost.process_index() != 0
         and not getattr(self.handler, "save_on_all_processes", False)):
       return lambda fsync: None
-    futures: list = []
     if ctx.is_async and callable(getattr(self.handler, "async_save", None)):
-      r = self.handler.async_save(directory, self.args)
+      r = call_with_args(self.handler.async_save, directory, self.args)
       if inspect.isawaitable(r):
+        # on flax_ckpt's long-lived loop: tasks the handler starts keep running after this
         async def _await(x=r):
           return await x
-        r = async_utils.run_coro(_await())
-      futures = list(r or [])
+        r = async_utils.run_on_background_loop(_await())
+      self.futures = list(r or [])
     else:
-      self.handler.save(directory, self.args)
+      call_with_args(self.handler.save, directory, self.args)
+    futures = self.futures
 
     def finish(fsync: bool) -> None:
       async_utils.wait_futures(futures)
@@ -153,6 +156,9 @@ class _CustomDriver:
 
   def entry(self) -> dict:
     return {"kind": "handler", "handler": checkpoint_args.handler_name(type(self.handler))}
+
+  def abort(self) -> None:
+    async_utils.wait_futures(self.futures, quiet=True)  # nothing may write after cleanup
 
   def close(self) -> None:
     if self.owned and callable(getattr(self.handler, "close", None)):
@@ -167,8 +173,22 @@ def _fsync_tree(directory: epath.Path) -> None:
 
 
 def driver_for_handler(handler: Any, args: Any, *, owned: bool) -> Any:
-  make = getattr(handler, "_flax_ckpt_driver", None)
-  return make(args) if make is not None else _CustomDriver(handler, args, owned)
+  # the built-in handlers' fast path, unless a subclass changed how they save
+  for base in (PyTreeCheckpointHandler, StatefulCheckpointHandler):
+    if isinstance(handler, base) and type(handler).save is base.save:
+      return base._flax_ckpt_driver(handler, args)
+  return _CustomDriver(handler, args, owned)
+
+
+def construct_handler(hcls: type, what: str) -> Any:
+  """``hcls()``, or a clear error when the handler needs constructor arguments."""
+  try:
+    return hcls()
+  except TypeError as e:
+    raise TypeError(
+        f"{what}: flax_ckpt has to construct {checkpoint_args.handler_name(hcls)} without "
+        f"arguments, which failed ({e}). Give the class defaults for its constructor "
+        "arguments, or use flax_ckpt.Checkpointer(handler_instance) for this object.") from e
 
 
 def _supported_kinds() -> str:
@@ -191,7 +211,8 @@ def driver_for_value(name: str, value: Any) -> Any:
           "with any CheckpointHandler; decorate it with "
           "@flax_ckpt.args.register_with_handler(MyHandler, for_save=True). Nothing was "
           "written.")
-    return driver_for_handler(hcls(), value, owned=True)
+    return driver_for_handler(construct_handler(hcls, f"checkpointable {name!r}"), value,
+                              owned=True)
   hcls = checkpoint_args.type_handler_for(value)
   if hcls is not None:
     args_cls = checkpoint_args.registered_args_cls(hcls, for_save=True)
@@ -201,7 +222,8 @@ def driver_for_value(name: str, value: Any) -> Any:
           f"{hcls.__qualname__}, which has no save args class; register one with "
           f"@flax_ckpt.args.register_with_handler({hcls.__qualname__}, for_save=True). "
           "Nothing was written.")
-    return driver_for_handler(hcls(), args_cls(value), owned=True)
+    return driver_for_handler(construct_handler(hcls, f"checkpointable {name!r}"),
+                              args_cls(value), owned=True)
   if is_stateful(value):
     return _StatefulDriver(value)
   try:
@@ -294,6 +316,14 @@ def start_save(path: paths.PathLike, parts: list[Part], *, overwrite: bool,
       except Exception:  # noqa: BLE001,S110 - closing must not hide the real outcome
         pass
 
+  def abort_all() -> None:
+    """Waits until no part is writing any more (before a failed save is removed)."""
+    for p in parts:
+      try:
+        p.driver.abort()
+      except Exception:  # noqa: BLE001,S110 - already failing
+        pass
+
   try:
     storage.backend_name()  # a bad FLAX_CKPT_STORAGE fails before anything is written
     paths.check_destination(final, overwrite, overwrite_flag)
@@ -336,6 +366,7 @@ def start_save(path: paths.PathLike, parts: list[Part], *, overwrite: bool,
         _annotate(e, parts, p.name)
         raise
   except BaseException:
+    abort_all()
     if primary and tmp is not None:
       pytree_io.remove_quietly(tmp)
     if primary:
@@ -383,6 +414,7 @@ def start_save(path: paths.PathLike, parts: list[Part], *, overwrite: bool,
           t.wait()
         paths.commit(tmp, final, overwrite=overwrite, fsync=fsync)
     except BaseException:
+      abort_all()
       if primary:
         pytree_io.remove_quietly(tmp)
         paths.remove_created(created)
@@ -526,6 +558,11 @@ def restorer_for(final: epath.Path, name: str, entry: dict, abstract: Any, *,
     return StatefulCheckpointHandler(), StatefulRestore(abstract)
   if kind == "handler":
     saved_by = entry.get("handler", "?")
+    what = f"part {name!r}"
+    if abstract is not None and not isinstance(abstract, CheckpointArgs):
+      hcls = checkpoint_args.type_handler_for(abstract)
+      if hcls is not None and checkpoint_args.handler_name(hcls) == saved_by:
+        abstract = None  # an object of the registered type: restore with the defaults
     if abstract is None:
       hcls = checkpoint_args.handler_by_name(saved_by)
       if hcls is None:
@@ -534,7 +571,7 @@ def restorer_for(final: epath.Path, name: str, entry: dict, abstract: Any, *,
             "is not known in this process (handlers are never imported by name). Import the "
             "module that defines it and registers its args (register_with_handler), or pass "
             f"restore args for {name!r}.")
-      return hcls(), _default_restore_args(hcls)
+      return construct_handler(hcls, what), _default_restore_args(hcls)
     if not isinstance(abstract, CheckpointArgs):
       raise TypeError(
           f"part {name!r} was saved by the CheckpointHandler {saved_by}; pass its restore "
@@ -547,11 +584,11 @@ def restorer_for(final: epath.Path, name: str, entry: dict, abstract: Any, *,
           "CheckpointHandler; decorate it with @flax_ckpt.args.register_with_handler("
           "MyHandler, for_restore=True).")
     known = checkpoint_args.handler_by_name(saved_by)
-    if known is not None and not checkpoint_args._related(known, hcls):
+    if known is not None and not checkpoint_args.related(known, hcls):
       raise TypeError(
           f"part {name!r} was saved by {saved_by}, but {type(abstract).__qualname__} is "
           f"registered with {checkpoint_args.handler_name(hcls)}")
-    return hcls(), abstract
+    return construct_handler(hcls, what), abstract
   raise errors.FormatError(f"{final}: part {name!r} has unknown kind {kind!r}; upgrade "
                            "flax_ckpt.")
 
@@ -559,7 +596,7 @@ def restorer_for(final: epath.Path, name: str, entry: dict, abstract: Any, *,
 def _restore_part(final: epath.Path, name: str, entry: dict, abstract: Any, **kw: Any) -> Any:
   handler, args = restorer_for(final, name, entry, abstract, **kw)
   try:
-    return handler.restore(part_dir(final, name, entry), args)
+    return call_with_args(handler.restore, part_dir(final, name, entry), args)
   finally:
     if not isinstance(handler, (PyTreeCheckpointHandler, StatefulCheckpointHandler)):
       close = getattr(handler, "close", None)
@@ -649,12 +686,15 @@ def load_checkpointables(path: paths.PathLike,
           f"{final} has no part {', '.join(map(repr, missing))}; its parts are "
           f"{', '.join(map(repr, entries))}.")
     names = [n for n in entries if n in names]  # saved order
+    # stateful parts last: set_state changes the caller's objects, so only once every
+    # other part has loaded
+    order = sorted(names, key=lambda n: entries[n].get("kind") == "stateful")
     out = {}
-    for n in names:
+    for n in order:
       a = None if abstract_checkpointables is None else abstract_checkpointables[n]
       out[n] = _restore_part(final, n, entries[n], a, partial=partial,
                              restore_type=restore_type)
-    return out
+    return {n: out[n] for n in names}
 
   with async_utils.no_gc():
     return _with_retries(path, read)
@@ -687,9 +727,15 @@ def _part_metadata(final: epath.Path, name: str, entry: dict) -> Any:
   hcls = checkpoint_args.handler_by_name(entry.get("handler", ""))
   if hcls is None:
     return None
-  handler = hcls()
   try:
-    return handler.metadata(d)
+    handler = hcls()
+  except TypeError:  # needs constructor arguments: no metadata without an instance
+    return None
+  try:
+    fn = getattr(handler, "metadata", None)
+    return fn(d) if callable(fn) else None
+  except (NotImplementedError, FileNotFoundError, ValueError, TypeError, KeyError, OSError):
+    return None  # one handler's metadata must not hide the list of parts
   finally:
     close = getattr(handler, "close", None)
     if callable(close):

@@ -13,6 +13,7 @@ from typing import Any
 
 from flax_ckpt._src import async_utils, checkpoint_args, checkpointables, errors, paths
 from flax_ckpt._src.checkpoint_args import CheckpointArgs
+from flax_ckpt._src.checkpoint_handlers import call_with_args
 
 
 class Checkpointer:
@@ -39,6 +40,9 @@ class Checkpointer:
 
   def __init__(self, handler: Any, *, fsync: bool = True,
                barrier_timeout_s: float | None = None):
+    if isinstance(handler, type):
+      raise TypeError(f"pass a handler instance, e.g. {type(self).__name__}"
+                      f"({handler.__qualname__}()), not the class")
     for m in ("save", "restore"):
       if not callable(getattr(handler, m, None)):
         raise TypeError(f"{handler!r} is not a CheckpointHandler (no {m}() method); pass a "
@@ -107,7 +111,29 @@ class Checkpointer:
           f"{final} holds several parts ({', '.join(entries)}); restore them with "
           "flax_ckpt.load_checkpointables(path, {name: args}).")
     (name, entry), = entries.items()
+    self._check_kind(final, entry)
     return final, name, entry
+
+  def _check_kind(self, final: Any, entry: dict) -> None:
+    """A clear error when the checkpoint was written by another kind of handler."""
+    from flax_ckpt._src.pytree_handler import PyTreeCheckpointHandler
+    from flax_ckpt._src.stateful_handler import StatefulCheckpointHandler
+
+    kind, h = entry.get("kind"), self._handler
+    builtin = {"pytree": PyTreeCheckpointHandler, "stateful": StatefulCheckpointHandler}
+    if kind in builtin:
+      if isinstance(h, builtin[kind]):
+        return
+      saved_by = f"flax_ckpt's {kind} handler ({builtin[kind].__name__})"
+    else:
+      saved_by = entry.get("handler", "?")
+      known = checkpoint_args.handler_by_name(saved_by)
+      if known is None or checkpoint_args.related(known, type(h)):
+        return
+    raise errors.CheckpointError(
+        f"{final} was written by {saved_by}; this Checkpointer's handler is "
+        f"{checkpoint_args.handler_name(type(h))}. Restore it with a Checkpointer of that "
+        "handler (or flax_ckpt.load_checkpointables).")
 
   def restore(self, path: paths.PathLike, args: CheckpointArgs | None = None) -> Any:
     """Restores through the handler; ``args=None`` uses its restore args' defaults.
@@ -135,7 +161,8 @@ class Checkpointer:
           f"{type(self._handler).__qualname__}; decorate it with "
           f"@flax_ckpt.args.register_with_handler({type(self._handler).__qualname__}, "
           "for_restore=True).")
-    return self._handler.restore(checkpointables.part_dir(final, name, entry), args)
+    return call_with_args(self._handler.restore, checkpointables.part_dir(final, name, entry),
+                          args)
 
   def metadata(self, path: paths.PathLike) -> Any:
     """The handler's ``metadata()`` for the checkpoint at ``path``."""
@@ -182,15 +209,20 @@ class AsyncCheckpointer(Checkpointer):
                barrier_timeout_s: float | None = None):
     super().__init__(handler, fsync=fsync, barrier_timeout_s=barrier_timeout_s)
     self._lock = threading.Lock()
+    self._save_lock = threading.Lock()  # wait-then-start of one save at a time
     self._pending: async_utils.AsyncResponse | None = None
+    self._closed = False
 
   def save(self, path: paths.PathLike, args: CheckpointArgs | None = None, *,
            force: bool = False, custom_metadata: dict | None = None) -> None:
     """Starts a save; returns once the data to write is captured (see the class doc)."""
-    self.wait_until_finished()
-    final, finish = self._start(path, args, force, custom_metadata)
-    with self._lock:
-      self._pending = async_utils.start_background(finish, os.fspath(final))
+    with self._save_lock:
+      if self._closed:
+        raise errors.CheckpointError("this AsyncCheckpointer is closed; create a new one")
+      self.wait_until_finished()
+      final, finish = self._start(path, args, force, custom_metadata)
+      with self._lock:
+        self._pending = async_utils.start_background(finish, os.fspath(final))
 
   def wait_until_finished(self) -> None:
     """Blocks until the pending save is committed; raises its error if it failed."""
@@ -210,8 +242,21 @@ class AsyncCheckpointer(Checkpointer):
     return super().metadata(path)
 
   def close(self) -> None:
-    """Waits for the pending save, then closes the handler."""
-    try:
-      self.wait_until_finished()
-    finally:
-      super().close()
+    """Waits for the pending save, then closes the handler (once)."""
+    with self._save_lock:
+      try:
+        self.wait_until_finished()
+      finally:
+        if not self._closed:
+          self._closed = True
+          super().close()
+
+  def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+    if exc is None:
+      self.close()
+      return
+    try:  # the block's own error wins; a failed pending save is noted on it
+      self.close()
+    except Exception as e:  # noqa: BLE001
+      if hasattr(exc, "add_note"):
+        exc.add_note(f"flax_ckpt: the pending save failed too: {type(e).__name__}: {e}")

@@ -10,7 +10,7 @@ class CheckpointError(Exception):
   """Base class of all flax_ckpt errors."""
 
 
-class CheckpointExistsError(CheckpointError, FileExistsError):
+class CheckpointExistsError(CheckpointError, FileExistsError, ValueError):
   """The destination already holds a checkpoint and ``overwrite`` was not set."""
 
 

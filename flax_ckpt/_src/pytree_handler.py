@@ -69,7 +69,7 @@ class PyTreeCheckpointHandler(CheckpointHandler):
   save_on_all_processes = True
 
   def save(self, directory: epath.Path, args: PyTreeSave) -> None:
-    driver = self._flax_ckpt_driver(args)
+    driver = PyTreeCheckpointHandler._flax_ckpt_driver(self, args)
     driver.plan(None)
     driver.start(directory, None, None)(True)
 
@@ -123,6 +123,8 @@ class _PyTreeDriver:
     self.plan_ = None  # the snapshot lives in ``finish`` now; drop the caller's values
     self.item = None
 
+    self._abort = finish.abort
+
     def run(fsync: bool) -> None:
       with async_utils.no_gc():
         finish(fsync)
@@ -131,6 +133,11 @@ class _PyTreeDriver:
 
   def entry(self) -> dict:
     return {"kind": "pytree"}
+
+  def abort(self) -> None:
+    abort = getattr(self, "_abort", None)
+    if abort is not None:
+      abort()
 
   def close(self) -> None:
     pass

@@ -158,6 +158,14 @@ def prepare_save(cp_dir: epath.Path, plan: SavePlan, *, is_async: bool,
           paths.fsync_path(dirpath)
       paths.fsync_path(cp_dir)
 
+  def abort() -> None:
+    """Stops background writes of a save that will not be finished."""
+    try:
+      io.writer.close()
+    except Exception:  # noqa: BLE001,S110 - already failing; stopping is all that matters
+      pass
+
+  finish.abort = abort  # type: ignore[attr-defined]
   return finish
 
 

@@ -1,12 +1,14 @@
 """Objects with ``get_state()`` / ``set_state(state)``: data iterators and the like.
 
-Every process saves its own object's state in ``process_<i>-of-<n>.json`` (JSON data) or
-``process_<i>-of-<n>.bin`` (bytes), because a data iterator's position is per process.
+Every process saves its own object's state in ``process_<i>-of-<n>.json`` (plain JSON
+data), ``.typed.json`` (tagged JSON for tuples, int keys, numpy values, ...) or ``.bin``
+(bytes), because a data iterator's position is per process.
 grain's ``DatasetIterator`` and ``DataLoaderIterator`` follow this protocol unchanged.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import math
@@ -15,13 +17,14 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 from etils import epath
 
-from flax_ckpt._src import errors, multihost, paths
+from flax_ckpt._src import dtypes, errors, multihost, paths
 from flax_ckpt._src.checkpoint_args import CheckpointArgs, register_with_handler
 from flax_ckpt._src.checkpoint_handlers import CheckpointHandler
 
-_FILE_RE = re.compile(r"^process_(\d+)-of-(\d+)\.(json|bin)$")
+_FILE_RE = re.compile(r"process_(\d+)-of-(\d+)\.(typed\.json|json|bin)")
 
 
 def is_stateful(obj: Any) -> bool:
@@ -57,23 +60,95 @@ def _not_json(v: Any, where: str) -> str | None:
   return f"{where} is a {type(v).__qualname__}"
 
 
+class _Unencodable(Exception):
+  pass
+
+
+def _typed(v: Any, where: str) -> Any:
+  """``v`` as tagged JSON that :func:`_untyped` turns back into an equal value of the same
+  types: containers are ``{"l": [...]}`` list, ``{"t": [...]}`` tuple, ``{"d": [[k, v],
+  ...]}`` dict (any such keys), other values ``{"f": "nan"}`` float, ``{"i": "0x.."}`` big
+  int, ``{"b": base64}`` bytes, ``{"np": [dtype, value]}`` numpy scalar, ``{"a": [dtype,
+  shape, base64]}`` numpy array; None, bool, str, small int and finite float are themselves.
+  """
+  t = type(v)
+  if v is None or t in (bool, str):
+    return v
+  if t is int:
+    return v if abs(v) < 2**53 else {"i": hex(v)}
+  if t is float:
+    return v if math.isfinite(v) else {"f": repr(v)}
+  if t is list or t is tuple:
+    return {"l" if t is list else "t": [_typed(x, f"{where}[{i}]") for i, x in enumerate(v)]}
+  if t is dict:
+    return {"d": [[_typed(k, f"{where} key {k!r}"), _typed(x, f"{where}[{k!r}]")]
+                  for k, x in v.items()]}
+  if t in (bytes, bytearray):
+    return {"b": base64.b64encode(bytes(v)).decode("ascii")}
+  if isinstance(v, np.generic) and not isinstance(v, np.void):
+    return {"np": [dtypes.dtype_name(v.dtype), _typed(v.item(), where)]}
+  if t is np.ndarray and v.dtype.kind in "biufc?":
+    return {"a": [dtypes.dtype_name(v.dtype), list(v.shape),
+                  base64.b64encode(dtypes.little_endian(np.ascontiguousarray(v)).tobytes()
+                                   ).decode("ascii")]}
+  raise _Unencodable(f"{where} is a {t.__module__}.{t.__qualname__}")
+
+
+def _untyped(v: Any) -> Any:
+  if not isinstance(v, dict):
+    return v
+  ((tag, body),) = v.items()
+  if tag == "l":
+    return [_untyped(x) for x in body]
+  if tag == "t":
+    return tuple(_untyped(x) for x in body)
+  if tag == "d":
+    return {_untyped(k): _untyped(x) for k, x in body}
+  if tag == "i":
+    return int(body, 16)
+  if tag == "f":
+    return float(body)
+  if tag == "b":
+    return base64.b64decode(body)
+  if tag == "np":
+    return dtypes.dtype_from_name(body[0]).type(_untyped(body[1]))
+  if tag == "a":
+    dt = dtypes.dtype_from_name(body[0])
+    raw = np.frombuffer(base64.b64decode(body[2]), dt.newbyteorder("<"))
+    return raw.astype(dt).reshape(body[1])
+  raise errors.FormatError(f"unknown tag {tag!r} in a typed state file; upgrade flax_ckpt")
+
+
 def encode_state(state: Any, what: str) -> tuple[str, bytes]:
-  """``(extension, file bytes)`` for a ``get_state()`` result."""
+  """``(extension, file bytes)`` for a ``get_state()`` result.
+
+  bytes are stored as they are (``.bin``), plain JSON data as plain JSON (``.json``), and
+  anything else built from tuples, dicts with non-str keys, numpy scalars/arrays, NaN, big
+  ints or bytes as tagged JSON (``.typed.json``) so it comes back with the same types.
+  """
   if isinstance(state, (bytes, bytearray, memoryview)):
     return "bin", bytes(state)
   try:
-    bad = _not_json(state, "state")
-    data = None if bad else json.dumps(state, ensure_ascii=False, allow_nan=False).encode(
+    plain = _not_json(state, "state") is None
+    doc = state if plain else {"flax_ckpt_typed_state": 1, "v": _typed(state, "state")}
+    data = json.dumps(doc, ensure_ascii=False, allow_nan=False).encode(
         "utf-8", "surrogatepass")
-  except (RecursionError, ValueError) as e:  # self-reference, ints beyond str() limits
-    bad = f"it cannot be written as JSON ({type(e).__name__}: {e})"
-  if bad:
+  except (_Unencodable, RecursionError, ValueError) as e:
     raise errors.UnsupportedLeafError(
-        f"{what}: get_state() must return bytes or plain JSON data (dict with str keys, list, "
-        f"str, int, finite float, bool, None) so that set_state() gets back exactly what was "
-        f"saved, but {bad}. Convert it (e.g. tuples to lists, numpy numbers with int()/"
-        "float()) or serialize the state to bytes yourself. Nothing was written.")
-  return "json", data
+        f"{what}: get_state() must return bytes or data built from dict, list, tuple, str, "
+        f"int, float, bool, None, bytes and numpy scalars/arrays, so that set_state() gets "
+        f"back exactly what was saved, but {e}. Convert it or serialize the state to bytes "
+        "yourself. Nothing was written.") from e
+  return ("json" if plain else "typed.json"), data
+
+
+def decode_state(ext: str, raw: bytes) -> Any:
+  if ext == "bin":
+    return raw
+  doc = json.loads(raw.decode("utf-8", "surrogatepass"))
+  if ext == "typed.json":
+    return _untyped(doc["v"])
+  return doc
 
 
 @dataclasses.dataclass
@@ -131,7 +206,7 @@ class StatefulCheckpointHandler(CheckpointHandler):
   save_on_all_processes = True
 
   def save(self, directory: epath.Path, args: StatefulSave) -> None:
-    driver = self._flax_ckpt_driver(args)
+    driver = StatefulCheckpointHandler._flax_ckpt_driver(self, args)
     driver.plan(None)
     driver.start(directory, None, None)(True)
 
@@ -176,10 +251,13 @@ class StatefulCheckpointHandler(CheckpointHandler):
           f"{directory}: the state of saved process {src} (process_{src}-of-{n}) is missing; "
           "the checkpoint is damaged.")
     raw = (directory / file_name(int(src), n, ext)).read_bytes()
-    state = raw if ext == "bin" else json.loads(raw.decode("utf-8", "surrogatepass"))
+    state = decode_state(ext, raw)
     if args.item is None:
       return state
     args.item.set_state(state)
+    start = getattr(args.item, "start_prefetch", None)
+    if callable(start):  # grain iterators: begin filling buffers from the new position
+      start()
     return args.item
 
   def metadata(self, directory: epath.Path) -> StatefulMetadata:
@@ -206,7 +284,7 @@ def _saved_files(directory: epath.Path) -> dict[tuple[int, int], str]:
   except FileNotFoundError as e:
     raise errors.FormatError(f"{directory} is missing; the checkpoint is damaged.") from e
   for name in names:
-    m = _FILE_RE.match(name)
+    m = _FILE_RE.fullmatch(name)
     if m:
       out[(int(m.group(2)), int(m.group(1)))] = m.group(3)
   if not out:
@@ -252,6 +330,9 @@ class _StatefulDriver:
     t = type(self.item)
     return {"kind": "stateful", "process_count": multihost.process_count(),
             "type": f"{t.__module__}.{t.__qualname__}"}
+
+  def abort(self) -> None:
+    pass
 
   def close(self) -> None:
     pass
