@@ -106,6 +106,8 @@ def _save_array(value: Any, info: th.ParamInfo, arg: th.SaveArgs | None, kind: s
   rec["shape"] = list(shape)
   rec["sharding"] = sharding_desc.describe(getattr(value, "sharding", None))
   rec["nbytes"] = math.prod(shape) * dtype.itemsize
+  if isinstance(value, jax.Array) and value.weak_type:
+    rec["weak_type"] = True  # e.g. a step counter made from a Python int
   writer = info._io.writer
   if info._io.process_index != 0 and (
       not isinstance(value, jax.Array) or info._index in info._io.primary_local):
@@ -401,37 +403,50 @@ def load_arrays(infos: Sequence[th.ParamInfo], args: Sequence[th.RestoreArgs] | 
     tdtype = np.dtype(arg.dtype) if arg is not None and arg.dtype is not None else sdtype
     if kind != "numpy":  # jax arrays hold canonical dtypes (int64 -> int32 without x64)
       tdtype = np.dtype(jax.dtypes.canonicalize_dtype(tdtype))
+    weak = arg.weak_type if arg is not None and arg.weak_type is not None else bool(
+        r.get("weak_type", False))
     if kind == "numpy" or sharding is None:
       host = plan.box(info.chunks, sdtype, (0,) * len(shape), shape)
-      pending.append((kind, host, None, tdtype))
+      pending.append((kind, host, None, tdtype, weak))
     else:
       devices, which, hosts = _plan_device_boxes(plan, info, sdtype, sharding, shape)
-      pending.append((kind, hosts, (shape, sharding, devices, which), tdtype))
+      pending.append((kind, hosts, (shape, sharding, devices, which), tdtype, weak))
   plan.execute()
   out = []
-  default_dev = None
-  for kind, host, target, tdtype in pending:
-    if target is None:
-      if host.dtype != tdtype:
-        host = _aligned_copy(host.astype(tdtype))
-      if kind == "numpy":
-        out.append(host)
-        continue
-      if default_dev is None:
-        default_dev = jax.local_devices()[0] if jax.config.jax_default_device is None else None
-      if default_dev is None:
-        out.append(jax.device_put(host))
-        continue
-      sh = jax.sharding.SingleDeviceSharding(default_dev)
-      out.append(devput.put(host.shape, host.dtype, sh, [default_dev], [host], committed=False))
-    else:
-      shape, sharding, devices, which = target
-      hosts = host
-      if hosts and hosts[0].dtype != tdtype:
-        hosts = [_aligned_copy(h.astype(tdtype)) for h in hosts]
-      out.append(devput.put(shape, tdtype, sharding, devices, [hosts[w] for w in which],
-                            committed=True))
+  for kind, host, target, tdtype, weak in pending:
+    v = _put_one(kind, host, target, tdtype)
+    out.append(_weakly_typed(v) if weak and kind != "numpy" else v)
   return out
+
+
+def _put_one(kind: str, host: Any, target: Any, tdtype: np.dtype) -> Any:
+  """One loaded array as numpy or on its devices, in the target dtype."""
+  if target is None:
+    if host.dtype != tdtype:
+      host = _aligned_copy(host.astype(tdtype))
+    if kind == "numpy":
+      return host
+    if jax.config.jax_default_device is not None:
+      return jax.device_put(host)
+    dev = jax.local_devices()[0]
+    sh = jax.sharding.SingleDeviceSharding(dev)
+    return devput.put(host.shape, host.dtype, sh, [dev], [host], committed=False)
+  shape, sharding, devices, which = target
+  hosts = host
+  if hosts and hosts[0].dtype != tdtype:
+    hosts = [_aligned_copy(h.astype(tdtype)) for h in hosts]
+  return devput.put(shape, tdtype, sharding, devices, [hosts[w] for w in which],
+                    committed=True)
+
+
+def _weakly_typed(x: jax.Array) -> jax.Array:
+  """``x`` marked weakly typed (as Python scalars are), same dtype and sharding."""
+  try:
+    from jax._src.lax import lax as _lax
+
+    return _lax._convert_element_type(x, x.dtype, weak_type=True)
+  except Exception:  # noqa: BLE001 - a jax without it: strongly typed, same values
+    return x
 
 
 def _aligned_copy(a: np.ndarray) -> np.ndarray:

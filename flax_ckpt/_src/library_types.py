@@ -127,16 +127,23 @@ def _variable_classes() -> list[type]:
   nnx = _nnx()
   if nnx is None:
     return []
-  out, todo = [], [nnx.Variable]
-  while todo:
-    c = todo.pop()
+  out, todo = [], collections.deque([nnx.Variable])
+  while todo:  # breadth first, siblings in definition order
+    c = todo.popleft()
     out.append(c)
     todo.extend(c.__subclasses__())
   return out
 
 
 def _register_variable(cls: type) -> None:
-  treespec.register_known(cls, treespec.default_class_name(cls), from_aux=True)
+  treespec.register_known(cls, treespec.default_class_name(cls), from_aux=True, newest=True)
+
+
+def _is_variable_class(cls: type) -> bool:
+  if "flax.nnx" not in sys.modules:
+    return False
+  nnx = _nnx()
+  return nnx is not None and inspect.isclass(cls) and issubclass(cls, nnx.Variable)
 
 
 def resolve_class(cls: type) -> bool:
@@ -162,11 +169,12 @@ def resolve_name(name: str) -> bool:
     _register_flax()
   if name.startswith("flax.") or "flax.nnx" in sys.modules:
     with _lock:
-      for c in _variable_classes():
-        if treespec.default_class_name(c) == name:
-          _register_variable(c)
+      same = [c for c in _variable_classes() if treespec.default_class_name(c) == name]
+      if same and not treespec.is_registered_class(same[-1]):
+        _register_variable(same[-1])  # a class defined again: the newest definition
   return treespec.entry_known(name)
 
 
 treespec.register_known(collections.OrderedDict, "collections.OrderedDict", from_aux=True)
 treespec.add_resolvers(resolve_class, resolve_name)
+treespec.add_aux_family(_is_variable_class)

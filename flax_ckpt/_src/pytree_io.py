@@ -287,7 +287,8 @@ def _args_from_template(t: Any) -> th.RestoreArgs:
     is_key = jax.dtypes.issubdtype(t.dtype, jax.dtypes.prng_key)
     sharding = getattr(t, "sharding", None)
     return th.RestoreArgs(restore_type=jax.Array, dtype=None if is_key else np.dtype(t.dtype),
-                          sharding=sharding, shape=tuple(t.shape))
+                          sharding=sharding, shape=tuple(t.shape),
+                          weak_type=bool(getattr(t, "weak_type", False)))
   if isinstance(t, np.ndarray):
     return th.RestoreArgs(restore_type=np.ndarray, dtype=t.dtype, shape=tuple(t.shape))
   if isinstance(t, np.generic):

@@ -48,15 +48,35 @@ def add_resolvers(by_class: Callable[[type], bool], by_name: Callable[[str], boo
   _NAME_RESOLVERS.append(by_name)
 
 
+# Families of classes (e.g. nnx.Variable subclasses) always rebuilt from their aux data,
+# also when a user registers one with register_class.
+_AUX_FAMILIES: list[Callable[[type], bool]] = []
+
+
+def add_aux_family(pred: Callable[[type], bool]) -> None:
+  _AUX_FAMILIES.append(pred)
+
+
+def _from_aux(cls: type) -> bool:
+  return any(pred(cls) for pred in _AUX_FAMILIES)
+
+
 def register_known(cls: type, name: str, *, aliases: Sequence[str] = (),
-                   from_aux: bool = False) -> None:
-  """Registers a library class under a stable ``name`` (plus ``aliases`` for reading)."""
+                   from_aux: bool = False, newest: bool = False) -> None:
+  """Registers a library class under a stable ``name`` (plus ``aliases`` for reading).
+
+  With ``newest``, a class defined again under the same name (a re-run notebook cell)
+  takes the name over; otherwise the first registration keeps it.
+  """
   if cls in _BY_CLASS:
     return
   entry = _ClassEntry(cls, name, None, from_aux)
   _BY_CLASS[cls] = entry
   for n in (name, *aliases):
-    _BY_NAME.setdefault(n, entry)
+    if newest:
+      _BY_NAME[n] = entry
+    else:
+      _BY_NAME.setdefault(n, entry)
 
 
 def entry_known(name: str) -> bool:
@@ -122,7 +142,7 @@ def register_class(
     )
   if override and cls in _BY_CLASS:
     _BY_NAME.pop(_BY_CLASS[cls].name, None)
-  entry = _ClassEntry(cls, name, build)
+  entry = _ClassEntry(cls, name, build, build is None and _from_aux(cls))
   _BY_NAME[name] = entry
   _BY_CLASS[cls] = entry
   return cls
@@ -145,14 +165,15 @@ _NOT_JSON = object()
 def encode_aux(v: Any) -> Any:
   """``v`` as JSON that :func:`decode_aux` turns back into an equal value of the same types,
   or ``_NOT_JSON``. Containers are tagged: ``{"l": [...]}`` list, ``{"t": [...]}`` tuple,
-  ``{"d": {...}}`` dict with str keys, ``{"P": [...]}`` PartitionSpec."""
+  ``{"d": {...}}`` dict with str keys, ``{"P": [...]}`` PartitionSpec; so are ints beyond
+  2^53 (``{"i": hex}``) and non-finite floats (``{"f": "nan"}``)."""
   t = type(v)
   if v is None or t is bool or t is str:
     return v
   if t is int:
-    return v if abs(v) < 2**53 else _NOT_JSON
+    return v if abs(v) < 2**53 else {"i": hex(v)}
   if t is float:
-    return v if v == v and v not in (float("inf"), float("-inf")) else _NOT_JSON
+    return v if v == v and v not in (float("inf"), float("-inf")) else {"f": repr(v)}
   if t is list or t is tuple:
     items = [encode_aux(x) for x in v]
     if any(x is _NOT_JSON for x in items):
@@ -183,6 +204,10 @@ def decode_aux(v: Any) -> Any:
     return {k: decode_aux(x) for k, x in body.items()}
   if tag == "P":
     return jax.sharding.PartitionSpec(*(decode_aux(x) for x in body))
+  if tag == "i":
+    return int(body, 16)
+  if tag == "f":
+    return float(body)
   raise errors.FormatError(f"unknown aux data tag {tag!r}; upgrade flax_ckpt")
 
 

@@ -89,12 +89,16 @@ class RestoreArgs:
     dtype: cast to this dtype after reading (None keeps the saved dtype).
     sharding: target ``jax.sharding.Sharding`` for jax arrays (None: default device).
     shape: expected global shape (checked before reading).
+    weak_type: for jax arrays: make the result weakly typed (True), strongly typed
+      (False), or as saved (None). Templates from ``jax.eval_shape`` carry it; matching it
+      means a jitted step does not compile again after a restore.
   """
 
   restore_type: Any = None
   dtype: Any = None
   sharding: Any = None
   shape: tuple[int, ...] | None = None
+  weak_type: bool | None = None
 
 
 ArrayRestoreArgs = RestoreArgs
