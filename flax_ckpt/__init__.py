@@ -11,6 +11,7 @@ Example:
 from flax_ckpt import (
     args,  # CheckpointArgs, register_with_handler and the built-in args classes
     metadata,  # callable module: metadata(path) and the metadata classes
+    policies,  # save-decision and preservation policies of the CheckpointManager
     type_handlers,  # the TypeHandler extension API in one namespace
 )
 from flax_ckpt._src import builtin_handlers as _builtin_handlers
@@ -40,6 +41,11 @@ from flax_ckpt._src.errors import (
     IncompleteCheckpointError,
     StructureMismatchError,
     UnsupportedLeafError,
+)
+from flax_ckpt._src.manager import (
+    CheckpointManager,
+    CheckpointManagerOptions,
+    checkpoints_iterator,
 )
 from flax_ckpt._src.pytree_handler import PyTreeCheckpointHandler, PyTreeRestore, PyTreeSave
 from flax_ckpt._src.stateful_handler import (
@@ -76,6 +82,10 @@ __all__ = [
     "CheckpointArgs",
     "Checkpointer",
     "CheckpointHandler",
+    "CheckpointManager",
+    "CheckpointManagerOptions",
+    "checkpoints_iterator",
+    "policies",
     "load_checkpointables",
     "PyTreeCheckpointHandler",
     "PyTreeRestore",

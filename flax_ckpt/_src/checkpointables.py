@@ -294,7 +294,8 @@ def _annotate(e: BaseException, parts: list[Part], name: str) -> None:
 
 def start_save(path: paths.PathLike, parts: list[Part], *, overwrite: bool,
                custom_metadata: Any, is_async: bool, fsync: bool,
-               barrier_timeout_s: float | None = None, overwrite_flag: str = "overwrite"
+               barrier_timeout_s: float | None = None, overwrite_flag: str = "overwrite",
+               manifest_extra: dict | None = None
                ) -> tuple[epath.Path, Callable[[], None]]:
   """Snapshots every part into a temporary directory; returns ``finish()`` that commits.
 
@@ -405,7 +406,7 @@ def start_save(path: paths.PathLike, parts: list[Part], *, overwrite: bool,
         manifest = {
             "format": "flax_ckpt", "version": FORMAT_VERSION, "checkpointables": entries,
             "custom_metadata": custom_metadata, "created_at": time.time(),
-            "process_count": nproc,
+            "process_count": nproc, **(manifest_extra or {}),
         }
         paths.write_json(tmp / paths.COMMIT_MARKER, manifest, fsync=fsync)
         if fsync:
@@ -424,7 +425,7 @@ def start_save(path: paths.PathLike, parts: list[Part], *, overwrite: bool,
   return final, finish
 
 
-def _parts_from(checkpointables: Mapping[str, Any]) -> list[Part]:
+def parts_from(checkpointables: Mapping[str, Any]) -> list[Part]:
   if not isinstance(checkpointables, Mapping) or not checkpointables:
     raise TypeError("checkpointables must be a non-empty dict {name: object}; nothing was "
                     "written.")
@@ -470,7 +471,7 @@ def save_checkpointables(path: paths.PathLike, checkpointables: Mapping[str, Any
     >>> flax_ckpt.load_checkpointables(path, {'params': None})['params']['w']
     array([1., 1., 1.])
   """
-  _, finish = start_save(path, _parts_from(checkpointables), overwrite=overwrite,
+  _, finish = start_save(path, parts_from(checkpointables), overwrite=overwrite,
                          custom_metadata=custom_metadata, is_async=False, fsync=fsync,
                          barrier_timeout_s=barrier_timeout_s)
   finish()
@@ -495,7 +496,7 @@ def save_checkpointables_async(path: paths.PathLike, checkpointables: Mapping[st
     >>> r = flax_ckpt.save_checkpointables_async(path, {'params': {'w': np.ones(3)}})
     >>> r.result()
   """
-  final, finish = start_save(path, _parts_from(checkpointables), overwrite=overwrite,
+  final, finish = start_save(path, parts_from(checkpointables), overwrite=overwrite,
                              custom_metadata=custom_metadata, is_async=True, fsync=fsync,
                              barrier_timeout_s=barrier_timeout_s)
   return async_utils.start_background(finish, os.fspath(final))

@@ -26,8 +26,10 @@ from flax_ckpt._src import errors
 PathLike = Union[str, os.PathLike, epath.Path]  # noqa: UP007 - runtime alias
 
 COMMIT_MARKER = "_CHECKPOINT"
-_TMP_TAG = ".flax_ckpt-tmp-"
-_OLD_TAG = ".flax_ckpt-old-"
+TMP_TAG = ".flax_ckpt-tmp-"
+_TMP_TAG = TMP_TAG
+OLD_TAG = ".flax_ckpt-old-"
+_OLD_TAG = OLD_TAG
 
 
 def to_path(path: PathLike) -> epath.Path:

@@ -1,0 +1,552 @@
+"""``CheckpointManager``: step-numbered checkpoints for a training loop.
+
+Hand it the train state every step: it decides whether to save, saves asynchronously (the
+step only waits for the copy of what may change), keeps the checkpoints the retention
+policies want (never deleting the newest), and after a crash or preemption gives back the
+latest committed state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from flax_ckpt._src import (
+    async_utils,
+    checkpointables,
+    dir_lock,
+    errors,
+    multihost,
+    paths,
+    policies,
+    preemption,
+    step_dirs,
+)
+from flax_ckpt._src import train_state_parts as tsp
+
+DATASET = "dataset"
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointManagerOptions:
+  """How a :class:`CheckpointManager` saves and what it keeps.
+
+  When to save (a step is saved if any applies; with none of the first three set, every
+  step is saved; preemption always triggers a save):
+
+  Attributes:
+    save_interval_steps: save steps divisible by this.
+    save_on_steps: also save exactly these steps.
+    save_interval_secs: also save when this many seconds passed since the last save.
+    save_decision_policy: a custom :class:`~flax_ckpt.policies.SaveDecisionPolicy`
+      (e.g. ``AnySavePolicy([...])``); replaces the three options above.
+    max_to_keep: keep at most this many (the newest, or with ``best_fn`` the best);
+      None keeps all.
+    keep_period: additionally keep every checkpoint whose step is a multiple of this.
+    keep_time_interval: additionally keep the first checkpoint of every stretch of this
+      many seconds.
+    best_fn: ``metrics -> float``; with ``max_to_keep``, keep the best ones by it.
+    best_mode: ``'min'`` or ``'max'`` for ``best_fn``.
+    keep_checkpoints_without_metrics: with ``best_fn``, never delete checkpoints saved
+      without metrics.
+    preservation_policy: a custom :class:`~flax_ckpt.policies.PreservationPolicy`;
+      replaces the retention options above. Whatever it says, the newest committed
+      checkpoint is never deleted.
+    step_prefix: directory names ``<prefix>_<step>`` instead of ``<step>``.
+    step_format_fixed_length: zero-pad step numbers to this width.
+    create: create the directory if it does not exist.
+    read_only: never write, delete, clean up or lock; for evaluation jobs.
+    enable_async: ``save`` returns once the state is captured; the write continues in the
+      background (at most one save in flight; the next waits for it).
+    cleanup_tmp_directories: remove leftovers of crashed saves when opening.
+    barrier_timeout_s: multi-process only: how long processes wait for each other.
+    lock_stale_after_s: a directory lock whose owner stopped refreshing it this long ago
+      (e.g. a dead job on another host) is taken over.
+    fsync: make checkpoints durable before committing them.
+    clock: the time source (injectable for tests); defaults to ``time.time``.
+  """
+
+  save_interval_steps: int | None = None
+  save_on_steps: Sequence[int] = ()
+  save_interval_secs: float | None = None
+  save_decision_policy: Any = None
+  max_to_keep: int | None = None
+  keep_period: int | None = None
+  keep_time_interval: float | None = None
+  best_fn: Callable[[dict], float] | None = None
+  best_mode: str = "min"
+  keep_checkpoints_without_metrics: bool = True
+  preservation_policy: Any = None
+  step_prefix: str | None = None
+  step_format_fixed_length: int | None = None
+  create: bool = True
+  read_only: bool = False
+  enable_async: bool = True
+  cleanup_tmp_directories: bool = True
+  barrier_timeout_s: float | None = None
+  lock_stale_after_s: float = 600.0
+  fsync: bool = True
+  clock: Callable[[], float] = time.time
+
+  def __post_init__(self):
+    if self.best_mode not in ("min", "max"):
+      raise ValueError(f"best_mode must be 'min' or 'max', not {self.best_mode!r}")
+    for name in ("save_interval_steps", "max_to_keep", "keep_period"):
+      v = getattr(self, name)
+      if v is not None and (not isinstance(v, int) or v < 1):
+        raise ValueError(f"{name} must be a positive int or None, not {v!r}")
+
+  def decision_policy(self) -> Any:
+    if self.save_decision_policy is not None:
+      return policies.AnySavePolicy([self.save_decision_policy, policies.PreemptionPolicy()])
+    rules: list[Any] = [policies.PreemptionPolicy()]
+    if self.save_interval_steps is not None:
+      rules.append(policies.FixedIntervalPolicy(self.save_interval_steps))
+    if self.save_on_steps:
+      rules.append(policies.SpecificStepsPolicy(tuple(self.save_on_steps)))
+    if self.save_interval_secs is not None:
+      rules.append(policies.TimeIntervalPolicy(self.save_interval_secs))
+    if len(rules) == 1:
+      rules.append(policies.FixedIntervalPolicy(1))
+    return policies.AnySavePolicy(rules)
+
+  def retention_policy(self) -> Any:
+    if self.preservation_policy is not None:
+      return self.preservation_policy
+    rules: list[Any] = []
+    if self.max_to_keep is not None:
+      if self.best_fn is not None:
+        rules.append(policies.BestN(self.best_fn, self.max_to_keep, self.best_mode,
+                                    self.keep_checkpoints_without_metrics))
+      else:
+        rules.append(policies.LatestN(self.max_to_keep))
+    if self.keep_period is not None:
+      rules.append(policies.EveryNSteps(self.keep_period))
+    if self.keep_time_interval is not None:
+      rules.append(policies.EveryNSeconds(self.keep_time_interval))
+    if self.max_to_keep is None and not rules:
+      return policies.KeepAll()
+    if self.max_to_keep is None:  # periods alone add to "keep everything"
+      rules.append(policies.KeepAll())
+    return policies.AnyPreservationPolicy(rules)
+
+
+def _jsonable_metrics(metrics: Any) -> dict | None:
+  if metrics is None:
+    return None
+  if not isinstance(metrics, Mapping):
+    raise TypeError(f"metrics must be a dict of numbers, not {type(metrics).__qualname__}")
+  out = {}
+  for k, v in metrics.items():
+    if not isinstance(k, str):
+      raise TypeError(f"metrics keys must be str, got {k!r}")
+    if isinstance(v, (str, bool)) or v is None:
+      out[k] = v
+      continue
+    try:
+      f = float(v)  # python/numpy/jax scalars
+    except (TypeError, ValueError) as e:
+      raise TypeError(f"metric {k!r} is not a number: {v!r}") from e
+    out[k] = f if math.isfinite(f) else repr(f)
+  return out
+
+
+def _restore_metric(v: Any) -> Any:
+  return float(v) if v in ("nan", "inf", "-inf") else v
+
+
+class CheckpointManager:
+  """Step-numbered checkpoints in one directory, saved by policy and kept by policy.
+
+  Args:
+    directory: where the step directories live.
+    options: a :class:`CheckpointManagerOptions`; or pass its fields as keyword arguments.
+
+  Example:
+    >>> import numpy as np, flax_ckpt, tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> with flax_ckpt.CheckpointManager(d, save_interval_steps=2, max_to_keep=2) as mngr:
+    ...   for step in range(7):
+    ...     _ = mngr.save(step, {'w': np.full(3, step)})
+    ...   mngr.wait_until_finished()
+    ...   print(mngr.all_steps(), mngr.restore()['w'])
+    [4, 6] [6 6 6]
+  """
+
+  def __init__(self, directory: paths.PathLike, *,
+               options: CheckpointManagerOptions | None = None, **kwargs: Any):
+    if options is not None and kwargs:
+      raise TypeError("pass either options=CheckpointManagerOptions(...) or keyword "
+                      "arguments, not both")
+    self._opts = options if options is not None else CheckpointManagerOptions(**kwargs)
+    self._root = os.fspath(paths.to_path(directory))
+    self._naming = step_dirs.StepNaming(self._opts.step_prefix,
+                                        self._opts.step_format_fixed_length)
+    self._clock = self._opts.clock
+    self._decide = self._opts.decision_policy()
+    self._retain = self._opts.retention_policy()
+    self._lock = threading.RLock()
+    self._save_lock = threading.Lock()
+    self._infos: dict[int, policies.StepInfo] = {}
+    self._pending: async_utils.AsyncResponse | None = None
+    self._pending_info: policies.StepInfo | None = None
+    self._closed = False
+    self._primary = multihost.process_index() == 0
+    digest = hashlib.sha1(self._root.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    self._op_prefix = f"flax_ckpt/manager/{digest}"
+    self._ops = itertools.count()
+    self._dir_lock: dir_lock.DirectoryLock | None = None
+    self._sigterm = preemption.SigtermWatcher()
+
+    if not os.path.isdir(self._root):
+      if self._opts.read_only or not self._opts.create:
+        raise errors.CheckpointNotFoundError(
+            f"checkpoint directory {self._root} does not exist (create=True makes it)")
+      if self._primary:
+        os.makedirs(self._root, exist_ok=True)
+    if not self._opts.read_only and self._primary:
+      self._dir_lock = dir_lock.DirectoryLock(self._root,
+                                              stale_after_s=self._opts.lock_stale_after_s)
+      self._dir_lock.acquire()
+      if self._opts.cleanup_tmp_directories:
+        step_dirs.cleanup_leftovers(self._root)
+    if not self._opts.read_only:
+      self._sigterm.install()
+    self.reload()
+
+  # --- listing -----------------------------------------------------------------------
+
+  def _step_path(self, step: int) -> str:
+    return os.path.join(self._root, self._naming.name(step))
+
+  def _read_info(self, step: int) -> policies.StepInfo | None:
+    try:
+      manifest = paths.read_json(os.path.join(self._step_path(step), paths.COMMIT_MARKER))
+    except (OSError, ValueError):
+      return None
+    m = manifest.get("manager") or {}
+    metrics = m.get("metrics")
+    if metrics is not None:
+      metrics = {k: _restore_metric(v) for k, v in metrics.items()}
+    return policies.StepInfo(step, float(m.get("time", manifest.get("created_at", 0.0))),
+                             metrics)
+
+  def reload(self) -> None:
+    """Lists the committed checkpoints on disk again (e.g. written by another job)."""
+    infos = {}
+    for s in step_dirs.committed_steps(self._root, self._naming):
+      info = self._read_info(s)
+      if info is not None:
+        infos[s] = info
+    with self._lock:
+      self._infos = infos
+
+  def all_steps(self) -> list[int]:
+    """Committed steps, ascending (a save still in flight is not listed)."""
+    with self._lock:
+      return sorted(self._infos)
+
+  def latest_step(self) -> int | None:
+    """The newest committed step, or None."""
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def metrics(self, step: int) -> dict | None:
+    """The metrics saved with ``step`` (None if none)."""
+    with self._lock:
+      info = self._infos.get(step)
+    if info is None:
+      raise errors.CheckpointNotFoundError(f"no committed checkpoint for step {step} in "
+                                           f"{self._root}; steps: {self.all_steps()}")
+    return info.metrics
+
+  def best_step(self) -> int | None:
+    """The step with the best metric by ``best_fn`` (the latest without ``best_fn``)."""
+    fn = self._opts.best_fn
+    with self._lock:
+      infos = list(self._infos.values())
+    if fn is None:
+      return self.latest_step()
+    scored = [i for i in infos if i.metrics is not None]
+    if not scored:
+      return None
+    sign = 1.0 if self._opts.best_mode == "min" else -1.0
+    return min(scored, key=lambda i: (sign * float(fn(i.metrics)), -i.step)).step
+
+  # --- deciding ----------------------------------------------------------------------
+
+  def reached_preemption(self, step: int) -> bool:
+    """Whether the job is being preempted: after SIGTERM (single process), or at JAX's
+    multi-host preemption sync point (all processes agree on the step)."""
+    if multihost.process_count() > 1:
+      return preemption.jax_sync_point_reached(step)
+    return self._sigterm.triggered
+
+  def _last_saved(self) -> policies.StepInfo | None:
+    with self._lock:
+      cands = list(self._infos.values())
+      if self._pending_info is not None:
+        cands.append(self._pending_info)
+    return max(cands, key=lambda i: i.step) if cands else None
+
+  def _already_saved(self, step: int) -> bool:
+    with self._lock:
+      return step in self._infos or (self._pending_info is not None
+                                     and self._pending_info.step == step)
+
+  def should_save(self, step: int) -> bool:
+    """Whether ``save(step, ...)`` would save (the policies, or preemption)."""
+    if self._opts.read_only or self._already_saved(step):
+      return False
+    ctx = policies.DecisionContext(step=step, now=self._clock(), last_saved=self._last_saved(),
+                                   reached_preemption=self._sigterm.triggered)
+    return bool(self._decide.should_save(ctx))
+
+  def _agree(self, what: str, local: Any) -> Any:
+    """Process 0's value of ``local``, the same in every process."""
+    if multihost.process_count() == 1:
+      return local
+    key = f"{self._op_prefix}/{next(self._ops)}/{what}"
+    timeout = multihost.timeout_s(self._opts.barrier_timeout_s)
+    return json.loads(multihost.share(key, json.dumps(local) if self._primary else None,
+                                      timeout))
+
+  # --- saving ------------------------------------------------------------------------
+
+  def save(self, step: int, state: Any = None, *, dataset: Any = None, metrics: Any = None,
+           force: bool = False, custom_metadata: dict | None = None) -> bool:
+    """Saves ``state`` (and ``dataset``) as checkpoint ``step`` if the policies say so.
+
+    A train state (``params``, ``opt_state``, ``step`` fields: ``TrainState``, a
+    flax.struct/dataclass or a dict) is stored as the parts ``params``, ``opt_state`` and
+    ``extra``, so ``restore(only='params')`` reads no optimizer byte; anything else as the
+    part ``state``. ``dataset`` (an object with ``get_state``/``set_state``, e.g. a grain
+    iterator) is stored per process as the part ``dataset``.
+
+    Args:
+      step: the training step (a non-negative int).
+      state: the PyTree to save.
+      dataset: the data iterator to save alongside.
+      metrics: a dict of numbers for ``best_fn`` and :meth:`metrics`.
+      force: save even if the policies would skip this step (not if it is already saved).
+      custom_metadata: a JSON-serializable dict stored with the checkpoint.
+
+    Returns:
+      Whether a save was started (False: skipped by the policies or already saved).
+    """
+    if self._opts.read_only:
+      raise errors.CheckpointError(f"this CheckpointManager of {self._root} is read_only")
+    if self._closed:
+      raise errors.CheckpointError("this CheckpointManager is closed")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+      try:
+        step = int(step)  # numpy / jax integer scalars
+      except (TypeError, ValueError) as e:
+        raise TypeError(f"step must be a non-negative int, not {step!r}") from e
+      if step < 0:
+        raise ValueError(f"step must be non-negative, not {step}")
+    local = (not self._already_saved(step)) and (force or self.should_save(step))
+    if not self._agree("decide", bool(local)):
+      return False
+    if state is None and dataset is None:
+      raise ValueError("save needs a state (and/or dataset) to save")
+    parts = tsp.split(state) if state is not None else {}
+    if dataset is not None:
+      parts[DATASET] = dataset
+    info = policies.StepInfo(step, float(self._clock()), _jsonable_metrics(metrics))
+    with self._save_lock:
+      self.wait_until_finished()  # at most one save in flight
+      if self._dir_lock is not None:
+        self._dir_lock.touch()
+      extra = {"manager": {"step": step, "time": info.time,
+                           "metrics": info.metrics}}
+      final, finish = checkpointables.start_save(
+          self._step_path(step), checkpointables.parts_from(parts), overwrite=False,
+          custom_metadata=custom_metadata, is_async=self._opts.enable_async,
+          fsync=self._opts.fsync, barrier_timeout_s=self._opts.barrier_timeout_s,
+          manifest_extra=extra)
+
+      def finish_and_retain() -> None:
+        finish()
+        with self._lock:
+          self._infos[step] = info
+        self._apply_retention()
+
+      if self._opts.enable_async:
+        with self._lock:
+          self._pending_info = info
+        self._pending = async_utils.start_background(finish_and_retain, os.fspath(final))
+      else:
+        finish_and_retain()
+    return True
+
+  def _apply_retention(self) -> None:
+    with self._lock:
+      infos = list(self._infos.values())
+    if not infos:
+      return
+    keep = set(self._retain.keep(infos))
+    keep.add(max(i.step for i in infos))  # the newest committed is never deleted
+    doomed = sorted(i.step for i in infos if i.step not in keep)
+    for s in doomed:
+      if self._primary:
+        step_dirs.remove(self._step_path(s))
+      with self._lock:
+        self._infos.pop(s, None)
+
+  def wait_until_finished(self) -> None:
+    """Blocks until the save in flight is committed; raises its error if it failed."""
+    with self._lock:
+      r, self._pending = self._pending, None
+    try:
+      if r is not None:
+        r.result()
+    finally:
+      with self._lock:
+        if self._pending is None:
+          self._pending_info = None
+
+  def delete(self, step: int) -> None:
+    """Deletes the checkpoint of ``step`` (the directory is never seen half-deleted)."""
+    if self._opts.read_only:
+      raise errors.CheckpointError(f"this CheckpointManager of {self._root} is read_only")
+    self.wait_until_finished()
+    if self._primary:
+      step_dirs.remove(self._step_path(step))
+    with self._lock:
+      self._infos.pop(step, None)
+
+  # --- restoring ---------------------------------------------------------------------
+
+  def restore(self, step: int | None = None, abstract_state: Any = None, *,
+              dataset: Any = None, only: str | Sequence[str] | None = None) -> Any:
+    """Loads a checkpoint: the latest committed one unless ``step`` is given.
+
+    Args:
+      step: which step (default: the latest).
+      abstract_state: the template: e.g. ``jax.eval_shape(create_train_state)`` with
+        shardings. A TrainState template gives back a TrainState (``apply_fn`` and ``tx``
+        taken from the template), each array in its target sharding. For a checkpoint of
+        a train state, a template that is not one is taken as the ``params`` template.
+      dataset: an iterator to restore in place (``set_state``) from the saved ``dataset``.
+      only: a part name (``'params'``) or names to load; nothing else is read. With
+        ``'params'`` the params tree is returned.
+
+    Returns:
+      The state (or the requested part).
+
+    Raises:
+      CheckpointNotFoundError: no committed checkpoint (or not that step).
+    """
+    self.wait_until_finished()
+    if step is None:
+      self.reload()
+      step = self.latest_step()
+      if step is None:
+        raise errors.CheckpointNotFoundError(f"no committed checkpoint in {self._root}")
+    path = self._step_path(step)
+    md = checkpointables.checkpoint_metadata(path)
+    saved = [n for n in md.checkpointables if n != DATASET]
+    layout_ts = tsp.PARAMS in saved
+    if only is None and layout_ts and abstract_state is not None and not tsp.is_train_state(
+        abstract_state):
+      only = tsp.PARAMS  # a params-only template
+    names = [only] if isinstance(only, str) else list(only) if only is not None else saved
+    missing = [n for n in names if n not in md.checkpointables]
+    if missing:
+      raise errors.StructureMismatchError(
+          f"step {step} has no part {missing}; its parts are {list(md.checkpointables)}")
+    if layout_ts and abstract_state is not None and tsp.is_train_state(abstract_state):
+      templates = tsp.split(abstract_state)
+    elif abstract_state is not None:
+      templates = {n: abstract_state for n in names}
+    else:
+      templates = {}
+    req = {n: templates.get(n) for n in names}
+    if dataset is not None:
+      if DATASET not in md.checkpointables:
+        raise errors.StructureMismatchError(f"step {step} was saved without a dataset")
+      req[DATASET] = dataset
+    out = checkpointables.load_checkpointables(path, req)
+    out.pop(DATASET, None)
+    if isinstance(only, str):
+      return out[only]
+    if only is not None:
+      return out
+    return tsp.merge(abstract_state if layout_ts else None, out)
+
+  # --- lifecycle ---------------------------------------------------------------------
+
+  def close(self) -> None:
+    """Waits for the save in flight, releases the directory and the SIGTERM handler."""
+    if self._closed:
+      return
+    try:
+      self.wait_until_finished()
+    finally:
+      self._closed = True
+      self._sigterm.uninstall()
+      if self._dir_lock is not None:
+        self._dir_lock.release()
+
+  def __enter__(self) -> CheckpointManager:
+    return self
+
+  def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+    if exc is None:
+      self.close()
+      return
+    try:
+      self.close()
+    except Exception as e:  # noqa: BLE001 - the block's own error wins
+      if hasattr(exc, "add_note"):
+        exc.add_note(f"flax_ckpt: the pending save failed too: {type(e).__name__}: {e}")
+
+  @property
+  def directory(self) -> str:
+    return self._root
+
+
+def checkpoints_iterator(directory: paths.PathLike, *, timeout: float | None = None,
+                         poll_interval_s: float = 1.0, start_after: int | None = None,
+                         step_prefix: str | None = None,
+                         step_format_fixed_length: int | None = None,
+                         clock: Callable[[], float] = time.monotonic):
+  """Yields the steps of newly committed checkpoints in ``directory``, for an eval job.
+
+  Each committed step newer than the last one yielded (and than ``start_after``) is
+  yielded once, in order; a save in progress is never yielded before it commits. Stops
+  after ``timeout`` seconds without a new checkpoint (None: waits forever).
+
+  Example:
+    >>> import numpy as np, flax_ckpt, tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> with flax_ckpt.CheckpointManager(d, enable_async=False) as m:
+    ...   _ = m.save(1, {'w': np.ones(2)}); _ = m.save(2, {'w': np.ones(2)})
+    >>> list(flax_ckpt.checkpoints_iterator(d, timeout=0))
+    [1, 2]
+  """
+  root = os.fspath(paths.to_path(directory))
+  naming = step_dirs.StepNaming(step_prefix, step_format_fixed_length)
+  last = -1 if start_after is None else start_after
+  idle_since = clock()
+  while True:
+    new = [s for s in step_dirs.committed_steps(root, naming) if s > last]
+    for s in new:
+      last = s
+      yield s
+    if new:
+      idle_since = clock()
+      continue
+    if timeout is not None and clock() - idle_since >= timeout:
+      return
+    time.sleep(poll_interval_s if timeout is None else
+               max(0.0, min(poll_interval_s, timeout - (clock() - idle_since))))

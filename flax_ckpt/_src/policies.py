@@ -1,0 +1,215 @@
+"""When to save (save-decision policies) and what to keep (preservation policies).
+
+Both kinds are small classes combined with "any of": a step is saved if any decision policy
+says so, and a checkpoint is kept if any preservation policy keeps it. The newest committed
+checkpoint is always kept by the manager, whatever the policies say.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInfo:
+  """What the policies know about one committed checkpoint.
+
+  Attributes:
+    step: the training step.
+    time: when it was saved (seconds, from the manager's clock).
+    metrics: the metrics passed to ``save`` (None if none).
+  """
+
+  step: int
+  time: float
+  metrics: dict | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DecisionContext:
+  """What a save-decision policy knows when asked about ``step``.
+
+  Attributes:
+    step: the step being considered.
+    now: the manager's clock.
+    last_saved: the newest committed (or in-flight) checkpoint, or None.
+    reached_preemption: the job is being preempted.
+  """
+
+  step: int
+  now: float
+  last_saved: StepInfo | None
+  reached_preemption: bool = False
+
+
+@runtime_checkable
+class SaveDecisionPolicy(Protocol):
+  """Decides whether ``context.step`` should be saved."""
+
+  def should_save(self, context: DecisionContext) -> bool:
+    ...
+
+
+@runtime_checkable
+class PreservationPolicy(Protocol):
+  """Chooses which of the committed checkpoints to keep."""
+
+  def keep(self, checkpoints: Sequence[StepInfo]) -> set[int]:
+    ...
+
+
+# --- save decisions ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedIntervalPolicy:
+  """Saves every ``interval`` steps (steps divisible by it).
+
+  Example:
+    >>> from flax_ckpt.policies import DecisionContext, FixedIntervalPolicy
+    >>> FixedIntervalPolicy(10).should_save(DecisionContext(step=20, now=0.0, last_saved=None))
+    True
+  """
+
+  interval: int
+
+  def should_save(self, context: DecisionContext) -> bool:
+    return self.interval > 0 and context.step % self.interval == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecificStepsPolicy:
+  """Saves exactly the listed steps."""
+
+  steps: Sequence[int]
+
+  def should_save(self, context: DecisionContext) -> bool:
+    return context.step in set(self.steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class TimeIntervalPolicy:
+  """Saves when at least ``seconds`` passed since the last checkpoint (and the first time)."""
+
+  seconds: float
+
+  def should_save(self, context: DecisionContext) -> bool:
+    last = context.last_saved
+    return last is None or context.now - last.time >= self.seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class PreemptionPolicy:
+  """Saves when the job is being preempted (SIGTERM or JAX's preemption sync point)."""
+
+  def should_save(self, context: DecisionContext) -> bool:
+    return context.reached_preemption
+
+
+@dataclasses.dataclass(frozen=True)
+class AnySavePolicy:
+  """Saves when any of ``policies`` says so."""
+
+  policies: Sequence[Any]
+
+  def should_save(self, context: DecisionContext) -> bool:
+    return any(p.should_save(context) for p in self.policies)
+
+
+# --- preservation ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LatestN:
+  """Keeps the ``n`` newest checkpoints."""
+
+  n: int
+
+  def keep(self, checkpoints: Sequence[StepInfo]) -> set[int]:
+    steps = sorted(c.step for c in checkpoints)
+    return set(steps[-self.n:]) if self.n > 0 else set()
+
+
+@dataclasses.dataclass(frozen=True)
+class EveryNSteps:
+  """Keeps every checkpoint whose step is a multiple of ``n``, forever."""
+
+  n: int
+
+  def keep(self, checkpoints: Sequence[StepInfo]) -> set[int]:
+    return {c.step for c in checkpoints if self.n > 0 and c.step % self.n == 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class EveryNSeconds:
+  """Keeps the first checkpoint of every ``seconds``-long stretch of time, forever.
+
+  Walking checkpoints in step order, one is kept when at least ``seconds`` passed since
+  the previously kept one (the first is always kept).
+  """
+
+  seconds: float
+
+  def keep(self, checkpoints: Sequence[StepInfo]) -> set[int]:
+    kept, last = set(), -math.inf
+    for c in sorted(checkpoints, key=lambda c: c.step):
+      if c.time - last >= self.seconds:
+        kept.add(c.step)
+        last = c.time
+    return kept
+
+
+@dataclasses.dataclass(frozen=True)
+class BestN:
+  """Keeps the ``n`` checkpoints with the best metric.
+
+  Attributes:
+    get_metric: ``metrics -> float`` (e.g. ``lambda m: m['loss']``).
+    n: how many to keep.
+    mode: ``'min'`` (lower is better) or ``'max'``.
+    keep_checkpoints_without_metrics: keep checkpoints saved without metrics (default);
+      otherwise they compete like any other and are dropped first.
+  """
+
+  get_metric: Callable[[dict], float]
+  n: int
+  mode: str = "min"
+  keep_checkpoints_without_metrics: bool = True
+
+  def __post_init__(self):
+    if self.mode not in ("min", "max"):
+      raise ValueError(f"best_mode must be 'min' or 'max', not {self.mode!r}")
+
+  def keep(self, checkpoints: Sequence[StepInfo]) -> set[int]:
+    with_m = [c for c in checkpoints if c.metrics is not None]
+    kept = ({c.step for c in checkpoints if c.metrics is None}
+            if self.keep_checkpoints_without_metrics else set())
+    sign = 1.0 if self.mode == "min" else -1.0
+    # ties: the newer checkpoint wins
+    ranked = sorted(with_m, key=lambda c: (sign * float(self.get_metric(c.metrics)), -c.step))
+    kept.update(c.step for c in ranked[:max(self.n, 0)])
+    return kept
+
+
+@dataclasses.dataclass(frozen=True)
+class AnyPreservationPolicy:
+  """Keeps a checkpoint if any of ``policies`` keeps it."""
+
+  policies: Sequence[Any]
+
+  def keep(self, checkpoints: Sequence[StepInfo]) -> set[int]:
+    out: set[int] = set()
+    for p in self.policies:
+      out |= set(p.keep(checkpoints))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepAll:
+  """Keeps every checkpoint (the default when no retention option is set)."""
+
+  def keep(self, checkpoints: Sequence[StepInfo]) -> set[int]:
+    return {c.step for c in checkpoints}

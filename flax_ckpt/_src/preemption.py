@@ -1,0 +1,58 @@
+"""Noticing preemption: a chained SIGTERM handler, and JAX's multi-host sync point."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any
+
+
+class SigtermWatcher:
+  """Sets a flag on SIGTERM and then calls the handler that was installed before.
+
+  Only a Python-level previous handler is chained: the default action (terminate) is
+  replaced, so the training loop can save and exit cleanly. ``uninstall`` puts the previous
+  handler back. Installing needs the main thread; elsewhere the watcher stays passive.
+  """
+
+  def __init__(self):
+    self._event = threading.Event()
+    self._previous: Any = None
+    self._installed = False
+
+  def install(self) -> bool:
+    if threading.current_thread() is not threading.main_thread():
+      return False
+    self._previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, self._on_sigterm)
+    self._installed = True
+    return True
+
+  def _on_sigterm(self, signum: int, frame: Any) -> None:
+    self._event.set()
+    prev = self._previous
+    if callable(prev) and prev not in (signal.SIG_DFL, signal.SIG_IGN):
+      prev(signum, frame)
+
+  @property
+  def triggered(self) -> bool:
+    return self._event.is_set()
+
+  def uninstall(self) -> None:
+    if not self._installed:
+      return
+    self._installed = False
+    if threading.current_thread() is threading.main_thread():
+      if signal.getsignal(signal.SIGTERM) == self._on_sigterm:
+        signal.signal(signal.SIGTERM,
+                      self._previous if self._previous is not None else signal.SIG_DFL)
+
+
+def jax_sync_point_reached(step: int) -> bool:
+  """JAX's multi-host preemption sync point (False when the service is not running)."""
+  try:
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.reached_preemption_sync_point(step))
+  except Exception:  # noqa: BLE001 - no distributed runtime / no preemption service
+    return False

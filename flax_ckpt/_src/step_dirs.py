@@ -1,0 +1,91 @@
+"""Step-numbered checkpoint directories: names, listing, and removal.
+
+A step's checkpoint is ``<root>/<name>`` where name is ``<step>``, ``<prefix>_<step>``, or
+the step zero-padded to a fixed width. Only committed checkpoints are listed: temporary
+directories of a save in progress (or of a crashed one) and directories without the
+commit marker never are.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import socket
+
+from flax_ckpt._src import paths
+
+
+class StepNaming:
+  """How step numbers map to directory names under one root."""
+
+  def __init__(self, prefix: str | None = None, fixed_width: int | None = None):
+    if prefix is not None and (not prefix or "/" in prefix or prefix.startswith(".")):
+      raise ValueError(f"step_prefix {prefix!r}: use a plain name such as 'step'")
+    self.prefix = prefix
+    self.width = fixed_width
+    head = re.escape(prefix) + "_" if prefix else ""
+    self._re = re.compile(head + r"(\d+)")
+
+  def name(self, step: int) -> str:
+    if step < 0:
+      raise ValueError(f"steps are non-negative integers, got {step}")
+    digits = f"{step:0{self.width}d}" if self.width else str(step)
+    return f"{self.prefix}_{digits}" if self.prefix else digits
+
+  def step_of(self, name: str) -> int | None:
+    m = self._re.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def is_leftover(name: str) -> bool:
+  """A temporary directory of an unfinished save, or an old version being deleted."""
+  return paths.TMP_TAG in name or paths.OLD_TAG in name
+
+
+def committed_steps(root: str, naming: StepNaming) -> list[int]:
+  """Steps with a committed checkpoint under ``root``, ascending."""
+  try:
+    entries = os.listdir(root)
+  except FileNotFoundError:
+    return []
+  steps = []
+  for e in entries:
+    if is_leftover(e):
+      continue
+    s = naming.step_of(e)
+    if s is not None and os.path.exists(os.path.join(root, e, paths.COMMIT_MARKER)):
+      steps.append(s)
+  return sorted(set(steps))
+
+
+def remove(path: str) -> None:
+  """Deletes a checkpoint so that it is never seen half-deleted.
+
+  It is renamed to a leftover name first (atomic: after that it is no longer listed), then
+  removed; a crash in between leaves a leftover that the next cleanup deletes.
+  """
+  parent, name = os.path.split(path)
+  tag = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+  doomed = os.path.join(parent, f"{name}{paths.OLD_TAG}{tag}")
+  try:
+    os.rename(path, doomed)
+  except FileNotFoundError:
+    return
+  paths.fsync_path(parent)
+  shutil.rmtree(doomed, ignore_errors=True)
+
+
+def cleanup_leftovers(root: str) -> list[str]:
+  """Removes every leftover under ``root`` (call only while holding the directory lock)."""
+  removed = []
+  try:
+    entries = os.listdir(root)
+  except FileNotFoundError:
+    return removed
+  for e in entries:
+    if is_leftover(e):
+      shutil.rmtree(os.path.join(root, e), ignore_errors=True)
+      removed.append(e)
+  return removed

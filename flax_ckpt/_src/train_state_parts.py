@@ -1,0 +1,68 @@
+"""Splitting a training state into separately loadable checkpointables, and back.
+
+A state with ``params``, ``opt_state`` and ``step`` (``flax.training.train_state.TrainState``,
+any flax.struct/dataclass PyTree with those fields, or a dict with those keys) is stored as
+three parts: ``params``, ``opt_state`` and ``extra`` (``step`` and every other data field).
+Static fields (``apply_fn``, ``tx``) are not data; they come from the template on restore.
+Anything else is stored whole as the part ``state``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+PARAMS, OPT_STATE, EXTRA, STATE = "params", "opt_state", "extra", "state"
+_REQUIRED = ("params", "opt_state", "step")
+
+
+def _data_fields(x: Any) -> list[str] | None:
+  """Names of a dataclass PyTree node's data (non-static) fields, or None."""
+  if not dataclasses.is_dataclass(x) or isinstance(x, type):
+    return None
+  flat, _ = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
+  names = []
+  for kp, _ in flat:
+    if len(kp) != 1 or not isinstance(kp[0], jax.tree_util.GetAttrKey):
+      return None
+    names.append(kp[0].name)
+  if not flat:  # not a registered node: every field is data
+    names = [f.name for f in dataclasses.fields(x)]
+  return names
+
+
+def is_train_state(x: Any) -> bool:
+  if isinstance(x, Mapping):
+    return all(k in x for k in _REQUIRED)
+  names = _data_fields(x)
+  return names is not None and all(k in names for k in _REQUIRED)
+
+
+def split(state: Any) -> dict[str, Any]:
+  """``{'params', 'opt_state', 'extra'}`` for a train state, else ``{'state': state}``."""
+  if not is_train_state(state):
+    return {STATE: state}
+  if isinstance(state, Mapping):
+    rest = {k: v for k, v in state.items() if k not in (PARAMS, OPT_STATE)}
+    return {PARAMS: state[PARAMS], OPT_STATE: state[OPT_STATE], EXTRA: rest}
+  names = _data_fields(state)
+  rest = {k: getattr(state, k) for k in names if k not in (PARAMS, OPT_STATE)}
+  return {PARAMS: state.params, OPT_STATE: state.opt_state, EXTRA: rest}
+
+
+def merge(template: Any, parts: Mapping[str, Any]) -> Any:
+  """Rebuilds the template's type from loaded parts (or a dict when there is no template)."""
+  if STATE in parts and len(parts) == 1:
+    return parts[STATE]
+  fields = dict(parts.get(EXTRA) or {})
+  for k in (PARAMS, OPT_STATE):
+    if k in parts:
+      fields[k] = parts[k]
+  if template is None:
+    return fields
+  if isinstance(template, Mapping):
+    return type(template)(fields) if type(template) is not dict else fields
+  return dataclasses.replace(template, **fields)
