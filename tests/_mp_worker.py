@@ -152,6 +152,32 @@ def main():
     np.testing.assert_array_equal(np.asarray(params_back["w"]), host_data()["w"])
     result(following=following, restored=restored, state=out["dataset"].get_state(),
            swapped=swapped["dataset"], files=sorted(os.listdir(os.path.join(path, "dataset"))))
+  elif scenario == "manager":
+    # periodic async saves and retention by two processes, then a restore onto another mesh
+    host = host_data()
+    mngr = flax_ckpt.CheckpointManager(path, save_interval_steps=2, max_to_keep=2,
+                                       barrier_timeout_s=60)
+    saved = []
+    for step in range(8):
+      tree = global_tree()
+      tree["w"] = tree["w"] + step
+      if mngr.save(step, tree, metrics={"loss": float(10 - step)}):
+        saved.append(step)
+    mngr.wait_until_finished()
+    steps = mngr.all_steps()
+    mesh, _ = mesh_and_spec()
+    other = NamedSharding(mesh, P("y", "x"))  # another layout than the one saved
+    template = {"w": jax.ShapeDtypeStruct(SHAPE_W, np.float32, sharding=other),
+                "b": jax.ShapeDtypeStruct(SHAPE_B, np.int32,
+                                          sharding=NamedSharding(mesh, P())),
+                "step": 0, "note": "", "host": np.zeros(5, np.int64)}
+    out = mngr.restore(abstract_state=template)
+    for shard in out["w"].addressable_shards:
+      np.testing.assert_array_equal(np.asarray(shard.data), (host["w"] + 6)[shard.index])
+    assert out["w"].sharding == other
+    mngr.close()
+    result(saved=saved, steps=steps, latest=mngr.latest_step(),
+           dirs=sorted(os.listdir(path)) if pid == 0 else None)
   elif scenario in ("die", "raise"):
     tree = global_tree()
     t = time.time()

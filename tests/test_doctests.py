@@ -8,7 +8,8 @@ import pytest
 
 import flax_ckpt
 
-_MODULES = ["flax_ckpt", "flax_ckpt.args", "flax_ckpt.metadata", "flax_ckpt.policies", "flax_ckpt.type_handlers"] + [
+_MODULES = ["flax_ckpt", "flax_ckpt.args", "flax_ckpt.metadata", "flax_ckpt.policies",
+            "flax_ckpt.type_handlers"] + [
     m.name for m in pkgutil.iter_modules(flax_ckpt._src.__path__, "flax_ckpt._src.")]
 
 

@@ -183,3 +183,14 @@ def test_each_process_restores_its_own_iterator_state(tmp_path):
   assert md.checkpointables["dataset"]["process_count"] == 2
   with pytest.raises(flax_ckpt.StructureMismatchError, match="saved by 2 processes"):
     flax_ckpt.load_checkpointables(path, {"dataset": None})  # this test is one process
+
+
+def test_manager_in_a_two_process_job(tmp_path):
+  """Periodic async saves, retention by process 0 only, restore onto another layout."""
+  path = tmp_path / "run"
+  res = _run_job(2, 2, "manager", path, "2x2", "x,y")
+  for rc, r, out in res:
+    assert rc == 0 and r, out
+    assert r["saved"] == [0, 2, 4, 6]
+    assert r["steps"] == [4, 6] and r["latest"] == 6
+  assert res[0][1]["dirs"] == ["4", "6"]  # nothing else: no leftovers, the lock released
