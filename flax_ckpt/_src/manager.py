@@ -453,17 +453,18 @@ class CheckpointManager:
       if step is None:
         raise errors.CheckpointNotFoundError(f"no committed checkpoint in {self._root}")
     path = self._step_path(step)
-    md = checkpointables.checkpoint_metadata(path)
-    saved = [n for n in md.checkpointables if n != DATASET]
+    _, manifest = checkpointables.committed(path)  # the part list only: no part is opened
+    entries = manifest["checkpointables"]
+    saved = [n for n in entries if n != DATASET]
     layout_ts = tsp.PARAMS in saved
     if only is None and layout_ts and abstract_state is not None and not tsp.is_train_state(
         abstract_state):
       only = tsp.PARAMS  # a params-only template
     names = [only] if isinstance(only, str) else list(only) if only is not None else saved
-    missing = [n for n in names if n not in md.checkpointables]
+    missing = [n for n in names if n not in entries]
     if missing:
       raise errors.StructureMismatchError(
-          f"step {step} has no part {missing}; its parts are {list(md.checkpointables)}")
+          f"step {step} has no part {missing}; its parts are {list(entries)}")
     if layout_ts and abstract_state is not None and tsp.is_train_state(abstract_state):
       templates = tsp.split(abstract_state)
     elif abstract_state is not None:
@@ -472,7 +473,7 @@ class CheckpointManager:
       templates = {}
     req = {n: templates.get(n) for n in names}
     if dataset is not None:
-      if DATASET not in md.checkpointables:
+      if DATASET not in entries:
         raise errors.StructureMismatchError(f"step {step} was saved without a dataset")
       req[DATASET] = dataset
     out = checkpointables.load_checkpointables(path, req)

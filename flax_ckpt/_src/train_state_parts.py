@@ -4,6 +4,13 @@ A state with ``params``, ``opt_state`` and ``step`` (``flax.training.train_state
 any flax.struct/dataclass PyTree with those fields, or a dict with those keys) is stored as
 three parts: ``params``, ``opt_state`` and ``extra`` (``step`` and every other data field).
 Static fields (``apply_fn``, ``tx``) are not data; they come from the template on restore.
+
+Flax nnx: a dict with an ``nnx.Module`` under ``'model'`` and its ``nnx.Optimizer`` under
+``'optimizer'`` is stored as ``params`` (the model's ``nnx.Param`` state), ``opt_state``
+(the optimizer's state) and ``extra`` (the model's other state under ``'model_state'``,
+plus the dict's other entries); restoring into such a dict updates those objects in place
+with ``nnx.update``.
+
 Anything else is stored whole as the part ``state``.
 """
 
@@ -16,6 +23,7 @@ from typing import Any
 import jax
 
 PARAMS, OPT_STATE, EXTRA, STATE = "params", "opt_state", "extra", "state"
+MODEL_REST = "model_state"  # an nnx model's non-Param state (batch stats, RNG counters, ...)
 _REQUIRED = ("params", "opt_state", "step")
 
 
@@ -34,7 +42,26 @@ def _data_fields(x: Any) -> list[str] | None:
   return names
 
 
+def _nnx():
+  import sys
+
+  if "flax.nnx" not in sys.modules:
+    return None
+  from flax import nnx
+
+  return nnx
+
+
+def is_nnx_train_state(x: Any) -> bool:
+  nnx = _nnx()
+  return (nnx is not None and isinstance(x, Mapping)
+          and isinstance(x.get("model"), nnx.Module)
+          and isinstance(x.get("optimizer"), nnx.Optimizer))
+
+
 def is_train_state(x: Any) -> bool:
+  if is_nnx_train_state(x):
+    return True
   if isinstance(x, Mapping):
     return all(k in x for k in _REQUIRED)
   names = _data_fields(x)
@@ -45,6 +72,13 @@ def split(state: Any) -> dict[str, Any]:
   """``{'params', 'opt_state', 'extra'}`` for a train state, else ``{'state': state}``."""
   if not is_train_state(state):
     return {STATE: state}
+  if is_nnx_train_state(state):
+    nnx = _nnx()
+    model = state["model"]
+    rest = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
+    rest[MODEL_REST] = nnx.state(model, nnx.Not(nnx.Param))
+    return {PARAMS: nnx.state(model, nnx.Param), OPT_STATE: nnx.state(state["optimizer"]),
+            EXTRA: rest}
   if isinstance(state, Mapping):
     rest = {k: v for k, v in state.items() if k not in (PARAMS, OPT_STATE)}
     return {PARAMS: state[PARAMS], OPT_STATE: state[OPT_STATE], EXTRA: rest}
@@ -63,6 +97,18 @@ def merge(template: Any, parts: Mapping[str, Any]) -> Any:
       fields[k] = parts[k]
   if template is None:
     return fields
+  if is_nnx_train_state(template):
+    nnx = _nnx()
+    out = dict(template)
+    model_rest = fields.pop(MODEL_REST, None)
+    if PARAMS in parts:
+      nnx.update(template["model"], parts[PARAMS])
+    if model_rest is not None:
+      nnx.update(template["model"], model_rest)
+    if OPT_STATE in parts:
+      nnx.update(template["optimizer"], parts[OPT_STATE])
+    out.update({k: v for k, v in fields.items() if k not in (PARAMS, OPT_STATE)})
+    return out
   if isinstance(template, Mapping):
     return type(template)(fields) if type(template) is not dict else fields
   return dataclasses.replace(template, **fields)
