@@ -68,7 +68,8 @@ class DirectoryLock:
         if owner.get("host") == self._me["host"] and owner.get("pid") == self._me["pid"]:
           raise errors.CheckpointError(
               f"{os.path.dirname(self.path)} is already managed by another open "
-              "CheckpointManager in this process; close it first (or use read_only=True).")
+              f"CheckpointManager in this process (host {owner.get('host')}, pid "
+              f"{owner.get('pid')}); close it first (or use read_only=True).")
         if not self._is_stale(owner):
           since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("since", 0)))
           raise errors.CheckpointError(

@@ -204,7 +204,7 @@ class CheckpointManager:
     self._op_prefix = f"flax_ckpt/manager/{digest}"
     self._ops = itertools.count()
     self._dir_lock: dir_lock.DirectoryLock | None = None
-    self._sigterm = preemption.SigtermWatcher()
+    self._sigterm: preemption.SigtermWatcher = preemption.SigtermWatcher()  # passive
 
     if not os.path.isdir(self._root):
       if self._opts.read_only or not self._opts.create:
@@ -219,7 +219,7 @@ class CheckpointManager:
       if self._opts.cleanup_tmp_directories:
         step_dirs.cleanup_leftovers(self._root)
     if not self._opts.read_only:
-      self._sigterm.install()
+      self._sigterm = preemption.acquire_watcher()
     self.reload()
 
   # --- listing -----------------------------------------------------------------------
@@ -361,13 +361,14 @@ class CheckpointManager:
     parts = tsp.split(state) if state is not None else {}
     if dataset is not None:
       parts[DATASET] = dataset
-    info = policies.StepInfo(step, float(self._clock()), _jsonable_metrics(metrics))
+    stored = _jsonable_metrics(metrics)
+    info = policies.StepInfo(step, float(self._clock()), None if stored is None else {
+        k: _restore_metric(v) for k, v in stored.items()})
     with self._save_lock:
       self.wait_until_finished()  # at most one save in flight
       if self._dir_lock is not None:
         self._dir_lock.touch()
-      extra = {"manager": {"step": step, "time": info.time,
-                           "metrics": info.metrics}}
+      extra = {"manager": {"step": step, "time": info.time, "metrics": stored}}
       final, finish = checkpointables.start_save(
           self._step_path(step), checkpointables.parts_from(parts), overwrite=False,
           custom_metadata=custom_metadata, is_async=self._opts.enable_async,
@@ -494,7 +495,7 @@ class CheckpointManager:
       self.wait_until_finished()
     finally:
       self._closed = True
-      self._sigterm.uninstall()
+      preemption.release_watcher(self._sigterm)
       if self._dir_lock is not None:
         self._dir_lock.release()
 

@@ -48,6 +48,36 @@ class SigtermWatcher:
                       self._previous if self._previous is not None else signal.SIG_DFL)
 
 
+_shared: SigtermWatcher | None = None
+_users = 0
+_shared_lock = threading.Lock()
+
+
+def acquire_watcher() -> SigtermWatcher:
+  """The process-wide watcher; installed by the first user, uninstalled by the last.
+
+  One handler for all managers, so closing them in any order puts back exactly the
+  handler that was there before the first one opened.
+  """
+  global _shared, _users
+  with _shared_lock:
+    if _shared is None or _users == 0:
+      _shared = SigtermWatcher()
+      _shared.install()
+    _users += 1
+    return _shared
+
+
+def release_watcher(w: SigtermWatcher) -> None:
+  global _users
+  with _shared_lock:
+    if w is not _shared or _users == 0:
+      return
+    _users -= 1
+    if _users == 0:
+      w.uninstall()
+
+
 def jax_sync_point_reached(step: int) -> bool:
   """JAX's multi-host preemption sync point (False when the service is not running)."""
   try:

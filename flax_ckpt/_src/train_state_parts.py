@@ -32,13 +32,13 @@ def _data_fields(x: Any) -> list[str] | None:
   if not dataclasses.is_dataclass(x) or isinstance(x, type):
     return None
   flat, _ = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
+  if len(flat) == 1 and not flat[0][0] and flat[0][1] is x:
+    return [f.name for f in dataclasses.fields(x)]  # not a PyTree node: every field is data
   names = []
   for kp, _ in flat:
     if len(kp) != 1 or not isinstance(kp[0], jax.tree_util.GetAttrKey):
       return None
     names.append(kp[0].name)
-  if not flat:  # not a registered node: every field is data
-    names = [f.name for f in dataclasses.fields(x)]
   return names
 
 
