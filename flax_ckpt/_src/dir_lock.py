@@ -2,9 +2,10 @@
 
 ``<root>/.flax_ckpt_owner`` is created exclusively (``O_EXCL``) and holds the owner's host,
 pid and start time; its modification time is the owner's heartbeat, refreshed while the
-manager is open. A lock is stale, and taken over, when its owner is a dead process on this
-host, or when its heartbeat is older than ``stale_after_s`` (an owner on another host that
-died or lost the filesystem).
+manager is open. A lock is stale, and taken over, when its heartbeat is older than
+``stale_after_s`` (an owner that died, on any host), or at once when its owner is a dead
+process on this host, or names this very process without this process holding it (a
+restarted container that got the same pid).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import time
 from flax_ckpt._src import errors
 
 LOCK_NAME = ".flax_ckpt_owner"
+
+_held: set[str] = set()  # lock files this process holds
+_held_lock = threading.Lock()
 
 
 def _alive(pid: int) -> bool:
@@ -50,9 +54,17 @@ class DirectoryLock:
       return None
 
   def _is_stale(self, owner: dict) -> bool:
+    if time.time() - owner.get("_mtime", 0.0) > self.stale_after_s:
+      return True  # the owner stopped refreshing it (its pid may belong to another process)
     if owner.get("host") == self._me["host"] and isinstance(owner.get("pid"), int):
+      if owner["pid"] == self._me["pid"]:
+        return not self._held_here()  # our pid, but not our lock: a previous life's
       return not _alive(owner["pid"])
-    return time.time() - owner.get("_mtime", 0.0) > self.stale_after_s
+    return False
+
+  def _held_here(self) -> bool:
+    with _held_lock:
+      return os.path.realpath(self.path) in _held
 
   def acquire(self) -> None:
     for _ in range(3):
@@ -65,7 +77,8 @@ class DirectoryLock:
         if owner is None:  # vanished or being written: look again
           time.sleep(0.05)
           continue
-        if owner.get("host") == self._me["host"] and owner.get("pid") == self._me["pid"]:
+        if (owner.get("host") == self._me["host"] and owner.get("pid") == self._me["pid"]
+            and self._held_here()):
           raise errors.CheckpointError(
               f"{os.path.dirname(self.path)} is already managed by another open "
               f"CheckpointManager in this process (host {owner.get('host')}, pid "
@@ -84,6 +97,8 @@ class DirectoryLock:
         continue
       with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(self._me, f)
+      with _held_lock:
+        _held.add(os.path.realpath(self.path))
       self._start_heartbeat()
       return
     raise errors.CheckpointError(f"could not take the lock {self.path}; try again")
@@ -109,6 +124,8 @@ class DirectoryLock:
     if self._thread is not None:
       self._thread.join()
       self._thread = None
+    with _held_lock:
+      _held.discard(os.path.realpath(self.path))
     owner = self._owner()
     if owner and owner.get("host") == self._me["host"] and owner.get("pid") == self._me["pid"]:
       try:
