@@ -46,6 +46,7 @@ from flax_ckpt._src.manager import (
     CheckpointManager,
     CheckpointManagerOptions,
     checkpoints_iterator,
+    wait_for_new_checkpoint,
 )
 from flax_ckpt._src.pytree_handler import PyTreeCheckpointHandler, PyTreeRestore, PyTreeSave
 from flax_ckpt._src.stateful_handler import (
@@ -85,6 +86,7 @@ __all__ = [
     "CheckpointManager",
     "CheckpointManagerOptions",
     "checkpoints_iterator",
+    "wait_for_new_checkpoint",
     "policies",
     "load_checkpointables",
     "PyTreeCheckpointHandler",

@@ -71,3 +71,22 @@ def test_nnx_params_only_restore_reads_no_optimizer_state(ckpt_dir):
   np.testing.assert_array_equal(np.asarray(fresh.l1.kernel[...]), np.asarray(model.l1.kernel[...]))
   assert isinstance(params["l1"]["kernel"], nnx.Param)
   reader.close()
+
+
+def test_wait_for_new_checkpoint(ckpt_dir):
+  import threading
+  import time
+
+  assert flax_ckpt.wait_for_new_checkpoint(ckpt_dir, timeout=0.05, poll_interval_s=0.01) is None
+  mngr = flax_ckpt.CheckpointManager(ckpt_dir, enable_async=False)
+
+  def later():
+    time.sleep(0.2)
+    mngr.save(5, {"w": np.ones(2)})
+
+  t = threading.Thread(target=later)
+  t.start()
+  assert flax_ckpt.wait_for_new_checkpoint(ckpt_dir, timeout=30, poll_interval_s=0.02) == 5
+  t.join()
+  assert flax_ckpt.wait_for_new_checkpoint(ckpt_dir, 5, timeout=0.05) is None
+  mngr.close()

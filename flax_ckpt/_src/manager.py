@@ -552,3 +552,32 @@ def checkpoints_iterator(directory: paths.PathLike, *, timeout: float | None = N
       return
     time.sleep(poll_interval_s if timeout is None else
                max(0.0, min(poll_interval_s, timeout - (clock() - idle_since))))
+
+
+def wait_for_new_checkpoint(directory: paths.PathLike, last_step: int | None = None, *,
+                            timeout: float | None = None, poll_interval_s: float = 1.0,
+                            step_prefix: str | None = None,
+                            step_format_fixed_length: int | None = None) -> int | None:
+  """Waits until a checkpoint newer than ``last_step`` is committed; returns its step.
+
+  Returns the newest committed step after ``last_step`` (None: any), or None after
+  ``timeout`` seconds without one.
+
+  Example:
+    >>> import numpy as np, flax_ckpt, tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> flax_ckpt.wait_for_new_checkpoint(d, timeout=0) is None
+    True
+  """
+  root = os.fspath(paths.to_path(directory))
+  naming = step_dirs.StepNaming(step_prefix, step_format_fixed_length)
+  start = time.monotonic()
+  while True:
+    steps = [s for s in step_dirs.committed_steps(root, naming)
+             if last_step is None or s > last_step]
+    if steps:
+      return steps[-1]
+    if timeout is not None and time.monotonic() - start >= timeout:
+      return None
+    time.sleep(poll_interval_s if timeout is None else
+               max(0.0, min(poll_interval_s, timeout - (time.monotonic() - start))))
