@@ -171,8 +171,10 @@ def test_custom_save_decision_policy(ckpt_dir):
 
   policy = policies.AnySavePolicy([policies.FixedIntervalPolicy(4),
                                    policies.SpecificStepsPolicy([6]), OddAfter(9)])
-  # the save_interval_steps option is replaced by the custom policy
-  with _mngr(ckpt_dir, save_decision_policy=policy, save_interval_steps=1) as m:
+  # the policy replaces the save_* options: passing both is a clear error, not a silent pick
+  with pytest.raises(ValueError, match="replaces"):
+    flax_ckpt.CheckpointManagerOptions(save_decision_policy=policy, save_interval_steps=1)
+  with _mngr(ckpt_dir, save_decision_policy=policy) as m:
     assert _save_all(m, range(14)) == [0, 4, 6, 8, 9, 11, 12, 13]
 
 
@@ -321,8 +323,10 @@ def test_keep_checkpoints_without_metrics(ckpt_dir, keep_without, expected):
 
 def test_custom_preservation_policy(ckpt_dir):
   keep = policies.AnyPreservationPolicy([policies.LatestN(1), policies.EveryNSteps(7)])
-  # the retention options are replaced by the custom policy
-  with _mngr(ckpt_dir, preservation_policy=keep, max_to_keep=5) as m:
+  # the policy replaces the retention options: passing both is a clear error
+  with pytest.raises(ValueError, match="replaces"):
+    flax_ckpt.CheckpointManagerOptions(preservation_policy=keep, max_to_keep=5)
+  with _mngr(ckpt_dir, preservation_policy=keep) as m:
     _save_all(m, range(21))
     assert m.all_steps() == [0, 7, 14, 20]
     m.save(21, _tree(21))
@@ -1101,9 +1105,8 @@ def test_async_large_state_snapshot_and_retention(ckpt_dir):
 
 
 def test_checkpoints_iterator_yields_committed_steps_in_order(ckpt_dir):
-  with _mngr(ckpt_dir) as m:
-    for s in (10, 2, 5):
-      m.save(s, _tree(s))
+  for s in (10, 2, 5):  # written out of step order (a manager refuses going backwards)
+    flax_ckpt.save(ckpt_dir / str(s), _tree(s))
   os.mkdir(ckpt_dir / f"20{_TMP_TAG}otherhost-1-abcd")  # in flight elsewhere
   os.mkdir(ckpt_dir / "30")  # no commit marker
   assert list(flax_ckpt.checkpoints_iterator(ckpt_dir, timeout=0)) == [2, 5, 10]

@@ -90,3 +90,40 @@ def test_wait_for_new_checkpoint(ckpt_dir):
   t.join()
   assert flax_ckpt.wait_for_new_checkpoint(ckpt_dir, 5, timeout=0.05) is None
   mngr.close()
+
+
+def test_review_regressions(ckpt_dir):
+  """Rollbacks are refused clearly, a failing best_fn never loses a later save, NaN ranks
+  worst, bad steps and datasets fail at once, a dropped manager releases its lock."""
+  import gc
+
+  import pytest
+
+  m = flax_ckpt.CheckpointManager(ckpt_dir / "a", enable_async=False, max_to_keep=3)
+  for s in range(11):
+    m.save(s, {"w": np.full(2, s)})
+  m.restore(8)
+  with pytest.raises(flax_ckpt.CheckpointError, match="abandoned"):
+    m.save(9, {"w": np.zeros(2)})
+  for s in [s for s in m.all_steps() if s > 8]:
+    m.delete(s)
+  assert m.save(9, {"w": np.zeros(2)}) and m.latest_step() == 9
+  with pytest.raises(TypeError):
+    m.save(2.7, {"w": np.zeros(2)})
+  with pytest.raises(TypeError, match="get_state"):
+    m.save(12, {"w": np.zeros(2)}, dataset=(i for i in range(3)))
+  m.close()
+
+  b = flax_ckpt.CheckpointManager(ckpt_dir / "b", enable_async=False, max_to_keep=2,
+                                  best_fn=lambda mt: mt["loss"])
+  with pytest.raises(ValueError, match="best_fn"):
+    b.save(0, {"w": np.ones(1)}, metrics={"acc": 1.0})  # no 'loss': refused before writing
+  for s, loss in enumerate([1.0, float("nan"), 0.5, 2.0, 3.0, 0.7]):
+    b.save(s, {"w": np.ones(1)}, metrics={"loss": loss})
+  assert b.all_steps() == [2, 5] and b.best_step() == 2  # NaN ranks worst
+  b.close()
+
+  c = flax_ckpt.CheckpointManager(ckpt_dir / "c")
+  del c
+  gc.collect()
+  flax_ckpt.CheckpointManager(ckpt_dir / "c").close()  # the dropped one let go of the lock

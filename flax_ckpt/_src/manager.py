@@ -13,14 +13,19 @@ import hashlib
 import itertools
 import json
 import math
+import operator
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from flax_ckpt._src import (
     async_utils,
+    checkpoint_args,
     checkpointables,
     dir_lock,
     errors,
@@ -31,6 +36,7 @@ from flax_ckpt._src import (
     step_dirs,
 )
 from flax_ckpt._src import train_state_parts as tsp
+from flax_ckpt._src.stateful_handler import is_stateful
 
 DATASET = "dataset"
 
@@ -99,10 +105,25 @@ class CheckpointManagerOptions:
   def __post_init__(self):
     if self.best_mode not in ("min", "max"):
       raise ValueError(f"best_mode must be 'min' or 'max', not {self.best_mode!r}")
-    for name in ("save_interval_steps", "max_to_keep", "keep_period"):
+    for name in ("save_interval_steps", "max_to_keep", "keep_period",
+                 "step_format_fixed_length"):
       v = getattr(self, name)
-      if v is not None and (not isinstance(v, int) or v < 1):
+      if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
         raise ValueError(f"{name} must be a positive int or None, not {v!r}")
+    for name in ("save_interval_secs", "keep_time_interval"):
+      v = getattr(self, name)
+      if v is not None and not v > 0:
+        raise ValueError(f"{name} must be a positive number of seconds or None, not {v!r}")
+    if self.preservation_policy is not None and (
+        self.max_to_keep is not None or self.keep_period is not None
+        or self.keep_time_interval is not None or self.best_fn is not None):
+      raise ValueError("preservation_policy replaces max_to_keep/keep_period/"
+                       "keep_time_interval/best_fn; pass either the policy or those options")
+    if self.save_decision_policy is not None and (
+        self.save_interval_steps is not None or self.save_on_steps
+        or self.save_interval_secs is not None):
+      raise ValueError("save_decision_policy replaces save_interval_steps/save_on_steps/"
+                       "save_interval_secs; pass either the policy or those options")
 
   def decision_policy(self) -> Any:
     if self.save_decision_policy is not None:
@@ -139,6 +160,13 @@ class CheckpointManagerOptions:
     return policies.AnyPreservationPolicy(rules)
 
 
+def _release(lock: Any, watcher: Any) -> None:
+  if watcher is not None:
+    preemption.release_watcher(watcher)
+  if lock is not None:
+    lock.release()
+
+
 def _jsonable_metrics(metrics: Any) -> dict | None:
   if metrics is None:
     return None
@@ -148,19 +176,52 @@ def _jsonable_metrics(metrics: Any) -> dict | None:
   for k, v in metrics.items():
     if not isinstance(k, str):
       raise TypeError(f"metrics keys must be str, got {k!r}")
-    if isinstance(v, (str, bool)) or v is None:
+    if isinstance(v, str) or v is None:
       out[k] = v
+      continue
+    if isinstance(v, (bool, np.bool_)):
+      out[k] = bool(v)
       continue
     try:
       f = float(v)  # python/numpy/jax scalars
     except (TypeError, ValueError) as e:
       raise TypeError(f"metric {k!r} is not a number: {v!r}") from e
-    out[k] = f if math.isfinite(f) else repr(f)
+    out[k] = f if math.isfinite(f) else {"float": repr(f)}
   return out
 
 
 def _restore_metric(v: Any) -> Any:
-  return float(v) if v in ("nan", "inf", "-inf") else v
+  if isinstance(v, dict) and set(v) == {"float"}:
+    return float(v["float"])
+  return v
+
+
+def _check_step(step: Any) -> int:
+  if isinstance(step, (bool, np.bool_)):
+    raise TypeError(f"step must be a non-negative int, not {step!r}")
+  try:
+    step = operator.index(step)  # ints, numpy / jax integer scalars; not 2.7
+  except TypeError:
+    if hasattr(step, "dtype") and np.issubdtype(step.dtype, np.integer):
+      step = int(step)
+    else:
+      raise TypeError(f"step must be a non-negative int, not {step!r}") from None
+  if step < 0:
+    raise ValueError(f"step must be non-negative, not {step}")
+  return step
+
+
+def _best_value(fn: Callable, metrics: dict | None, *, strict: bool = False) -> float | None:
+  """``fn(metrics)`` as a float; None when there are no metrics or (not strict) it fails."""
+  if metrics is None:
+    return None
+  try:
+    return float(fn({k: _restore_metric(v) for k, v in metrics.items()}))
+  except Exception as e:  # noqa: BLE001 - a bad best_fn must not lose later checkpoints
+    if strict:
+      raise ValueError(f"best_fn failed on the metrics {metrics} ({type(e).__name__}: {e}); "
+                       "fix best_fn or pass the metrics it needs. Nothing was saved.") from e
+    return None
 
 
 class CheckpointManager:
@@ -192,6 +253,7 @@ class CheckpointManager:
                                         self._opts.step_format_fixed_length)
     self._clock = self._opts.clock
     self._decide = self._opts.decision_policy()
+    self._deterministic = self._step_determined()
     self._retain = self._opts.retention_policy()
     self._lock = threading.RLock()
     self._save_lock = threading.Lock()
@@ -212,15 +274,23 @@ class CheckpointManager:
             f"checkpoint directory {self._root} does not exist (create=True makes it)")
       if self._primary:
         os.makedirs(self._root, exist_ok=True)
-    if not self._opts.read_only and self._primary:
-      self._dir_lock = dir_lock.DirectoryLock(self._root,
-                                              stale_after_s=self._opts.lock_stale_after_s)
-      self._dir_lock.acquire()
-      if self._opts.cleanup_tmp_directories:
-        step_dirs.cleanup_leftovers(self._root)
-    if not self._opts.read_only:
-      self._sigterm = preemption.acquire_watcher()
-    self.reload()
+    self._rolled_back_to: int | None = None
+    try:
+      if not self._opts.read_only and self._primary:
+        self._dir_lock = dir_lock.DirectoryLock(self._root,
+                                                stale_after_s=self._opts.lock_stale_after_s)
+        self._dir_lock.acquire()
+        if self._opts.cleanup_tmp_directories:
+          step_dirs.cleanup_leftovers(self._root)
+      if not self._opts.read_only:
+        self._sigterm = preemption.acquire_watcher()
+      # a manager dropped without close() (or alive at exit) still lets go of both
+      self._finalizer = weakref.finalize(self, _release, self._dir_lock,
+                                         None if self._opts.read_only else self._sigterm)
+      self.reload()
+    except BaseException:
+      _release(self._dir_lock, None if self._opts.read_only else self._sigterm)
+      raise
 
   # --- listing -----------------------------------------------------------------------
 
@@ -275,18 +345,19 @@ class CheckpointManager:
       infos = list(self._infos.values())
     if fn is None:
       return self.latest_step()
-    scored = [i for i in infos if i.metrics is not None]
+    scored = [(v, i.step) for i in infos
+              if (v := _best_value(fn, i.metrics)) is not None and not math.isnan(v)]
     if not scored:
       return None
     sign = 1.0 if self._opts.best_mode == "min" else -1.0
-    return min(scored, key=lambda i: (sign * float(fn(i.metrics)), -i.step)).step
+    return min(scored, key=lambda vs: (sign * vs[0], -vs[1]))[1]
 
   # --- deciding ----------------------------------------------------------------------
 
   def reached_preemption(self, step: int) -> bool:
     """Whether the job is being preempted: after SIGTERM (single process), or at JAX's
     multi-host preemption sync point (all processes agree on the step)."""
-    if multihost.process_count() > 1:
+    if preemption.distributed_runtime():
       return preemption.jax_sync_point_reached(step)
     return self._sigterm.triggered
 
@@ -310,9 +381,19 @@ class CheckpointManager:
                                    reached_preemption=self._sigterm.triggered)
     return bool(self._decide.should_save(ctx))
 
+  def _step_determined(self) -> bool:
+    """Whether the save decision depends on the step alone (no clock, no custom rule), so
+    every process reaches the same one without asking process 0."""
+    def det(p: Any) -> bool:
+      if isinstance(p, policies.AnySavePolicy):
+        return all(det(q) for q in p.policies)
+      return isinstance(p, (policies.FixedIntervalPolicy, policies.SpecificStepsPolicy,
+                            policies.PreemptionPolicy))
+    return det(self._decide)
+
   def _agree(self, what: str, local: Any) -> Any:
     """Process 0's value of ``local``, the same in every process."""
-    if multihost.process_count() == 1:
+    if multihost.process_count() == 1 or (what == "decide" and self._deterministic):
       return local
     key = f"{self._op_prefix}/{next(self._ops)}/{what}"
     timeout = multihost.timeout_s(self._opts.barrier_timeout_s)
@@ -346,18 +427,39 @@ class CheckpointManager:
       raise errors.CheckpointError(f"this CheckpointManager of {self._root} is read_only")
     if self._closed:
       raise errors.CheckpointError("this CheckpointManager is closed")
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-      try:
-        step = int(step)  # numpy / jax integer scalars
-      except (TypeError, ValueError) as e:
-        raise TypeError(f"step must be a non-negative int, not {step!r}") from e
-      if step < 0:
-        raise ValueError(f"step must be non-negative, not {step}")
-    local = (not self._already_saved(step)) and (force or self.should_save(step))
+    step = _check_step(step)
+    if dataset is not None and not (is_stateful(dataset)
+                                    or isinstance(dataset, checkpoint_args.CheckpointArgs)
+                                    or checkpoint_args.type_handler_for(dataset) is not None):
+      raise TypeError(
+          f"dataset must have get_state()/set_state() (e.g. a grain DatasetIterator), not a "
+          f"{type(dataset).__qualname__}; put other data in the state instead.")
+    if metrics is not None and self._opts.best_fn is not None:
+      _best_value(self._opts.best_fn, _jsonable_metrics(metrics), strict=True)
+    rb = self._rolled_back_to
+    if rb is not None and step > rb and self._already_saved(step):
+      local = True  # not "already saved": that checkpoint belongs to the abandoned run
+    else:
+      local = (not self._already_saved(step)) and (force or self.should_save(step))
     if not self._agree("decide", bool(local)):
       return False
+    newest = self._last_saved()
+    rb = self._rolled_back_to
+    if rb is not None and newest is not None and rb < step <= newest.step:
+      raise errors.CheckpointError(
+          f"this manager restored step {rb}, but steps up to {newest.step} exist in "
+          f"{self._root}; saving step {step} would mix the new training with the abandoned "
+          f"one. Delete the later steps first (mngr.delete(s) for s in mngr.all_steps() if "
+          f"s > {rb}) or save to a new directory.")
+    if newest is not None and step < newest.step:
+      raise errors.CheckpointError(
+          f"step {step} is older than the newest checkpoint ({newest.step}) in {self._root}. "
+          f"After going back to an earlier step, delete the later ones first "
+          f"(mngr.delete(s) for s in mngr.all_steps() if s > {step}) or save to a new "
+          "directory; otherwise the newer, abandoned steps would be the ones resumed from.")
     if state is None and dataset is None:
       raise ValueError("save needs a state (and/or dataset) to save")
+    self._rolled_back_to = None  # the new run's first save: later steps are its own
     parts = tsp.split(state) if state is not None else {}
     if dataset is not None:
       parts[DATASET] = dataset
@@ -406,13 +508,15 @@ class CheckpointManager:
   def wait_until_finished(self) -> None:
     """Blocks until the save in flight is committed; raises its error if it failed."""
     with self._lock:
-      r, self._pending = self._pending, None
+      r = self._pending
+    if r is None:
+      return
     try:
-      if r is not None:
-        r.result()
+      r.result()  # every waiter (any thread) sees the outcome; the slot frees when done
     finally:
       with self._lock:
-        if self._pending is None:
+        if self._pending is r:
+          self._pending = None
           self._pending_info = None
 
   def delete(self, step: int) -> None:
@@ -448,11 +552,24 @@ class CheckpointManager:
       CheckpointNotFoundError: no committed checkpoint (or not that step).
     """
     self.wait_until_finished()
-    if step is None:
+    if step is not None:
+      return self._restore(step, abstract_state, dataset, only)
+    for attempt in range(5):  # the latest may be deleted by its writer's retention meanwhile
       self.reload()
-      step = self.latest_step()
-      if step is None:
+      latest = self.latest_step()
+      if latest is None:
         raise errors.CheckpointNotFoundError(f"no committed checkpoint in {self._root}")
+      try:
+        return self._restore(latest, abstract_state, dataset, only)
+      except (errors.CheckpointNotFoundError, errors.CheckpointReplacedError,
+              FileNotFoundError):
+        if attempt == 4 or os.path.exists(self._step_path(latest)):
+          raise
+    raise AssertionError("unreachable")
+
+  def _restore(self, step: int, abstract_state: Any, dataset: Any, only: Any) -> Any:
+    latest = self.latest_step()
+    self._rolled_back_to = step if latest is not None and step < latest else None
     path = self._step_path(step)
     _, manifest = checkpointables.committed(path)  # the part list only: no part is opened
     entries = manifest["checkpointables"]
@@ -485,6 +602,15 @@ class CheckpointManager:
       return out
     return tsp.merge(abstract_state if layout_ts else None, out)
 
+  def metadata(self, step: int | None = None) -> checkpointables.CheckpointMetadata:
+    """:func:`flax_ckpt.metadata` of a step (default: the latest): parts, custom metadata."""
+    self.wait_until_finished()
+    if step is None:
+      step = self.latest_step()
+      if step is None:
+        raise errors.CheckpointNotFoundError(f"no committed checkpoint in {self._root}")
+    return checkpointables.checkpoint_metadata(self._step_path(step))
+
   # --- lifecycle ---------------------------------------------------------------------
 
   def close(self) -> None:
@@ -495,9 +621,7 @@ class CheckpointManager:
       self.wait_until_finished()
     finally:
       self._closed = True
-      preemption.release_watcher(self._sigterm)
-      if self._dir_lock is not None:
-        self._dir_lock.release()
+      self._finalizer()  # releases the lock and the SIGTERM handler, once
 
   def __enter__(self) -> CheckpointManager:
     return self
@@ -543,6 +667,8 @@ def checkpoints_iterator(directory: paths.PathLike, *, timeout: float | None = N
   while True:
     new = [s for s in step_dirs.committed_steps(root, naming) if s > last]
     for s in new:
+      if not os.path.exists(os.path.join(root, naming.name(s), paths.COMMIT_MARKER)):
+        continue  # deleted by the writer's retention since the listing
       last = s
       yield s
     if new:

@@ -239,8 +239,10 @@ def require_committed(path: epath.Path) -> dict:
     if os.path.isdir(parent):
       olds = [e for e in os.listdir(parent) if e.startswith(f"{name}{_OLD_TAG}")]
     hint = (
-        f" A previous version survives as {os.path.join(parent, olds[0])} (a crash between "
-        "the two renames of an overwrite); rename it back to recover it."
+        f" {os.path.join(parent, olds[0])} exists: either a checkpoint being deleted right "
+        "now, or, if no process is deleting it, the previous version left by a crash "
+        "between the two renames of an overwrite (check that it has a _CHECKPOINT marker "
+        "and loads, then rename it back)."
         if olds else ""
     )
     raise errors.CheckpointNotFoundError(f"no checkpoint at {p}.{hint}")

@@ -184,14 +184,27 @@ class BestN:
       raise ValueError(f"best_mode must be 'min' or 'max', not {self.mode!r}")
 
   def keep(self, checkpoints: Sequence[StepInfo]) -> set[int]:
-    with_m = [c for c in checkpoints if c.metrics is not None]
-    kept = ({c.step for c in checkpoints if c.metrics is None}
-            if self.keep_checkpoints_without_metrics else set())
+    scored, unscored = [], []
+    for c in checkpoints:
+      v = self._value(c.metrics)
+      (unscored if v is None else scored).append((v, c.step))
+    kept = {s for _, s in unscored} if self.keep_checkpoints_without_metrics else set()
     sign = 1.0 if self.mode == "min" else -1.0
-    # ties: the newer checkpoint wins
-    ranked = sorted(with_m, key=lambda c: (sign * float(self.get_metric(c.metrics)), -c.step))
-    kept.update(c.step for c in ranked[:max(self.n, 0)])
+    # NaN ranks worst; ties: the newer checkpoint wins
+    ranked = sorted(scored, key=lambda vs: (math.isnan(vs[0]),
+                                            0.0 if math.isnan(vs[0]) else sign * vs[0],
+                                            -vs[1]))
+    kept.update(s for _, s in ranked[:max(self.n, 0)])
     return kept
+
+  def _value(self, metrics: dict | None) -> float | None:
+    """The metric, or None when there are none or ``get_metric`` fails on them."""
+    if metrics is None:
+      return None
+    try:
+      return float(self.get_metric(metrics))
+    except Exception:  # noqa: BLE001 - counted as "without metrics", never fatal
+      return None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -63,7 +63,8 @@ def acquire_watcher() -> SigtermWatcher:
   with _shared_lock:
     if _shared is None or _users == 0:
       _shared = SigtermWatcher()
-      _shared.install()
+    if not _shared._installed and not distributed_runtime():
+      _shared.install()  # (no-op off the main thread: a later main-thread user installs it)
     _users += 1
     return _shared
 
@@ -76,6 +77,20 @@ def release_watcher(w: SigtermWatcher) -> None:
     _users -= 1
     if _users == 0:
       w.uninstall()
+
+
+def distributed_runtime() -> bool:
+  """Whether ``jax.distributed`` is initialized in this process.
+
+  It installs its own (C-level, invisible to Python) SIGTERM handler that feeds the
+  preemption sync point; flax_ckpt must then leave SIGTERM alone and ask the sync point.
+  """
+  try:
+    from jax._src import distributed
+
+    return distributed.global_state.client is not None
+  except Exception:  # noqa: BLE001
+    return False
 
 
 def jax_sync_point_reached(step: int) -> bool:
