@@ -413,22 +413,24 @@ def load_arrays(infos: Sequence[th.ParamInfo], args: Sequence[th.RestoreArgs] | 
       pending.append((kind, hosts, (shape, sharding, devices, which), tdtype, weak))
   plan.execute()
   out = []
+  default_dev = (None if jax.config.jax_default_device is not None
+                 else jax.local_devices()[0])
   for kind, host, target, tdtype, weak in pending:
-    v = _put_one(kind, host, target, tdtype)
+    v = _put_one(kind, host, target, tdtype, default_dev)
     out.append(_weakly_typed(v) if weak and kind != "numpy" else v)
   return out
 
 
-def _put_one(kind: str, host: Any, target: Any, tdtype: np.dtype) -> Any:
-  """One loaded array as numpy or on its devices, in the target dtype."""
+def _put_one(kind: str, host: Any, target: Any, tdtype: np.dtype, dev: Any) -> Any:
+  """One loaded array as numpy or on its devices (``dev``: the default device, None when
+  a ``jax.default_device`` setting decides), in the target dtype."""
   if target is None:
     if host.dtype != tdtype:
       host = _aligned_copy(host.astype(tdtype))
     if kind == "numpy":
       return host
-    if jax.config.jax_default_device is not None:
+    if dev is None:
       return jax.device_put(host)
-    dev = jax.local_devices()[0]
     sh = jax.sharding.SingleDeviceSharding(dev)
     return devput.put(host.shape, host.dtype, sh, [dev], [host], committed=False)
   shape, sharding, devices, which = target

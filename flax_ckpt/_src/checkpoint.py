@@ -14,11 +14,6 @@ from flax_ckpt._src.checkpointables import (  # noqa: F401 - re-exported
 from flax_ckpt._src.pytree_handler import check_restore_type
 
 
-def _single_part(path: paths.PathLike, state: Any, name: str) -> list[checkpointables.Part]:
-  checkpointables.check_name(name)
-  return [checkpointables.Part(name, name, checkpointables.driver_for_value(name, state))]
-
-
 def save(path: paths.PathLike, state: Any, *, overwrite: bool = False,
          custom_metadata: dict | None = None, fsync: bool = True,
          barrier_timeout_s: float | None = None,
@@ -62,7 +57,7 @@ def save(path: paths.PathLike, state: Any, *, overwrite: bool = False,
     10
   """
   _, finish = checkpointables.start_save(
-      path, _single_part(path, state, checkpointable_name), overwrite=overwrite,
+      path, checkpointables.parts_from({checkpointable_name: state}), overwrite=overwrite,
       custom_metadata=custom_metadata, is_async=False, fsync=fsync,
       barrier_timeout_s=barrier_timeout_s)
   finish()
@@ -103,7 +98,7 @@ def save_async(path: paths.PathLike, state: Any, *, overwrite: bool = False,
     >>> r.result()
   """
   final, finish = checkpointables.start_save(
-      path, _single_part(path, state, checkpointable_name), overwrite=overwrite,
+      path, checkpointables.parts_from({checkpointable_name: state}), overwrite=overwrite,
       custom_metadata=custom_metadata, is_async=True, fsync=fsync,
       barrier_timeout_s=barrier_timeout_s)
   return async_utils.start_background(finish, os.fspath(final))

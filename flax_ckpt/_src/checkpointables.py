@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax
 from etils import epath
 
 from flax_ckpt._src import (
@@ -30,7 +29,6 @@ from flax_ckpt._src import (
     pytree_io,
     storage,
 )
-from flax_ckpt._src import type_handlers as th
 from flax_ckpt._src.checkpoint_args import CheckpointArgs
 from flax_ckpt._src.checkpoint_handlers import call_with_args
 from flax_ckpt._src.pytree_handler import (
@@ -150,7 +148,7 @@ class _CustomDriver:
     def finish(fsync: bool) -> None:
       async_utils.wait_futures(futures)
       if fsync:
-        _fsync_tree(directory)
+        paths.fsync_tree(directory)
 
     return finish
 
@@ -163,13 +161,6 @@ class _CustomDriver:
   def close(self) -> None:
     if self.owned and callable(getattr(self.handler, "close", None)):
       self.handler.close()
-
-
-def _fsync_tree(directory: epath.Path) -> None:
-  for dirpath, _, files in os.walk(os.fspath(directory)):
-    for f in files:
-      paths.fsync_path(os.path.join(dirpath, f))
-    paths.fsync_path(dirpath)
 
 
 def driver_for_handler(handler: Any, args: Any, *, owned: bool) -> Any:
@@ -189,16 +180,6 @@ def construct_handler(hcls: type, what: str) -> Any:
         f"{what}: flax_ckpt has to construct {checkpoint_args.handler_name(hcls)} without "
         f"arguments, which failed ({e}). Give the class defaults for its constructor "
         "arguments, or use flax_ckpt.Checkpointer(handler_instance) for this object.") from e
-
-
-def _supported_kinds() -> str:
-  return (
-      "flax_ckpt saves (1) PyTrees whose leaves have a TypeHandler (jax/numpy arrays, "
-      "Python and numpy scalars, str, bytes, None, typed PRNG keys; add leaf types with "
-      "flax_ckpt.register_type_handler), (2) objects with get_state()/set_state() such as "
-      "grain's DatasetIterator, (3) CheckpointArgs objects registered with a CheckpointHandler "
-      "(flax_ckpt.args.register_with_handler), (4) objects of a type registered with "
-      "flax_ckpt.register_checkpointable_handler(MyType, MyHandler)")
 
 
 def driver_for_value(name: str, value: Any) -> Any:
@@ -226,16 +207,6 @@ def driver_for_value(name: str, value: Any) -> Any:
                               args_cls(value), owned=True)
   if is_stateful(value):
     return _StatefulDriver(value)
-  try:
-    treedef = jax.tree_util.tree_structure(value)
-    is_leaf = treedef.num_nodes == 1 and treedef.num_leaves == 1
-  except Exception:  # noqa: BLE001 - e.g. unsortable keys: the PyTree writer explains it
-    is_leaf = False
-  if is_leaf and th.handler_for_value(value) is None:
-    raise errors.UnsupportedLeafError(
-        f"checkpointable {name!r} (leaf <root>) is a "
-        f"{type(value).__module__}.{type(value).__qualname__}, which flax_ckpt cannot save. "
-        f"{_supported_kinds()}. Nothing was written.")
   return _PyTreeDriver(value)
 
 
@@ -683,9 +654,12 @@ def load_checkpointables(path: paths.PathLike,
         abstract_checkpointables)
     missing = [n for n in names if n not in entries]
     if missing:
+      hint = (" (flax_ckpt.load reads the part 'state'; use load_checkpointables, or "
+              "load(..., checkpointable_name=...), for named parts)"
+              if DEFAULT_CHECKPOINTABLE in missing else "")
       raise errors.StructureMismatchError(
           f"{final} has no part {', '.join(map(repr, missing))}; its parts are "
-          f"{', '.join(map(repr, entries))}.")
+          f"{', '.join(map(repr, entries))}{hint}.")
     names = [n for n in entries if n in names]  # saved order
     # stateful parts last: set_state changes the caller's objects, so only once every
     # other part has loaded
@@ -702,20 +676,8 @@ def load_checkpointables(path: paths.PathLike,
 
 
 def load_part(path: paths.PathLike, name: str, abstract: Any, **kw: Any) -> Any:
-  """Loads one part (``load``'s single-part case); a clear error when it is missing."""
-
-  def read(final: epath.Path, manifest: dict) -> Any:
-    entries = manifest["checkpointables"]
-    if name not in entries:
-      hint = ("use flax_ckpt.load_checkpointables to load named parts"
-              if name == DEFAULT_CHECKPOINTABLE else "")
-      raise errors.StructureMismatchError(
-          f"{final} has no part {name!r}; its parts are {', '.join(map(repr, entries))}. "
-          f"{hint}".rstrip())
-    return _restore_part(final, name, entries[name], abstract, **kw)
-
-  with async_utils.no_gc():
-    return _with_retries(path, read)
+  """Loads one part (``load``'s single-part case)."""
+  return load_checkpointables(path, {name: abstract}, **kw)[name]
 
 
 def _part_metadata(final: epath.Path, name: str, entry: dict) -> Any:

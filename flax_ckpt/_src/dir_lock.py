@@ -16,22 +16,12 @@ import socket
 import threading
 import time
 
-from flax_ckpt._src import errors
+from flax_ckpt._src import errors, paths
 
 LOCK_NAME = ".flax_ckpt_owner"
 
 _held: set[str] = set()  # lock files this process holds
 _held_lock = threading.Lock()
-
-
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
 
 
 class DirectoryLock:
@@ -59,7 +49,7 @@ class DirectoryLock:
     if owner.get("host") == self._me["host"] and isinstance(owner.get("pid"), int):
       if owner["pid"] == self._me["pid"]:
         return not self._held_here()  # our pid, but not our lock: a previous life's
-      return not _alive(owner["pid"])
+      return not paths.pid_alive(owner["pid"])
     return False
 
   def _held_here(self) -> bool:

@@ -36,3 +36,12 @@ class FormatError(CheckpointError, ValueError):
 
 class CheckpointReplacedError(CheckpointError):
   """The checkpoint was replaced (``overwrite=True``) while it was being read, repeatedly."""
+
+
+SUPPORTED_KINDS = (
+    "flax_ckpt saves (1) PyTrees whose leaves have a TypeHandler (jax/numpy arrays, Python "
+    "and numpy scalars, str, bytes, None, typed PRNG keys; add leaf types with "
+    "flax_ckpt.register_type_handler), (2) objects with get_state()/set_state() such as "
+    "grain's DatasetIterator, (3) CheckpointArgs objects registered with a CheckpointHandler "
+    "(flax_ckpt.args.register_with_handler), (4) objects of a type registered with "
+    "flax_ckpt.register_checkpointable_handler(MyType, MyHandler)")

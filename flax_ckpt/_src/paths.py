@@ -27,9 +27,7 @@ PathLike = Union[str, os.PathLike, epath.Path]  # noqa: UP007 - runtime alias
 
 COMMIT_MARKER = "_CHECKPOINT"
 TMP_TAG = ".flax_ckpt-tmp-"
-_TMP_TAG = TMP_TAG
 OLD_TAG = ".flax_ckpt-old-"
-_OLD_TAG = OLD_TAG
 
 
 def to_path(path: PathLike) -> epath.Path:
@@ -55,6 +53,19 @@ def fsync_path(path: PathLike) -> None:
     os.fsync(fd)
   finally:
     os.close(fd)
+
+
+def fsync_tree(directory: PathLike) -> None:
+  """fsyncs every file and directory under ``directory``."""
+  for dirpath, _, files in os.walk(os.fspath(directory)):
+    for f in files:
+      fsync_path(os.path.join(dirpath, f))
+    fsync_path(dirpath)
+
+
+def unique_tag() -> str:
+  """``<host>-<pid>-<random>``: names temporary siblings (dead owners are recognizable)."""
+  return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def write_json(path: PathLike, obj: Any, *, fsync: bool) -> None:
@@ -101,7 +112,7 @@ def check_destination(final: epath.Path, overwrite: bool, flag: str = "overwrite
     raise errors.CheckpointError(f"{p}: ancestor {probe} is a file, not a directory.")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
@@ -121,7 +132,7 @@ def cleanup_stale_tmp(final: epath.Path) -> list[str]:
   except FileNotFoundError:
     return removed
   for entry in entries:
-    for tag in (_TMP_TAG, _OLD_TAG):
+    for tag in (TMP_TAG, OLD_TAG):
       prefix = f"{name}{tag}"
       if not entry.startswith(prefix):
         continue
@@ -132,7 +143,7 @@ def cleanup_stale_tmp(final: epath.Path) -> list[str]:
         pid = int(parts[1])
       except ValueError:
         continue
-      if pid != os.getpid() and not _pid_alive(pid):
+      if pid != os.getpid() and not pid_alive(pid):
         shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
         removed.append(entry)
   return removed
@@ -153,8 +164,7 @@ def make_tmp_dir(final: epath.Path) -> tuple[epath.Path, list[str]]:
     probe = os.path.dirname(probe)
   created.reverse()
   os.makedirs(parent, exist_ok=True)
-  tag = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
-  tmp = os.path.join(parent, f"{name}{_TMP_TAG}{tag}")
+  tmp = os.path.join(parent, f"{name}{TMP_TAG}{unique_tag()}")
   os.mkdir(tmp)
   return epath.Path(tmp), created
 
@@ -207,7 +217,7 @@ def commit(tmp: epath.Path, final: epath.Path, *, overwrite: bool, fsync: bool) 
         fsync_path(parent)
       shutil.rmtree(tmp_s, ignore_errors=True)  # now holds the old checkpoint
       return
-    old = tmp_s.replace(_TMP_TAG, _OLD_TAG)
+    old = tmp_s.replace(TMP_TAG, OLD_TAG)
     os.rename(final_s, old)
     os.rename(tmp_s, final_s)
     if fsync:
@@ -237,7 +247,7 @@ def require_committed(path: epath.Path) -> dict:
     parent, name = os.path.split(p)
     olds = []
     if os.path.isdir(parent):
-      olds = [e for e in os.listdir(parent) if e.startswith(f"{name}{_OLD_TAG}")]
+      olds = [e for e in os.listdir(parent) if e.startswith(f"{name}{OLD_TAG}")]
     hint = (
         f" {os.path.join(parent, olds[0])} exists: either a checkpoint being deleted right "
         "now, or, if no process is deleting it, the previous version left by a crash "

@@ -86,8 +86,11 @@ class SpecificStepsPolicy:
 
   steps: Sequence[int]
 
+  def __post_init__(self):
+    object.__setattr__(self, "_set", frozenset(int(s) for s in self.steps))
+
   def should_save(self, context: DecisionContext) -> bool:
-    return context.step in set(self.steps)
+    return context.step in self._set
 
 
 @dataclasses.dataclass(frozen=True)

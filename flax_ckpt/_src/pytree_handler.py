@@ -11,7 +11,7 @@ from typing import Any
 
 from etils import epath
 
-from flax_ckpt._src import async_utils, multihost, pytree_io
+from flax_ckpt._src import async_utils, errors, multihost, pytree_io
 from flax_ckpt._src.checkpoint_args import CheckpointArgs, register_with_handler
 from flax_ckpt._src.checkpoint_handlers import CheckpointHandler
 
@@ -108,7 +108,15 @@ class _PyTreeDriver:
 
   def plan(self, ctx: Any, what: str = "") -> None:
     with async_utils.no_gc():
-      self.plan_ = pytree_io.plan_save(self.item)  # validates before the disk is touched
+      try:
+        self.plan_ = pytree_io.plan_save(self.item)  # validates before the disk is touched
+      except errors.UnsupportedLeafError as e:
+        problem = str(e).split("\n  <root>: ", 1)
+        if len(problem) == 2:  # the object itself is no PyTree and no known leaf
+          raise errors.UnsupportedLeafError(
+              f"{what or 'the object'} (leaf <root>): {problem[1].splitlines()[0]}. "
+              f"{errors.SUPPORTED_KINDS}. Nothing was written.") from e
+        raise
 
   def share(self) -> Any:
     """Leaves process 0 writes as its own (process-local arrays)."""

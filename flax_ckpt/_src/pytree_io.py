@@ -152,10 +152,7 @@ def prepare_save(cp_dir: epath.Path, plan: SavePlan, *, is_async: bool,
     io.writer.write(fsync=fsync)  # data was streaming out meanwhile; wait for it here
     if fsync:
       if os.path.isdir(leaves_dir):  # files written by custom handlers
-        for dirpath, _, files in os.walk(leaves_dir):
-          for f in files:
-            paths.fsync_path(os.path.join(dirpath, f))
-          paths.fsync_path(dirpath)
+        paths.fsync_tree(leaves_dir)
       paths.fsync_path(cp_dir)
 
   def abort() -> None:

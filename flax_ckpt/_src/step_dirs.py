@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import shutil
-import socket
 
 from flax_ckpt._src import paths
 
@@ -67,8 +65,7 @@ def remove(path: str) -> None:
   removed; a crash in between leaves a leftover that the next cleanup deletes.
   """
   parent, name = os.path.split(path)
-  tag = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
-  doomed = os.path.join(parent, f"{name}{paths.OLD_TAG}{tag}")
+  doomed = os.path.join(parent, f"{name}{paths.OLD_TAG}{paths.unique_tag()}")
   try:
     os.rename(path, doomed)
   except FileNotFoundError:
