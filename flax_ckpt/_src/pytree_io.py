@@ -68,6 +68,7 @@ def _note(e: BaseException, doing: str, handler: Any, keypaths: list) -> None:
 
 def plan_save(tree: Any) -> SavePlan:
   """Walks and validates ``tree`` (raises UnsupportedLeafError before anything is written)."""
+  treespec.forget_misses()
   return SavePlan(*treespec.encode(tree, th.handler_for_value))
 
 
@@ -373,6 +374,7 @@ def _as_saved_args(saved: _SavedTree, ids: list[int],
 def load(cp_dir: epath.Path, abstract: Any, *, partial: bool,
          restore_type: Any = None) -> Any:
   saved = read_saved_tree(cp_dir)
+  treespec.forget_misses()
   try:
     return _load(saved, cp_dir, abstract, partial=partial, restore_type=restore_type)
   except (FileNotFoundError, errors.FormatError) as e:
@@ -478,6 +480,7 @@ def _load(saved: _SavedTree, cp_dir: epath.Path, abstract: Any, *, partial: bool
 
 def metadata_tree(cp_dir: epath.Path) -> Any:
   saved = read_saved_tree(cp_dir)
+  treespec.forget_misses()
   saved.close()  # metadata reads no data file
   ids = list(range(len(saved.leaves)))
   handlers = [th.handler_for_typestr(saved.leaves[i]["typestr"]) for i in ids]

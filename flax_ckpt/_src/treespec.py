@@ -70,6 +70,7 @@ def register_known(cls: type, name: str, *, aliases: Sequence[str] = (),
   """
   if cls in _BY_CLASS:
     return
+  _MISSED.clear()
   entry = _ClassEntry(cls, name, None, from_aux)
   _BY_CLASS[cls] = entry
   for n in (name, *aliases):
@@ -83,17 +84,31 @@ def entry_known(name: str) -> bool:
   return name in _BY_NAME
 
 
+_MISSED: set = set()  # classes / names the resolvers did not know, within one save or load
+
+
+def forget_misses() -> None:
+  """Called when a save or load starts: classes defined since then get a fresh look."""
+  _MISSED.clear()
+
+
 def _entry_for_class(cls: type) -> _ClassEntry | None:
   entry = _BY_CLASS.get(cls)
-  if entry is None and any(r(cls) for r in _CLASS_RESOLVERS):
-    entry = _BY_CLASS.get(cls)
+  if entry is None and cls not in _MISSED:
+    if any(r(cls) for r in _CLASS_RESOLVERS):
+      entry = _BY_CLASS.get(cls)
+    else:
+      _MISSED.add(cls)
   return entry
 
 
 def _entry_for_name(name: str) -> _ClassEntry | None:
   entry = _BY_NAME.get(name)
-  if entry is None and any(r(name) for r in _NAME_RESOLVERS):
-    entry = _BY_NAME.get(name)
+  if entry is None and name not in _MISSED:
+    if any(r(name) for r in _NAME_RESOLVERS):
+      entry = _BY_NAME.get(name)
+    else:
+      _MISSED.add(name)
   return entry
 
 
@@ -142,6 +157,7 @@ def register_class(
     )
   if override and cls in _BY_CLASS:
     _BY_NAME.pop(_BY_CLASS[cls].name, None)
+  _MISSED.clear()
   entry = _ClassEntry(cls, name, build, build is None and _from_aux(cls))
   _BY_NAME[name] = entry
   _BY_CLASS[cls] = entry
