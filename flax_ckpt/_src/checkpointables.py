@@ -479,7 +479,13 @@ def save_checkpointables_async(path: paths.PathLike, checkpointables: Mapping[st
 
 def committed(path: paths.PathLike) -> tuple[epath.Path, dict]:
   final = paths.to_path(path)
-  manifest = paths.require_committed(final)
+  return final, check_manifest(final, paths.require_committed(final))
+
+
+def check_manifest(final: epath.Path, manifest: Any) -> dict:
+  """``manifest`` if this flax_ckpt can read the checkpoint it describes."""
+  if not isinstance(manifest, dict) or manifest.get("format") != "flax_ckpt":
+    raise errors.FormatError(f"{final / paths.COMMIT_MARKER} is not a flax_ckpt commit marker.")
   if manifest.get("version") != FORMAT_VERSION:
     raise errors.FormatError(
         f"{final}: format version {manifest.get('version')} is not supported (this flax_ckpt "
@@ -487,7 +493,7 @@ def committed(path: paths.PathLike) -> tuple[epath.Path, dict]:
   parts = manifest.get("checkpointables")
   if not isinstance(parts, dict):
     raise errors.FormatError(f"{final}: the commit marker lists no checkpointables.")
-  return final, manifest
+  return manifest
 
 
 def part_dir(final: epath.Path, name: str, entry: dict) -> epath.Path:
@@ -577,18 +583,32 @@ def _restore_part(final: epath.Path, name: str, entry: dict, abstract: Any, **kw
 
 
 def _with_retries(path: paths.PathLike, read: Callable[[epath.Path, dict], Any]) -> Any:
-  """Runs ``read(final, manifest)``, again if an overwrite replaced the checkpoint meanwhile."""
+  """Runs ``read(final, manifest)``, again if an overwrite replaced the checkpoint meanwhile.
+
+  The directory is opened once per attempt and its commit marker read through it, so the
+  manifest always belongs to the version being read.
+  """
+  final = paths.to_path(path)
   for attempt in range(_ATTEMPTS):
-    final, _ = committed(path)  # clear errors for a missing or uncommitted checkpoint
     try:
       root = storage.CheckpointFiles(os.fspath(final))
-    except FileNotFoundError:
-      continue
+    except (FileNotFoundError, NotADirectoryError):
+      committed(path)  # the clear error: nothing there, or a file
+      continue  # it appeared meanwhile: look again
     try:
       try:
-        # the marker of exactly the version whose directory we hold
-        manifest = json.loads(root.read_bytes(paths.COMMIT_MARKER).decode(
-            "utf-8", "surrogatepass"))
+        raw = root.read_bytes(paths.COMMIT_MARKER)
+      except FileNotFoundError:
+        if not root.is_gone():
+          committed(path)  # the clear error: not committed
+        continue
+      try:
+        manifest = json.loads(raw.decode("utf-8", "surrogatepass"))
+      except ValueError as e:
+        raise errors.FormatError(f"{final / paths.COMMIT_MARKER} is unreadable ({e}); the "
+                                 "checkpoint is damaged.") from e
+      manifest = check_manifest(final, manifest)
+      try:
         out = read(final, manifest)
       except errors.CheckpointReplacedError:
         if attempt == _ATTEMPTS - 1:
@@ -603,8 +623,8 @@ def _with_retries(path: paths.PathLike, read: Callable[[epath.Path, dict], Any])
     finally:
       root.close()
   raise errors.CheckpointReplacedError(
-      f"{paths.to_path(path)} was replaced by overwrites {_ATTEMPTS} times while loading; "
-      "load it again once the writer is done.")
+      f"{final} was replaced by overwrites {_ATTEMPTS} times while loading; load it again "
+      "once the writer is done.")
 
 
 def load_checkpointables(path: paths.PathLike,
