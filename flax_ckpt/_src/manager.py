@@ -29,6 +29,7 @@ from flax_ckpt._src import (
     checkpointables,
     dir_lock,
     errors,
+    jsontags,
     multihost,
     paths,
     policies,
@@ -186,14 +187,12 @@ def _jsonable_metrics(metrics: Any) -> dict | None:
       f = float(v)  # python/numpy/jax scalars
     except (TypeError, ValueError) as e:
       raise TypeError(f"metric {k!r} is not a number: {v!r}") from e
-    out[k] = f if math.isfinite(f) else {"float": repr(f)}
+    out[k] = jsontags.encode(f)
   return out
 
 
 def _restore_metric(v: Any) -> Any:
-  if isinstance(v, dict) and set(v) == {"float"}:
-    return float(v["float"])
-  return v
+  return jsontags.decode(v)  # non-finite floats are tagged
 
 
 def _check_step(step: Any) -> int:

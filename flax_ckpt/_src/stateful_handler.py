@@ -8,7 +8,6 @@ grain's ``DatasetIterator`` and ``DataLoaderIterator`` follow this protocol unch
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 import math
@@ -17,10 +16,9 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import numpy as np
 from etils import epath
 
-from flax_ckpt._src import dtypes, errors, multihost, paths
+from flax_ckpt._src import errors, jsontags, multihost, paths
 from flax_ckpt._src.checkpoint_args import CheckpointArgs, register_with_handler
 from flax_ckpt._src.checkpoint_handlers import CheckpointHandler
 
@@ -60,65 +58,6 @@ def _not_json(v: Any, where: str) -> str | None:
   return f"{where} is a {type(v).__qualname__}"
 
 
-class _Unencodable(Exception):
-  pass
-
-
-def _typed(v: Any, where: str) -> Any:
-  """``v`` as tagged JSON that :func:`_untyped` turns back into an equal value of the same
-  types: containers are ``{"l": [...]}`` list, ``{"t": [...]}`` tuple, ``{"d": [[k, v],
-  ...]}`` dict (any such keys), other values ``{"f": "nan"}`` float, ``{"i": "0x.."}`` big
-  int, ``{"b": base64}`` bytes, ``{"np": [dtype, value]}`` numpy scalar, ``{"a": [dtype,
-  shape, base64]}`` numpy array; None, bool, str, small int and finite float are themselves.
-  """
-  t = type(v)
-  if v is None or t in (bool, str):
-    return v
-  if t is int:
-    return v if abs(v) < 2**53 else {"i": hex(v)}
-  if t is float:
-    return v if math.isfinite(v) else {"f": repr(v)}
-  if t is list or t is tuple:
-    return {"l" if t is list else "t": [_typed(x, f"{where}[{i}]") for i, x in enumerate(v)]}
-  if t is dict:
-    return {"d": [[_typed(k, f"{where} key {k!r}"), _typed(x, f"{where}[{k!r}]")]
-                  for k, x in v.items()]}
-  if t in (bytes, bytearray):
-    return {"b": base64.b64encode(bytes(v)).decode("ascii")}
-  if isinstance(v, np.generic) and not isinstance(v, np.void):
-    return {"np": [dtypes.dtype_name(v.dtype), _typed(v.item(), where)]}
-  if t is np.ndarray and v.dtype.kind in "biufc?":
-    return {"a": [dtypes.dtype_name(v.dtype), list(v.shape),
-                  base64.b64encode(dtypes.little_endian(np.ascontiguousarray(v)).tobytes()
-                                   ).decode("ascii")]}
-  raise _Unencodable(f"{where} is a {t.__module__}.{t.__qualname__}")
-
-
-def _untyped(v: Any) -> Any:
-  if not isinstance(v, dict):
-    return v
-  ((tag, body),) = v.items()
-  if tag == "l":
-    return [_untyped(x) for x in body]
-  if tag == "t":
-    return tuple(_untyped(x) for x in body)
-  if tag == "d":
-    return {_untyped(k): _untyped(x) for k, x in body}
-  if tag == "i":
-    return int(body, 16)
-  if tag == "f":
-    return float(body)
-  if tag == "b":
-    return base64.b64decode(body)
-  if tag == "np":
-    return dtypes.dtype_from_name(body[0]).type(_untyped(body[1]))
-  if tag == "a":
-    dt = dtypes.dtype_from_name(body[0])
-    raw = np.frombuffer(base64.b64decode(body[2]), dt.newbyteorder("<"))
-    return raw.astype(dt).reshape(body[1])
-  raise errors.FormatError(f"unknown tag {tag!r} in a typed state file; upgrade flax_ckpt")
-
-
 def encode_state(state: Any, what: str) -> tuple[str, bytes]:
   """``(extension, file bytes)`` for a ``get_state()`` result.
 
@@ -130,10 +69,10 @@ def encode_state(state: Any, what: str) -> tuple[str, bytes]:
     return "bin", bytes(state)
   try:
     plain = _not_json(state, "state") is None
-    doc = state if plain else {"flax_ckpt_typed_state": 1, "v": _typed(state, "state")}
+    doc = state if plain else {"flax_ckpt_typed_state": 1, "v": jsontags.encode(state, "state")}
     data = json.dumps(doc, ensure_ascii=False, allow_nan=False).encode(
         "utf-8", "surrogatepass")
-  except (_Unencodable, RecursionError, ValueError) as e:
+  except (jsontags.Unencodable, RecursionError, ValueError) as e:
     raise errors.UnsupportedLeafError(
         f"{what}: get_state() must return bytes or data built from dict, list, tuple, str, "
         f"int, float, bool, None, bytes and numpy scalars/arrays, so that set_state() gets "
@@ -147,7 +86,7 @@ def decode_state(ext: str, raw: bytes) -> Any:
     return raw
   doc = json.loads(raw.decode("utf-8", "surrogatepass"))
   if ext == "typed.json":
-    return _untyped(doc["v"])
+    return jsontags.decode(doc["v"])
   return doc
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import jax
 
-from flax_ckpt._src import errors
+from flax_ckpt._src import errors, jsontags
 
 # A path element on disk: [kind, key] with kind "d" (dict key), "a" (attribute),
 # "i" (sequence index) or "f" (flattened index of a custom node).
@@ -173,58 +173,20 @@ def _class_name(cls: type) -> tuple[str, bool]:
   return (entry.name, True) if entry else (default_class_name(cls), False)
 
 
-# --- aux data (a node's static part) as faithful JSON -----------------------------------
+# --- aux data (a node's static part) as tagged JSON (see jsontags.py) -------------------
 
 _NOT_JSON = object()
 
 
 def encode_aux(v: Any) -> Any:
-  """``v`` as JSON that :func:`decode_aux` turns back into an equal value of the same types,
-  or ``_NOT_JSON``. Containers are tagged: ``{"l": [...]}`` list, ``{"t": [...]}`` tuple,
-  ``{"d": {...}}`` dict with str keys, ``{"P": [...]}`` PartitionSpec; so are ints beyond
-  2^53 (``{"i": hex}``) and non-finite floats (``{"f": "nan"}``)."""
-  t = type(v)
-  if v is None or t is bool or t is str:
-    return v
-  if t is int:
-    return v if abs(v) < 2**53 else {"i": hex(v)}
-  if t is float:
-    return v if v == v and v not in (float("inf"), float("-inf")) else {"f": repr(v)}
-  if t is list or t is tuple:
-    items = [encode_aux(x) for x in v]
-    if any(x is _NOT_JSON for x in items):
-      return _NOT_JSON
-    return {"l" if t is list else "t": items}
-  if t is dict:
-    if not all(type(k) is str for k in v):
-      return _NOT_JSON
-    items = {k: encode_aux(x) for k, x in v.items()}
-    if any(x is _NOT_JSON for x in items.values()):
-      return _NOT_JSON
-    return {"d": items}
-  if t is jax.sharding.PartitionSpec:
-    items = [encode_aux(x) for x in v]
-    return _NOT_JSON if any(x is _NOT_JSON for x in items) else {"P": items}
-  return _NOT_JSON
+  """``v`` as tagged JSON, or ``_NOT_JSON`` when it has no faithful encoding."""
+  try:
+    return jsontags.encode(v)
+  except jsontags.Unencodable:
+    return _NOT_JSON
 
 
-def decode_aux(v: Any) -> Any:
-  if not isinstance(v, dict):
-    return v
-  ((tag, body),) = v.items()
-  if tag == "l":
-    return [decode_aux(x) for x in body]
-  if tag == "t":
-    return tuple(decode_aux(x) for x in body)
-  if tag == "d":
-    return {k: decode_aux(x) for k, x in body.items()}
-  if tag == "P":
-    return jax.sharding.PartitionSpec(*(decode_aux(x) for x in body))
-  if tag == "i":
-    return int(body, 16)
-  if tag == "f":
-    return float(body)
-  raise errors.FormatError(f"unknown aux data tag {tag!r}; upgrade flax_ckpt")
+decode_aux = jsontags.decode
 
 
 def _encode_node_aux(aux: Any) -> tuple[Any, list[str]]:
@@ -234,9 +196,9 @@ def _encode_node_aux(aux: Any) -> tuple[Any, list[str]]:
   its non-JSON entries; any other aux data is kept whole or not at all.
   """
   if type(aux) is dict and all(type(k) is str for k in aux):
-    kept = {k: encode_aux(x) for k, x in aux.items()}
-    dropped = [k for k, x in kept.items() if x is _NOT_JSON]
-    return {"d": {k: x for k, x in kept.items() if x is not _NOT_JSON}}, dropped
+    kept = [(k, encode_aux(x)) for k, x in aux.items()]
+    dropped = [k for k, x in kept if x is _NOT_JSON]
+    return {"d": [[k, x] for k, x in kept if x is not _NOT_JSON]}, dropped
   if (type(aux) is tuple and aux
       and all(type(p) is tuple and len(p) == 2 and type(p[0]) is str for p in aux)):
     pairs = [(k, encode_aux(x)) for k, x in aux]
