@@ -119,7 +119,7 @@ class _CustomDriver:
     self.handler, self.args, self.owned = handler, args, owned
     self.futures: list = []
 
-  def plan(self, ctx: Any, what: str = "") -> None:
+  def plan(self, what: str = "") -> None:
     for m in ("save", "restore"):
       if not callable(getattr(self.handler, m, None)):
         raise TypeError(f"{what}: {type(self.handler).__qualname__} has no {m}() method; a "
@@ -129,11 +129,12 @@ class _CustomDriver:
   def share(self) -> Any:
     return None
 
-  def start(self, directory: epath.Path, shared: Any, ctx: Any) -> Callable[[bool], None]:
+  def start(self, directory: epath.Path, shared: Any,
+            is_async: bool) -> Callable[[bool], None]:
     if (multihost.process_index() != 0
         and not getattr(self.handler, "save_on_all_processes", False)):
       return lambda fsync: None
-    if ctx.is_async and callable(getattr(self.handler, "async_save", None)):
+    if is_async and callable(getattr(self.handler, "async_save", None)):
       r = call_with_args(self.handler.async_save, directory, self.args)
       if inspect.isawaitable(r):
         # on flax_ckpt's long-lived loop: tasks the handler starts keep running after this
@@ -247,11 +248,6 @@ def _release(key: str, ticket: threading.Event) -> None:
 
 
 @dataclasses.dataclass
-class SaveContext:
-  is_async: bool
-
-
-@dataclasses.dataclass
 class Part:
   name: str
   dir: str
@@ -279,7 +275,6 @@ def start_save(path: paths.PathLike, parts: list[Part], *, overwrite: bool,
   # path: processes that disagree about a save time out instead of pairing different saves.
   op = multihost.next_operation_id(os.fspath(final)) if nproc > 1 else ""
   timeout = multihost.timeout_s(barrier_timeout_s)
-  ctx = SaveContext(is_async=is_async)
 
   def close_all() -> None:
     for p in parts:
@@ -311,7 +306,7 @@ def start_save(path: paths.PathLike, parts: list[Part], *, overwrite: bool,
       paths.cleanup_stale_tmp(final)
     for p in parts:  # every part is validated before the disk is touched
       try:
-        p.driver.plan(ctx, f"checkpointable {p.name!r}")
+        p.driver.plan(f"checkpointable {p.name!r}")
       except BaseException as e:
         _annotate(e, parts, p.name)
         raise
@@ -333,7 +328,7 @@ def start_save(path: paths.PathLike, parts: list[Part], *, overwrite: bool,
     for p in parts:
       try:
         finishers.append(p.driver.start(tmp / p.dir if p.dir != ROOT_DIR else tmp,
-                                        local.get(p.name), ctx))
+                                        local.get(p.name), is_async))
       except BaseException as e:
         _annotate(e, parts, p.name)
         raise

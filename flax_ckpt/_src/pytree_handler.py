@@ -70,8 +70,8 @@ class PyTreeCheckpointHandler(CheckpointHandler):
 
   def save(self, directory: epath.Path, args: PyTreeSave) -> None:
     driver = PyTreeCheckpointHandler._flax_ckpt_driver(self, args)
-    driver.plan(None)
-    driver.start(directory, None, None)(True)
+    driver.plan()
+    driver.start(directory, None, False)(True)
 
   def restore(self, directory: epath.Path, args: PyTreeRestore | None = None) -> Any:
     args = args if args is not None else PyTreeRestore()
@@ -106,7 +106,7 @@ class _PyTreeDriver:
     self.item = item
     self.plan_: pytree_io.SavePlan | None = None
 
-  def plan(self, ctx: Any, what: str = "") -> None:
+  def plan(self, what: str = "") -> None:
     with async_utils.no_gc():
       try:
         self.plan_ = pytree_io.plan_save(self.item)  # validates before the disk is touched
@@ -122,8 +122,7 @@ class _PyTreeDriver:
     """Leaves process 0 writes as its own (process-local arrays)."""
     return pytree_io.local_array_ids(self.plan_) if multihost.process_count() > 1 else []
 
-  def start(self, directory: epath.Path, shared: Any, ctx: Any):
-    is_async = bool(ctx and ctx.is_async)
+  def start(self, directory: epath.Path, shared: Any, is_async: bool):
     with async_utils.no_gc():
       finish = pytree_io.prepare_save(
           epath.Path(directory), self.plan_, is_async=is_async,

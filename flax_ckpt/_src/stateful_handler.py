@@ -146,8 +146,8 @@ class StatefulCheckpointHandler(CheckpointHandler):
 
   def save(self, directory: epath.Path, args: StatefulSave) -> None:
     driver = StatefulCheckpointHandler._flax_ckpt_driver(self, args)
-    driver.plan(None)
-    driver.start(directory, None, None)(True)
+    driver.plan()
+    driver.start(directory, None, False)(True)
 
   def restore(self, directory: epath.Path, args: StatefulRestore | None = None) -> Any:
     args = args if args is not None else StatefulRestore()
@@ -241,7 +241,7 @@ class _StatefulDriver:
     self.item = item
     self.ext = self.data = None
 
-  def plan(self, ctx: Any, what: str = "stateful object") -> None:
+  def plan(self, what: str = "stateful object") -> None:
     if not is_stateful(self.item):
       raise TypeError(f"{what}: {type(self.item).__qualname__} has no get_state()/set_state()")
     self.ext, self.data = encode_state(self.item.get_state(), what)  # state as of now
@@ -249,7 +249,7 @@ class _StatefulDriver:
   def share(self) -> Any:
     return None
 
-  def start(self, directory: epath.Path, shared: Any, ctx: Any):
+  def start(self, directory: epath.Path, shared: Any, is_async: bool):
     i, n = multihost.process_index(), multihost.process_count()
     target = os.path.join(os.fspath(directory), file_name(i, n, self.ext))
     data = self.data
