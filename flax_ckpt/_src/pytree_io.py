@@ -92,7 +92,8 @@ def prepare_save(cp_dir: epath.Path, plan: SavePlan, *, is_async: bool,
   os.makedirs(cp_dir, exist_ok=True)
   ts_ctx = th._LazyTsContext()
   io = _SaveIO(storage.open_writer(os.path.join(
-      cp_dir, builtin_handlers.data_file_name(process_index))), process_index, primary_local)
+      cp_dir, builtin_handlers.data_file_name(process_index)), direct=is_async),
+      process_index, primary_local)
   naming = th.LeafNaming([p for p, _ in leaves], treespec.path_str, _leaf_dirnames)
   leaves_dir = cp_dir / LEAVES_DIR
   if primary and any(not th.is_builtin(h) for h in handlers):

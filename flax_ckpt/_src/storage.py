@@ -19,6 +19,8 @@ See docs/format.md for the file layout.
 from __future__ import annotations
 
 import concurrent.futures
+import errno
+import mmap
 import os
 import queue
 import threading
@@ -84,7 +86,7 @@ class DataWriter(_Packer):
   _BATCH_BYTES = 16 << 20
   _BATCH_COUNT = _IOV_MAX - 2
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, *, direct: bool = False):
     super().__init__()
     self.path = path
     self._batch: list = []  # (offset, view)
@@ -93,6 +95,13 @@ class DataWriter(_Packer):
     self._thread: threading.Thread | None = None
     self._error: BaseException | None = None
     self._fd: int | None = None
+    # Direct I/O (O_DIRECT): bytes go from a reused aligned bounce buffer straight to the
+    # device, not through the page cache; this costs the overlapping computation far less
+    # CPU and memory bandwidth than buffered writes (see docs/design.md).
+    self._direct = direct and _direct_io_allowed()
+    self._bounce: mmap.mmap | None = None
+    self._cursor = 0  # file offset of the bounce buffer's first byte (block aligned)
+    self._fill = 0  # bytes staged in the bounce buffer
 
   def add(self, arr: np.ndarray) -> tuple[int, int]:
     """Schedules ``arr``'s bytes; returns (offset, nbytes) it will have in the file."""
@@ -108,7 +117,7 @@ class DataWriter(_Packer):
     if not self._batch:
       return
     if self._thread is None:
-      self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+      self._fd = self._open()
       self._queue = queue.SimpleQueue()
       self._thread = threading.Thread(target=self._run, name="flax_ckpt_write", daemon=True)
       self._thread.start()
@@ -124,6 +133,9 @@ class DataWriter(_Packer):
       if self._error is not None:
         continue
       try:
+        if self._direct:
+          self._stage(batch)
+          continue
         iov: list = []
         start = pos = batch[0][0]
         for off, view in batch:
@@ -134,6 +146,62 @@ class DataWriter(_Packer):
         _pwritev_all(self._fd, iov, start)
       except BaseException as e:  # noqa: BLE001 - re-raised by write()
         self._error = e
+
+  def _open(self) -> int:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    if self._direct:
+      try:
+        return os.open(self.path, flags | os.O_DIRECT, 0o644)
+      except OSError:  # e.g. tmpfs: no direct I/O there
+        self._direct = False
+    return os.open(self.path, flags, 0o644)
+
+  def _stage(self, batch: list) -> None:
+    """Copies a batch into the bounce buffer (zeros in gaps), writing out full blocks.
+
+    Batches arrive in file order; the bytes of a partly filled last block stay staged
+    until the next batch (or ``write``) completes it, so no block is written twice.
+    """
+    if self._bounce is None:
+      self._bounce = mmap.mmap(-1, _BOUNCE)  # page aligned
+    buf = memoryview(self._bounce)
+    for off, view in batch:
+      gap = off - (self._cursor + self._fill)
+      while gap > 0:
+        n = min(gap, _BOUNCE - self._fill)
+        buf[self._fill:self._fill + n] = bytes(n)
+        self._fill += n
+        gap -= n
+        if self._fill == _BOUNCE:
+          self._flush_blocks()
+      src = view.cast("B") if view.format != "B" else view
+      i = 0
+      while i < src.nbytes:
+        n = min(src.nbytes - i, _BOUNCE - self._fill)
+        buf[self._fill:self._fill + n] = src[i:i + n]
+        self._fill += n
+        i += n
+        if self._fill == _BOUNCE:
+          self._flush_blocks()
+
+  def _flush_blocks(self, final: bool = False) -> None:
+    """Writes the staged whole blocks (with ``final``, the rest too, padded with zeros)."""
+    if self._bounce is None or self._fill == 0:
+      return
+    whole = self._fill - self._fill % _BLOCK
+    if final and whole < self._fill:
+      end = whole + _BLOCK
+      self._bounce[self._fill:end] = bytes(end - self._fill)
+      whole = end
+    if whole:
+      _pwrite_direct(self, memoryview(self._bounce)[:whole], self._cursor)
+      rest = self._fill - whole if self._fill > whole else 0
+      if rest:
+        self._bounce[:rest] = self._bounce[whole:whole + rest]
+      self._cursor += whole
+      self._fill = rest if rest > 0 else 0
+    if final:
+      self._fill = 0
 
   def _join(self) -> None:
     if self._thread is not None:
@@ -148,6 +216,8 @@ class DataWriter(_Packer):
     try:
       if self._error is not None:
         raise self._error
+      if self._direct and self._fd is not None:
+        self._flush_blocks(final=True)  # the last block, zero padded
       if fsync and self._fd is not None:
         os.fsync(self._fd)
     finally:
@@ -160,6 +230,36 @@ class DataWriter(_Packer):
     if self._fd is not None:
       os.close(self._fd)
       self._fd = None
+    if self._bounce is not None:
+      self._bounce.close()
+      self._bounce = None
+
+
+_BLOCK = 4096  # direct I/O granularity (offsets, lengths, buffer addresses)
+_BOUNCE = 16 << 20
+DIRECT_ENV = "FLAX_CKPT_DIRECT_IO"
+
+
+def _direct_io_allowed() -> bool:
+  return hasattr(os, "O_DIRECT") and os.environ.get(DIRECT_ENV, "1") != "0"
+
+
+def _pwrite_direct(w: DataWriter, view: memoryview, offset: int) -> None:
+    """Writes block-aligned ``view`` at ``offset``; falls back to buffered writes if the
+    filesystem refuses direct I/O midway (the bytes are the same either way)."""
+    while view:
+      try:
+        n = os.pwrite(w._fd, view, offset)
+      except OSError as e:
+        if e.errno != errno.EINVAL:
+          raise
+        flags = os.O_WRONLY
+        fd = os.open(w.path, flags)
+        os.close(w._fd)
+        w._fd = fd
+        continue
+      view = view[n:]
+      offset += n
 
 
 def _pwritev_all(fd: int, iov: list, offset: int) -> None:
@@ -354,11 +454,15 @@ def kvstore_spec(directory: str | os.PathLike) -> dict:
   return {"driver": "file", "path": os.fspath(directory).rstrip("/") + "/"}
 
 
-def open_writer(path: str, *, ts_context=None):
-  """A data-file writer for ``path`` on the selected backend."""
+def open_writer(path: str, *, ts_context=None, direct: bool = False):
+  """A data-file writer for ``path`` on the selected backend.
+
+  ``direct``: write with direct I/O where the filesystem allows it (background saves: it
+  leaves the CPU and memory bandwidth to the training step they overlap).
+  """
   if backend_name() == "tensorstore":
     return KvStoreDataWriter(path, ts_context=ts_context)
-  return DataWriter(path)
+  return DataWriter(path, direct=direct)
 
 
 def _open_kvstore(directory: str, *, sync: bool = True, ts_context=None):
