@@ -210,17 +210,13 @@ def _check_step(step: Any) -> int:
   return step
 
 
-def _best_value(fn: Callable, metrics: dict | None, *, strict: bool = False) -> float | None:
-  """``fn(metrics)`` as a float; None when there are no metrics or (not strict) it fails."""
-  if metrics is None:
-    return None
+def _check_best_fn(fn: Callable, metrics: dict) -> None:
+  """Raises before anything is written when ``best_fn`` cannot score ``metrics``."""
   try:
-    return float(fn({k: _restore_metric(v) for k, v in metrics.items()}))
-  except Exception as e:  # noqa: BLE001 - a bad best_fn must not lose later checkpoints
-    if strict:
-      raise ValueError(f"best_fn failed on the metrics {metrics} ({type(e).__name__}: {e}); "
-                       "fix best_fn or pass the metrics it needs. Nothing was saved.") from e
-    return None
+    float(fn({k: _restore_metric(v) for k, v in metrics.items()}))
+  except Exception as e:  # noqa: BLE001 - reported with the fix
+    raise ValueError(f"best_fn failed on the metrics {metrics} ({type(e).__name__}: {e}); "
+                     "fix best_fn or pass the metrics it needs. Nothing was saved.") from e
 
 
 class CheckpointManager:
@@ -344,12 +340,8 @@ class CheckpointManager:
       infos = list(self._infos.values())
     if fn is None:
       return self.latest_step()
-    scored = [(v, i.step) for i in infos
-              if (v := _best_value(fn, i.metrics)) is not None and not math.isnan(v)]
-    if not scored:
-      return None
-    sign = 1.0 if self._opts.best_mode == "min" else -1.0
-    return min(scored, key=lambda vs: (sign * vs[0], -vs[1]))[1]
+    ranked = policies.BestN(fn, 1, self._opts.best_mode).ranked(infos)
+    return ranked[0][1] if ranked and not math.isnan(ranked[0][0]) else None
 
   # --- deciding ----------------------------------------------------------------------
 
@@ -434,7 +426,7 @@ class CheckpointManager:
           f"dataset must have get_state()/set_state() (e.g. a grain DatasetIterator), not a "
           f"{type(dataset).__qualname__}; put other data in the state instead.")
     if metrics is not None and self._opts.best_fn is not None:
-      _best_value(self._opts.best_fn, _jsonable_metrics(metrics), strict=True)
+      _check_best_fn(self._opts.best_fn, _jsonable_metrics(metrics))
     rb = self._rolled_back_to
     if rb is not None and step > rb and self._already_saved(step):
       local = True  # not "already saved": that checkpoint belongs to the abandoned run

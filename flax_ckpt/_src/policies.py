@@ -186,18 +186,18 @@ class BestN:
     if self.mode not in ("min", "max"):
       raise ValueError(f"best_mode must be 'min' or 'max', not {self.mode!r}")
 
-  def keep(self, checkpoints: Sequence[StepInfo]) -> set[int]:
-    scored, unscored = [], []
-    for c in checkpoints:
-      v = self._value(c.metrics)
-      (unscored if v is None else scored).append((v, c.step))
-    kept = {s for _, s in unscored} if self.keep_checkpoints_without_metrics else set()
+  def ranked(self, checkpoints: Sequence[StepInfo]) -> list[tuple[float, int]]:
+    """``(metric, step)`` of the checkpoints it can score, best first (NaN last; ties: the
+    newer checkpoint first)."""
+    scored = [(v, c.step) for c in checkpoints if (v := self._value(c.metrics)) is not None]
     sign = 1.0 if self.mode == "min" else -1.0
-    # NaN ranks worst; ties: the newer checkpoint wins
-    ranked = sorted(scored, key=lambda vs: (math.isnan(vs[0]),
-                                            0.0 if math.isnan(vs[0]) else sign * vs[0],
-                                            -vs[1]))
-    kept.update(s for _, s in ranked[:max(self.n, 0)])
+    return sorted(scored, key=lambda vs: (math.isnan(vs[0]),
+                                          0.0 if math.isnan(vs[0]) else sign * vs[0], -vs[1]))
+
+  def keep(self, checkpoints: Sequence[StepInfo]) -> set[int]:
+    kept = ({c.step for c in checkpoints if self._value(c.metrics) is None}
+            if self.keep_checkpoints_without_metrics else set())
+    kept.update(s for _, s in self.ranked(checkpoints)[:max(self.n, 0)])
     return kept
 
   def _value(self, metrics: dict | None) -> float | None:
