@@ -285,6 +285,11 @@ def _args_from_template(t: Any) -> th.RestoreArgs:
   if isinstance(t, (jax.ShapeDtypeStruct, jax.Array)):
     is_key = jax.dtypes.issubdtype(t.dtype, jax.dtypes.prng_key)
     sharding = getattr(t, "sharding", None)
+    if isinstance(t, jax.Array) and not getattr(t, "committed", True):
+      # An uncommitted template array (made without a device or sharding, e.g. a fresh
+      # ``nnx.Rngs`` key) comes back uncommitted too, so jit may still move it next to
+      # sharded operands as it could move the template.
+      sharding = None
     return th.RestoreArgs(restore_type=jax.Array, dtype=None if is_key else np.dtype(t.dtype),
                           sharding=sharding, shape=tuple(t.shape),
                           weak_type=bool(getattr(t, "weak_type", False)))

@@ -1,0 +1,335 @@
+"""The training examples as users run them: ``python -m train_examples.<name>`` in a child
+process, stopped by real SIGTERM and SIGKILL, restarted with the same command.
+
+Every interrupted run must end with params and opt_state bitwise equal to an uninterrupted
+run's (hashed here from the final checkpoint, and from the digest the example logs). After
+each SIGKILL, at random moments and right when an async save's temporary directory shows up,
+only committed steps are listed, each of them loads, and the restart resumes from the
+newest. The sharded LM saved on 8 devices is evaluated on 1 device and on a 2x2 mesh.
+
+The configs are shrunk through ``--config.*`` overrides to keep the suite's time budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import queue
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import flax_ckpt
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+_TMP_TAG = ".flax_ckpt-tmp-"
+
+LINEN = ("linen_classifier", [
+    "--config.num_train_steps=200", "--config.dense=2048", "--config.warmup_steps=10",
+    "--config.log_every_steps=10", "--config.checkpoint.every_steps=10"])
+LM = ("nnx_lm", [
+    "--config.num_train_steps=60", "--config.seq_len=16", "--config.batch_size=8",
+    "--config.max_bytes=100000", "--config.eval_batches=2", "--config.warmup_steps=5",
+    "--config.model.d_model=64", "--config.model.mlp_dim=128", "--config.model.num_layers=1",
+    "--config.log_every_steps=5", "--config.checkpoint.every_steps=5"])
+
+_STEP_LINE = re.compile(r"\] \[(\d+)\] train_")
+_DIGEST = re.compile(r"(Finished|Stopped) at step (\d+): .*sha256 ([0-9a-f]{64})")
+
+
+def _env() -> dict:
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # the examples choose their device count from their config
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONUNBUFFERED"] = "1"
+  return env
+
+
+class Run:
+  """``python -m train_examples.<module> --workdir W ...`` with its log followed by a thread."""
+
+  def __init__(self, module: str, workdir: pathlib.Path, args: list[str], *,
+               entry: str | None = None):
+    cmd = [sys.executable, "-m", f"train_examples.{entry or module}", "--workdir",
+           os.fspath(workdir), *args]
+    self.lines: list[str] = []
+    self._q: queue.Queue = queue.Queue()
+    self.proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+    self._reader = threading.Thread(target=self._pump, daemon=True)
+    self._reader.start()
+
+  def _pump(self) -> None:
+    with self.proc.stdout:
+      for line in self.proc.stdout:
+        self.lines.append(line)
+        self._q.put(line)
+    self._q.put(None)
+
+  @property
+  def text(self) -> str:
+    return "".join(self.lines)
+
+  def wait_for(self, pattern: re.Pattern, timeout: float = 240.0) -> re.Match | None:
+    """The first later log line matching ``pattern`` (None if the process ended first)."""
+    end = time.monotonic() + timeout
+    while True:
+      try:
+        line = self._q.get(timeout=max(0.0, end - time.monotonic()))
+      except queue.Empty:
+        raise AssertionError(f"no line matching {pattern.pattern!r} in {timeout} s:\n"
+                             + self.text[-4000:]) from None
+      if line is None:
+        return None
+      m = pattern.search(line)
+      if m:
+        return m
+
+  def finish(self, timeout: float = 300.0) -> int:
+    rc = self.proc.wait(timeout)
+    self._reader.join(10)  # the whole log is in self.lines
+    return rc
+
+
+def _run_to_end(module: str, workdir: pathlib.Path, args: list[str]) -> Run:
+  run = Run(module, workdir, args)
+  rc = run.finish()
+  assert rc == 0, run.text[-6000:]
+  return run
+
+
+def _logged_digest(run: Run) -> tuple[str, int, str]:
+  found = _DIGEST.findall(run.text)
+  assert found, run.text[-4000:]
+  kind, step, digest = found[-1]
+  return kind, int(step), digest
+
+
+def _checkpoint_digest(workdir: pathlib.Path, step: int) -> str:
+  """sha256 of the ``params`` and ``opt_state`` parts of a checkpoint, read as saved."""
+  parts = flax_ckpt.load_checkpointables(workdir / "checkpoints" / str(step),
+                                         {"params": None, "opt_state": None})
+  import jax
+
+  h = hashlib.sha256()
+  for name in ("params", "opt_state"):
+    for path, leaf in jax.tree_util.tree_flatten_with_path(parts[name])[0]:
+      if jax.dtypes.issubdtype(getattr(leaf, "dtype", np.float32), jax.dtypes.prng_key):
+        leaf = jax.random.key_data(leaf)
+      a = np.asarray(leaf)
+      h.update(f"{name}{jax.tree_util.keystr(path)}:{a.dtype.str}{a.shape};".encode())
+      h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()
+
+
+def _committed_steps(workdir: pathlib.Path) -> list[int]:
+  with flax_ckpt.CheckpointManager(workdir / "checkpoints", read_only=True) as mngr:
+    return mngr.all_steps()
+
+
+def _total_steps(args: list[str]) -> int:
+  return int(next(a.split("=")[1] for a in args if a.startswith("--config.num_train_steps")))
+
+
+@pytest.fixture(scope="module", params=[LINEN, LM], ids=["linen", "nnx_lm"])
+def example(request, tmp_path_factory):
+  """An uninterrupted run: (module, args, workdir, final digest from the checkpoint)."""
+  module, args = request.param
+  workdir = tmp_path_factory.mktemp(f"{module}_ref")
+  run = _run_to_end(module, workdir, args)
+  (workdir / "train.log").write_text(run.text)
+  kind, step, logged = _logged_digest(run)
+  total = _total_steps(args)
+  assert (kind, step) == ("Finished", total)
+  assert "Starting from scratch" in run.text
+  steps = _committed_steps(workdir)
+  assert steps[-1] == total
+  digest = _checkpoint_digest(workdir, total)
+  return module, args, workdir, digest, logged
+
+
+def test_uninterrupted_run_writes_config_summaries_and_keeps_by_policy(example):
+  module, args, workdir, _, _ = example
+  rec = json.loads((workdir / "config.json").read_text())
+  assert rec["example"] == module
+  assert list(workdir.glob("events.out.tfevents.*")), "no TensorBoard summaries written"
+  steps = _committed_steps(workdir)
+  # keep_latest=2 (+ best-N by the eval metric): never more than latest + best
+  assert 2 <= len(steps) <= 4, steps
+  with flax_ckpt.CheckpointManager(workdir / "checkpoints", read_only=True) as mngr:
+    assert all(mngr.metrics(s) for s in steps)  # evaluated at every save
+    md = mngr.metadata(steps[-1])
+  assert {"params", "opt_state", "extra", "dataset"} <= set(md.checkpointables)
+
+
+def test_rerun_of_finished_run_resumes_and_changes_nothing(example, tmp_path):
+  module, args, workdir, digest, _ = example
+  total = _total_steps(args)
+  run = _run_to_end(module, workdir, args)
+  assert f"Resumed from step {total}" in run.text
+  assert _logged_digest(run)[1:] == (total, example[4])
+  assert _checkpoint_digest(workdir, total) == digest
+
+
+def test_sigterm_saves_exits_cleanly_and_resume_is_bitwise(example, tmp_path):
+  module, args, _, digest, logged = example
+  total = _total_steps(args)
+  workdir = tmp_path / "run"
+  log_every = int(next(a.split("=")[1] for a in args if "log_every_steps" in a))
+  at = random.Random().randrange(log_every, total // 2, log_every)
+  run = Run(module, workdir, args)
+  while True:
+    m = run.wait_for(_STEP_LINE)
+    assert m is not None, "finished before SIGTERM:\n" + run.text[-4000:]
+    if int(m.group(1)) >= at:
+      break
+  run.proc.send_signal(signal.SIGTERM)
+  assert run.finish() == 0, run.text[-6000:]
+  kind, stopped, _ = _logged_digest(run)
+  assert kind == "Stopped" and at <= stopped < total, run.text[-4000:]
+  assert re.search(rf"Preempted \(SIGTERM\) at step {stopped}: checkpoint saved", run.text)
+  assert _committed_steps(workdir)[-1] == stopped
+
+  resumed = _run_to_end(module, workdir, args)
+  assert f"Resumed from step {stopped} of " in resumed.text
+  assert _logged_digest(resumed)[1:] == (total, logged)
+  assert _checkpoint_digest(workdir, total) == digest
+
+
+def _kill_during_async_save(run: Run, ckpt_dir: pathlib.Path, give_up_at: int) -> str:
+  """SIGKILL as soon as a save's temporary directory appears (polled every ~1 ms); after
+  step ``give_up_at`` is logged without one seen, at that moment."""
+  seen: list[int] = []
+
+  def watch_log():
+    while (m := run.wait_for(_STEP_LINE)) is not None:
+      seen.append(int(m.group(1)))
+
+  def tmp_names():
+    try:
+      return {n for n in os.listdir(ckpt_dir) if _TMP_TAG in n}
+    except FileNotFoundError:
+      return set()
+
+  old = tmp_names()  # a killed predecessor's leftovers (the restart cleans them up)
+  threading.Thread(target=watch_log, daemon=True).start()
+  while run.proc.poll() is None:
+    if tmp_names() - old:
+      run.proc.kill()
+      return "during an async save"
+    if seen and seen[-1] >= give_up_at:
+      run.proc.kill()
+      return f"at step {seen[-1]}"
+    time.sleep(0.001)
+  return "never: it finished"
+
+
+def test_sigkill_repeatedly_then_resume_is_bitwise(example, tmp_path):
+  module, args, _, digest, logged = example
+  total = _total_steps(args)
+  workdir = tmp_path / "run"
+  ckpt_dir = workdir / "checkpoints"
+  rng = random.Random()
+  history = []
+  last = None
+  for i in range(3):
+    run = Run(module, workdir, args)
+    if i == 1:  # at a random moment after training started
+      assert run.wait_for(_STEP_LINE) is not None, run.text[-4000:]
+      time.sleep(rng.uniform(0.0, 0.5))
+      run.proc.kill()
+      how = "at a random moment"
+    else:
+      how = _kill_during_async_save(run, ckpt_dir, give_up_at=total // 2)
+    run.finish()
+    history.append(how)
+    if last is not None:
+      assert f"Resumed from step {last} of " in run.text, (history, run.text[-4000:])
+    steps = _committed_steps(workdir) if ckpt_dir.exists() else []
+    assert not steps or steps[-1] < total, history  # killed before the end
+    for s in steps[-2:]:  # what a restart may resume from loads in full
+      _checkpoint_digest(workdir, s)
+    last = steps[-1] if steps else None
+
+  final = _run_to_end(module, workdir, args)
+  if last is not None:
+    assert f"Resumed from step {last} of " in final.text, history
+  assert not [n for n in os.listdir(ckpt_dir) if _TMP_TAG in n]  # leftovers cleaned
+  assert _logged_digest(final)[1:] == (total, logged), history
+  assert _checkpoint_digest(workdir, total) == digest, history
+
+
+# ------------------------------------------------------------------ evaluation elsewhere
+
+
+def _evaluate(workdir: pathlib.Path, *args: str) -> dict:
+  run = Run("evaluate", workdir, list(args))
+  assert run.finish() == 0, run.text[-6000:]
+  line = [ln for ln in run.lines if ln.startswith("EVAL ")]
+  assert line, run.text[-4000:]
+  return json.loads(line[-1][5:])
+
+
+@pytest.fixture
+def lm_run(example):
+  """The uninterrupted LM run (workdir, final eval loss it logged)."""
+  module, _, workdir, _, _ = example
+  if module != "nnx_lm":
+    pytest.skip("the LM's evaluation on other meshes")
+  text = (workdir / "train.log").read_text()
+  final = float(re.search(r"Finished at step \d+: eval_loss ([0-9.]+)", text).group(1))
+  return workdir, final
+
+
+@pytest.mark.parametrize("mesh", ["1", "2x2"])
+def test_lm_trained_on_8_devices_evaluates_on_another_mesh(lm_run, mesh):
+  workdir, final_logged = lm_run
+  steps = _committed_steps(workdir)
+  with flax_ckpt.CheckpointManager(workdir / "checkpoints", read_only=True) as mngr:
+    recorded = {s: mngr.metrics(s)["eval_loss"] for s in steps}
+  # one run per mesh (each is a process start): an earlier step on one, the final on 2x2
+  for step in ([steps[0]] if mesh == "1" else [steps[-1]]):
+    out = _evaluate(workdir, "--mesh", mesh, "--step", str(step))
+    assert out["example"] == "nnx_lm" and out["step"] == step
+    assert out["devices"] == (1 if mesh == "1" else 4)
+    assert out["param_sharding"] == "P(None, 'model')"
+    # the metric the training run computed on its (2, 4) mesh when it saved this step
+    np.testing.assert_allclose(out["eval_loss"], recorded[step], rtol=2e-5)
+    np.testing.assert_allclose(out["eval_perplexity"], np.exp(recorded[step]), rtol=2e-5)
+  if mesh != "1":
+    np.testing.assert_allclose(out["eval_loss"], final_logged, rtol=1e-3)  # 4 digits logged
+
+
+def test_evaluate_reads_no_optimizer_state(lm_run, tmp_path):
+  """Params only: the evaluator works with every other part of the step deleted."""
+  workdir, _ = lm_run
+  step = _committed_steps(workdir)[-1]
+  copy = tmp_path / "copy"
+  import shutil
+
+  shutil.copytree(workdir, copy)
+  for part in ("opt_state", "extra", "dataset"):
+    shutil.rmtree(copy / "checkpoints" / str(step) / part)
+  out = _evaluate(copy, "--mesh", "2x2")
+  assert out["step"] == step and np.isfinite(out["eval_loss"])
+
+
+def test_linen_evaluate_entry_point(example):
+  module, args, workdir, _, _ = example
+  if module != "linen_classifier":
+    pytest.skip("the LM's evaluation is tested above")
+  out = _evaluate(workdir)
+  assert out["example"] == module and out["step"] == _total_steps(args)
+  with flax_ckpt.CheckpointManager(workdir / "checkpoints", read_only=True) as mngr:
+    np.testing.assert_allclose(out["eval_accuracy"], mngr.metrics(out["step"])[
+        "eval_accuracy"], rtol=1e-6)
+  assert out["eval_accuracy"] > 0.9

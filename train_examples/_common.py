@@ -1,0 +1,155 @@
+"""What the training examples share: workdir, config record, logging, checkpoint manager.
+
+Kept small on purpose: each example reads top to bottom on its own; this module only holds
+the parts that would otherwise be copied word for word.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+import flax_ckpt
+from flax_ckpt import policies
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def use_cpu_devices(n: int) -> None:
+  """Simulates ``n`` CPU devices (``jax_num_cpu_devices``) when running on the CPU.
+
+  Must run before jax creates its backends (before the first ``jax.devices()``); a no-op
+  for ``n <= 0``, on GPU/TPU hosts, and once the backend exists (then the mesh check that
+  follows gives the error).
+  """
+  if n <= 0:
+    return
+  platforms = os.environ.get("JAX_PLATFORMS", "") or jax.config.jax_platforms or ""
+  if platforms and "cpu" not in platforms.split(","):
+    return
+  try:
+    jax.config.update("jax_num_cpu_devices", n)
+  except RuntimeError as e:  # backends already initialized: keep what exists
+    logging.warning("could not set %d CPU devices (%s); using %d", n, e, jax.device_count())
+
+
+def make_mesh(shape: tuple[int, ...] | list[int], axis_names: tuple[str, ...]) -> Any:
+  """A ``jax.sharding.Mesh`` of the first ``prod(shape)`` devices, with a clear error."""
+  shape = tuple(int(s) for s in shape)
+  need = int(np.prod(shape))
+  devices = jax.devices()
+  if need > len(devices):
+    raise ValueError(
+        f"mesh {shape} needs {need} devices but jax sees {len(devices)} "
+        f"({devices[0].platform}); on CPU set --config.num_cpu_devices={need} (or "
+        f"XLA_FLAGS=--xla_force_host_platform_device_count={need}), or pick a smaller mesh")
+  return jax.sharding.Mesh(np.array(devices[:need]).reshape(shape), axis_names)
+
+
+def record_config(workdir: str, config: ml_collections.ConfigDict, example: str) -> None:
+  """Writes ``config.json`` (the example name and the config) on the first run.
+
+  A resumed run logs which fields differ from the recorded ones (a longer
+  ``num_train_steps`` is a normal reason to resume); the evaluation entry point reads this
+  file to rebuild the model.
+  """
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, CONFIG_FILE)
+  now = {"example": example, "config": json.loads(config.to_json())}
+  if os.path.exists(path):
+    with open(path) as f:
+      before = json.load(f)
+    if before.get("example") != example:
+      raise ValueError(f"{workdir} holds a run of {before.get('example')!r}, not "
+                       f"{example!r}: use another --workdir")
+    diff = _diff(before["config"], now["config"])
+    if diff:
+      logging.warning("config differs from the recorded run in %s", ", ".join(diff))
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(now, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def read_config(workdir: str) -> tuple[str, ml_collections.ConfigDict]:
+  """The example name and config recorded in a workdir by :func:`record_config`."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir} the --workdir of a training run?")
+  with open(path) as f:
+    rec = json.load(f)
+  return rec["example"], ml_collections.ConfigDict(rec["config"])
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+  if isinstance(a, Mapping) and isinstance(b, Mapping):
+    out = []
+    for k in sorted(set(a) | set(b)):
+      out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+    return out
+  return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
+
+
+def flat_hparams(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+  """The config as flat ``{'a.b': value}`` hyperparameters (non-scalars as strings)."""
+  out: dict[str, Any] = {}
+  for k, v in config.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      out.update(flat_hparams(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v if isinstance(v, (bool, int, float, str)) else str(v)
+  return out
+
+
+def make_writer(workdir: str) -> Any:
+  """clu's default writer: TensorBoard summaries in ``workdir`` plus log lines (process 0)."""
+  from clu import metric_writers
+
+  return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+
+
+def make_manager(workdir: str, ckpt: ml_collections.ConfigDict) -> flax_ckpt.CheckpointManager:
+  """The run's ``CheckpointManager`` from the config's ``checkpoint`` section.
+
+  Saves every ``every_steps`` steps (asynchronously unless ``async_save`` is false) and on
+  SIGTERM; keeps the newest ``keep_latest`` checkpoints plus the ``keep_best`` best by the
+  metric ``best_metric`` (``best_mode`` 'min' or 'max'), whichever keeps a step.
+  """
+  keep: list[Any] = [policies.LatestN(int(ckpt.keep_latest))]
+  if int(ckpt.get("keep_best", 0)) > 0:
+    metric = ckpt.best_metric
+    keep.append(policies.BestN(get_metric=lambda m: m[metric], n=int(ckpt.keep_best),
+                               mode=ckpt.best_mode, keep_checkpoints_without_metrics=False))
+  options = flax_ckpt.CheckpointManagerOptions(
+      save_interval_steps=int(ckpt.every_steps),
+      preservation_policy=policies.AnyPreservationPolicy(keep),
+      enable_async=bool(ckpt.async_save))
+  return flax_ckpt.CheckpointManager(os.path.join(workdir, CHECKPOINT_DIR), options=options)
+
+
+def tree_digest(tree: Any) -> str:
+  """sha256 over every leaf's dtype, shape and bytes, in the tree's flattening order.
+
+  Two states have the same digest exactly when they are bitwise equal, leaf for leaf (how
+  the examples show that a resumed run ends where an uninterrupted one does).
+  """
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(tree):
+    if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      leaf = jax.random.key_data(leaf)
+    a = np.asarray(jax.device_get(leaf))
+    h.update(f"{a.dtype.str}{a.shape};".encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()
