@@ -13,6 +13,6 @@ def test_ruff_clean():
   ruff = shutil.which("ruff")
   if ruff is None:
     pytest.skip("ruff not installed (it is in the 'test' extra)")
-  r = subprocess.run([ruff, "check", "flax_ckpt", "tests", "benchmarks", "train_examples"],
-                     cwd=ROOT, capture_output=True, text=True, timeout=120)
+  dirs = ["flax_ckpt", "tests", "benchmarks", "train_examples", "configs"]
+  r = subprocess.run([ruff, "check", *dirs], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert r.returncode == 0, r.stdout + r.stderr

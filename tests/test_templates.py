@@ -106,3 +106,26 @@ def test_flax_nnx_partitioning_annotations(ckpt_dir):
   assert kernel.get_value().sharding == NamedSharding(mesh, P(None, "y"))
   np.testing.assert_array_equal(np.asarray(kernel.get_value()),
                                 np.asarray(model.dense.kernel.get_value()))
+
+
+def test_concrete_template_keeps_committed_and_uncommitted_placement(ckpt_dir):
+  """A template array made without a device (uncommitted: jit may move it next to sharded
+  operands) is restored uncommitted; one placed on a sharding is restored there."""
+  mesh = _mesh()
+  sharded = jax.device_put(jnp.arange(8.0), NamedSharding(mesh, P("y")))
+  free = jnp.arange(3.0)
+  key = jax.random.key(1)
+  assert not free.committed and not key.committed and sharded.committed
+  state = {"sharded": sharded, "free": free, "key": key}
+  flax_ckpt.save(ckpt_dir / "c", state)
+  out = flax_ckpt.load(ckpt_dir / "c", state)
+  assert out["sharded"].committed and out["sharded"].sharding == sharded.sharding
+  assert not out["free"].committed and not out["key"].committed
+  # an uncommitted restored array mixes with sharded ones in one jitted call, as before
+  f = jax.jit(lambda s, f, k: s.sum() + f.sum() + jax.random.key_data(k).sum())
+  np.testing.assert_allclose(f(out["sharded"], out["free"], out["key"]),
+                             f(sharded, free, key))
+  pinned = jax.device_put(jnp.arange(3.0), jax.devices()[3])
+  assert pinned.committed
+  out2 = flax_ckpt.load(ckpt_dir / "c", {**state, "free": pinned})
+  assert out2["free"].committed and out2["free"].devices() == {jax.devices()[3]}
