@@ -129,7 +129,9 @@ def create_train_state(config: ml_collections.ConfigDict, image_shape: tuple[int
   init_key, dropout_key = jax.random.split(root)
   variables = model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
   schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate,
-                                                config.warmup_steps, config.num_train_steps)
+                                                config.warmup_steps,
+                                                max(config.num_train_steps,
+                                                    config.warmup_steps + 1))
   tx = optax.adamw(schedule, weight_decay=config.weight_decay)
   return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                            batch_stats=variables["batch_stats"], dropout_key=dropout_key)

@@ -181,7 +181,9 @@ def global_batch(local: np.ndarray, mesh: Any) -> jax.Array:
 def create(config: ml_collections.ConfigDict, mesh: Any) -> tuple[TransformerLM, Any]:
   """The model and its AdamW optimizer, every array created in its sharding on ``mesh``."""
   schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate,
-                                                config.warmup_steps, config.num_train_steps)
+                                                config.warmup_steps,
+                                                max(config.num_train_steps,
+                                                    config.warmup_steps + 1))
   with jax.set_mesh(mesh):
     model = TransformerLM(config.model, config.seq_len, nnx.Rngs(config.seed))
     optimizer = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=config.weight_decay),
