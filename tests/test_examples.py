@@ -290,6 +290,28 @@ def lm_run(example):
   return workdir, final
 
 
+def _direct_lm_eval(workdir: pathlib.Path, step: int) -> float:
+  """The saved params evaluated here, in the test process: loaded as saved (no template)
+  into the model's own code, on the test process's first device."""
+  import jax
+  from flax import nnx
+
+  if os.fspath(REPO) not in sys.path:
+    sys.path.insert(0, os.fspath(REPO))
+  from train_examples import _common, nnx_lm
+
+  _, config = _common.read_config(workdir)
+  params = flax_ckpt.load_checkpointables(workdir / "checkpoints" / str(step),
+                                          {"params": None})["params"]
+  assert isinstance(params, nnx.State)  # nnx types come back without a template
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), nnx_lm.AXES)
+  model, _ = nnx_lm.abstract_params(config, mesh)
+  nnx.update(model, jax.device_put(params, jax.devices()[0]))
+  _, val = nnx_lm.load_tokens(config)
+  return nnx_lm.evaluate(model, nnx_lm.eval_windows(val, config), config.batch_size,
+                         mesh)["eval_loss"]
+
+
 @pytest.mark.parametrize("mesh", ["1", "2x2"])
 def test_lm_trained_on_8_devices_evaluates_on_another_mesh(lm_run, mesh):
   workdir, final_logged = lm_run
@@ -297,15 +319,17 @@ def test_lm_trained_on_8_devices_evaluates_on_another_mesh(lm_run, mesh):
   with flax_ckpt.CheckpointManager(workdir / "checkpoints", read_only=True) as mngr:
     recorded = {s: mngr.metrics(s)["eval_loss"] for s in steps}
   # one run per mesh (each is a process start): an earlier step on one, the final on 2x2
-  for step in ([steps[0]] if mesh == "1" else [steps[-1]]):
-    out = _evaluate(workdir, "--mesh", mesh, "--step", str(step))
-    assert out["example"] == "nnx_lm" and out["step"] == step
-    assert out["devices"] == (1 if mesh == "1" else 4)
-    assert out["param_sharding"] == "P(None, 'model')"
-    # the metric the training run computed on its (2, 4) mesh when it saved this step
-    np.testing.assert_allclose(out["eval_loss"], recorded[step], rtol=2e-5)
-    np.testing.assert_allclose(out["eval_perplexity"], np.exp(recorded[step]), rtol=2e-5)
-  if mesh != "1":
+  step = steps[0] if mesh == "1" else steps[-1]
+  out = _evaluate(workdir, "--mesh", mesh, "--step", str(step))
+  assert out["example"] == "nnx_lm" and out["step"] == step
+  assert out["devices"] == (1 if mesh == "1" else 4)
+  assert out["param_sharding"] == "P(None, 'model')"
+  # a direct evaluation of the saved params, and what the training run computed on its
+  # (2, 4) mesh when it saved this step
+  np.testing.assert_allclose(out["eval_loss"], _direct_lm_eval(workdir, step), rtol=2e-5)
+  np.testing.assert_allclose(out["eval_loss"], recorded[step], rtol=2e-5)
+  np.testing.assert_allclose(out["eval_perplexity"], np.exp(recorded[step]), rtol=2e-5)
+  if step == steps[-1]:
     np.testing.assert_allclose(out["eval_loss"], final_logged, rtol=1e-3)  # 4 digits logged
 
 
@@ -333,3 +357,49 @@ def test_linen_evaluate_entry_point(example):
     np.testing.assert_allclose(out["eval_accuracy"], mngr.metrics(out["step"])[
         "eval_accuracy"], rtol=1e-6)
   assert out["eval_accuracy"] > 0.9
+
+
+# ----------------------------------------------------------------------- two processes
+
+
+def _free_port() -> int:
+  import socket
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_lm_two_processes_with_jax_distributed_then_evaluate_on_one_device(tmp_path):
+  """2 processes x 4 devices on one (2, 4) mesh: each process feeds its own rows and writes
+  only its own shards; the checkpoint evaluates on 1 device to the recorded metric, and a
+  resumed 2-process run continues from it."""
+  workdir = tmp_path / "mp"
+  total = 10
+  args = [a for a in LM[1] if not a.startswith("--config.num_train_steps")]
+
+  def launch(steps: int) -> list[Run]:
+    port = _free_port()
+    common = [*args, f"--config.num_train_steps={steps}", "--config.num_cpu_devices=4",
+              f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+    return [Run("nnx_lm", workdir, [*common, f"--process_id={i}"]) for i in range(2)]
+
+  runs = launch(total)
+  for r in runs:
+    assert r.finish() == 0, r.text[-6000:]
+  assert "process 1 of 2 (4 local devices)" in runs[1].text
+  digests = {_logged_digest(r)[1:] for r in runs}
+  assert digests == {(total, _logged_digest(runs[0])[2])}, digests  # one state, two views
+  with flax_ckpt.CheckpointManager(workdir / "checkpoints", read_only=True) as mngr:
+    recorded = mngr.metrics(total)["eval_loss"]
+    md = mngr.metadata(total)
+  assert md.checkpointables["dataset"]["kind"] == "stateful"
+  out = _evaluate(workdir, "--mesh", "1")
+  assert out["step"] == total and out["devices"] == 1
+  np.testing.assert_allclose(out["eval_loss"], recorded, rtol=2e-5)
+
+  runs = launch(total + 5)  # resume both processes, each with its own iterator state
+  for r in runs:
+    assert r.finish() == 0, r.text[-6000:]
+    assert f"Resumed from step {total} of " in r.text
+    assert _logged_digest(r)[1] == total + 5

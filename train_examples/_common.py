@@ -31,7 +31,7 @@ def use_cpu_devices(n: int) -> None:
   for ``n <= 0``, on GPU/TPU hosts, and once the backend exists (then the mesh check that
   follows gives the error).
   """
-  if n <= 0:
+  if n <= 0 or jax.config.jax_num_cpu_devices == n:
     return
   platforms = os.environ.get("JAX_PLATFORMS", "") or jax.config.jax_platforms or ""
   if platforms and "cpu" not in platforms.split(","):
@@ -40,6 +40,38 @@ def use_cpu_devices(n: int) -> None:
     jax.config.update("jax_num_cpu_devices", n)
   except RuntimeError as e:  # backends already initialized: keep what exists
     logging.warning("could not set %d CPU devices (%s); using %d", n, e, jax.device_count())
+
+
+def define_distributed_flags() -> None:
+  """``--coordinator_address``, ``--num_processes``, ``--process_id`` for multi-process runs."""
+  from absl import flags
+
+  flags.DEFINE_string("coordinator_address", None,
+                      "host:port of process 0; set to run with jax.distributed (every "
+                      "process runs the same command with its own --process_id).")
+  flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+  flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+
+
+def maybe_initialize_distributed() -> None:
+  """``jax.distributed.initialize`` from the flags of :func:`define_distributed_flags`.
+
+  Without ``--coordinator_address`` nothing happens (one process). On clusters that JAX
+  detects by itself (Cloud TPU, SLURM, ...) ``--coordinator_address=auto`` lets it fill in
+  everything.
+  """
+  from absl import flags
+
+  f = flags.FLAGS
+  addr = f["coordinator_address"].value if "coordinator_address" in f else None
+  if not addr:
+    return
+  if addr == "auto":
+    jax.distributed.initialize()
+  else:
+    jax.distributed.initialize(addr, f.num_processes, f.process_id)
+  logging.info("process %d of %d (%d local devices)", jax.process_index(),
+               jax.process_count(), jax.local_device_count())
 
 
 def make_mesh(shape: tuple[int, ...] | list[int], axis_names: tuple[str, ...]) -> Any:

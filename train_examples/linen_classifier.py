@@ -30,7 +30,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import app, flags, logging
-from clu import metric_writers, periodic_actions
 from flax.training import train_state
 from ml_collections import config_flags
 
@@ -198,6 +197,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step = int(state.step)
   if step == 0:
     writer.write_hparams(_common.flat_hparams(config))
+
+  from clu import metric_writers, periodic_actions  # imports TensorFlow: only when training
 
   report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                            writer=writer, every_steps=config.log_every_steps)

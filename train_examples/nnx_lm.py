@@ -30,7 +30,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import app, flags, logging
-from clu import metric_writers, periodic_actions
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -262,6 +261,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if step == 0:
     writer.write_hparams(_common.flat_hparams(config))
 
+  from clu import metric_writers, periodic_actions  # imports TensorFlow: only when training
+
   report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                            writer=writer, every_steps=config.log_every_steps)
   losses: list[jax.Array] = []
@@ -311,10 +312,13 @@ def main(argv: list[str]) -> None:
   if not flags.FLAGS.workdir:
     raise app.UsageError("--workdir is required")
   t0 = time.time()
+  _common.use_cpu_devices(int(flags.FLAGS.config.num_cpu_devices))  # per process
+  _common.maybe_initialize_distributed()
   train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
   logging.info("Took %.1f s", time.time() - t0)
 
 
 if __name__ == "__main__":
   define_flags()
+  _common.define_distributed_flags()
   app.run(main)
