@@ -8,6 +8,7 @@ import ml_collections
 
 
 def get_config() -> ml_collections.ConfigDict:
+  """The default config of the linen classifier (every field is a ``--config.<field>`` flag)."""
   config = ml_collections.ConfigDict()
   config.seed = 0
   # 'digits' (scikit-learn's bundled 8x8 digits, 1797 images) or the path of an .npz file

@@ -9,6 +9,7 @@ import ml_collections
 
 
 def get_config() -> ml_collections.ConfigDict:
+  """The default config of the nnx LM (every field is a ``--config.<field>`` flag)."""
   config = ml_collections.ConfigDict()
   config.seed = 0
   # '' = the .py files of this Python's standard library; else a text file, a directory
@@ -18,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.val_fraction = 0.05  # the last bytes are held out
   config.seq_len = 64
   config.batch_size = 32  # global; split over the 'data' mesh axis and over processes
-  config.num_train_steps = 600
+  config.num_train_steps = 500
   config.learning_rate = 3e-3
   config.warmup_steps = 50
   config.weight_decay = 0.01

@@ -174,10 +174,26 @@ def test_uninterrupted_run_writes_config_summaries_and_keeps_by_policy(example):
 def test_rerun_of_finished_run_resumes_and_changes_nothing(example, tmp_path):
   module, args, workdir, digest, _ = example
   total = _total_steps(args)
-  run = _run_to_end(module, workdir, args)
+  run = _run_to_end(module, workdir, [*args, "--config.checkpoint.keep_latest=3"])
   assert f"Resumed from step {total}" in run.text
+  assert "config changed since the recorded run: checkpoint.keep_latest: 2 -> 3" in run.text
   assert _logged_digest(run)[1:] == (total, example[4])
   assert _checkpoint_digest(workdir, total) == digest
+
+
+def test_resume_refuses_a_config_that_breaks_it(example):
+  """A resume with another batch size would silently desynchronize the data position: it is
+  refused with the fix, and nothing in the workdir changes."""
+  module, args, workdir, digest, _ = example
+  if module != "linen_classifier":
+    pytest.skip("one example suffices (shared code)")
+  before = (workdir / "config.json").read_text()
+  run = Run(module, workdir, [*args, "--config.batch_size=16"])
+  assert run.finish() != 0
+  assert "with a different config: batch_size: 64 -> 16" in run.text, run.text[-3000:]
+  assert "Use a new --workdir" in run.text
+  assert (workdir / "config.json").read_text() == before
+  assert _checkpoint_digest(workdir, _total_steps(args)) == digest
 
 
 def test_sigterm_saves_exits_cleanly_and_resume_is_bitwise(example, tmp_path):
@@ -185,17 +201,18 @@ def test_sigterm_saves_exits_cleanly_and_resume_is_bitwise(example, tmp_path):
   total = _total_steps(args)
   workdir = tmp_path / "run"
   log_every = int(next(a.split("=")[1] for a in args if "log_every_steps" in a))
-  at = random.Random().randrange(log_every, total // 2, log_every)
+  seed = random.randrange(1 << 30)
+  at = random.Random(seed).randrange(log_every, total // 2, log_every)
   run = Run(module, workdir, args)
   while True:
     m = run.wait_for(_STEP_LINE)
-    assert m is not None, "finished before SIGTERM:\n" + run.text[-4000:]
+    assert m is not None, f"seed {seed}: finished before SIGTERM:\n" + run.text[-4000:]
     if int(m.group(1)) >= at:
       break
   run.proc.send_signal(signal.SIGTERM)
   assert run.finish() == 0, run.text[-6000:]
   kind, stopped, _ = _logged_digest(run)
-  assert kind == "Stopped" and at <= stopped < total, run.text[-4000:]
+  assert kind == "Stopped" and at <= stopped < total, (seed, run.text[-4000:])
   assert re.search(rf"Preempted \(SIGTERM\) at step {stopped}: checkpoint saved", run.text)
   assert _committed_steps(workdir)[-1] == stopped
 
@@ -205,65 +222,90 @@ def test_sigterm_saves_exits_cleanly_and_resume_is_bitwise(example, tmp_path):
   assert _checkpoint_digest(workdir, total) == digest
 
 
-def _kill_during_async_save(run: Run, ckpt_dir: pathlib.Path, give_up_at: int) -> str:
-  """SIGKILL as soon as a save's temporary directory appears (polled every ~1 ms); after
-  step ``give_up_at`` is logged without one seen, at that moment."""
+def _names(ckpt_dir: pathlib.Path) -> tuple[set[int], set[str]]:
+  """(committed steps, temporary directories): a step's directory only appears by the
+  commit's rename, so a digits-only name is a committed step."""
+  try:
+    names = os.listdir(ckpt_dir)
+  except FileNotFoundError:
+    return set(), set()
+  return {int(n) for n in names if n.isdigit()}, {n for n in names if _TMP_TAG in n}
+
+
+def _kill_during_async_save(run: Run, ckpt_dir: pathlib.Path, after: int | None,
+                            give_up_at: int) -> str:
+  """Waits until this run committed a step newer than ``after``, then SIGKILLs it as soon as
+  its next save's temporary directory appears (polled every ~1 ms); if none showed up by the
+  time step ``give_up_at`` is logged, kills it then."""
   seen: list[int] = []
 
   def watch_log():
     while (m := run.wait_for(_STEP_LINE)) is not None:
       seen.append(int(m.group(1)))
 
-  def tmp_names():
-    try:
-      return {n for n in os.listdir(ckpt_dir) if _TMP_TAG in n}
-    except FileNotFoundError:
-      return set()
-
-  old = tmp_names()  # a killed predecessor's leftovers (the restart cleans them up)
   threading.Thread(target=watch_log, daemon=True).start()
+  floor = -1 if after is None else after
+  committed_new = False
+  old_tmp: set[str] = set()
   while run.proc.poll() is None:
-    if tmp_names() - old:
+    steps, tmp = _names(ckpt_dir)
+    if not committed_new and steps and max(steps) > floor:
+      committed_new, old_tmp = True, tmp  # (leftovers of a killed predecessor, if any)
+    elif committed_new and tmp - old_tmp:
       run.proc.kill()
       return "during an async save"
     if seen and seen[-1] >= give_up_at:
       run.proc.kill()
-      return f"at step {seen[-1]}"
+      return f"at step {seen[-1]} (no save caught)"
     time.sleep(0.001)
   return "never: it finished"
 
 
+def _kill_at_step(run: Run, step: int) -> str:
+  while (m := run.wait_for(_STEP_LINE)) is not None:
+    if int(m.group(1)) >= step:
+      run.proc.kill()
+      return f"at logged step {m.group(1)}"
+  return "never: it finished"
+
+
 def test_sigkill_repeatedly_then_resume_is_bitwise(example, tmp_path):
+  """Three SIGKILLs (during an async save, at a random step, during a save again), each
+  after the previous restart resumed and committed more; the last restart must end bitwise
+  where the uninterrupted run did."""
   module, args, _, digest, logged = example
   total = _total_steps(args)
+  every = int(next(a.split("=")[1] for a in args if "checkpoint.every_steps" in a))
   workdir = tmp_path / "run"
   ckpt_dir = workdir / "checkpoints"
-  rng = random.Random()
-  history = []
+  seed = random.randrange(1 << 30)
+  rng = random.Random(seed)
+  history = [f"seed {seed}"]
   last = None
   for i in range(3):
     run = Run(module, workdir, args)
-    if i == 1:  # at a random moment after training started
-      assert run.wait_for(_STEP_LINE) is not None, run.text[-4000:]
-      time.sleep(rng.uniform(0.0, 0.5))
-      run.proc.kill()
-      how = "at a random moment"
+    if i == 1:
+      target = rng.randrange(last + every, min(last + 4 * every, total - 2 * every))
+      how = _kill_at_step(run, target)
     else:
-      how = _kill_during_async_save(run, ckpt_dir, give_up_at=total // 2)
+      how = _kill_during_async_save(run, ckpt_dir, last, give_up_at=total - 2 * every)
     run.finish()
     history.append(how)
+    assert not how.startswith("never"), (history, run.text[-4000:])
     if last is not None:
       assert f"Resumed from step {last} of " in run.text, (history, run.text[-4000:])
-    steps = _committed_steps(workdir) if ckpt_dir.exists() else []
-    assert not steps or steps[-1] < total, history  # killed before the end
+    steps = _committed_steps(workdir)
+    assert steps == sorted(_names(ckpt_dir)[0]), history  # all that is listed is committed
+    assert steps and steps[-1] < total, history  # killed before the end, after a commit
+    assert last is None or steps[-1] > last, history  # the restart made progress
     for s in steps[-2:]:  # what a restart may resume from loads in full
       _checkpoint_digest(workdir, s)
-    last = steps[-1] if steps else None
+    last = steps[-1]
+  assert any(h == "during an async save" for h in history), history
 
   final = _run_to_end(module, workdir, args)
-  if last is not None:
-    assert f"Resumed from step {last} of " in final.text, history
-  assert not [n for n in os.listdir(ckpt_dir) if _TMP_TAG in n]  # leftovers cleaned
+  assert f"Resumed from step {last} of " in final.text, history
+  assert not _names(ckpt_dir)[1], history  # leftovers cleaned up
   assert _logged_digest(final)[1:] == (total, logged), history
   assert _checkpoint_digest(workdir, total) == digest, history
 
@@ -322,8 +364,10 @@ def test_lm_trained_on_8_devices_evaluates_on_another_mesh(lm_run, mesh):
   step = steps[0] if mesh == "1" else steps[-1]
   out = _evaluate(workdir, "--mesh", mesh, "--step", str(step))
   assert out["example"] == "nnx_lm" and out["step"] == step
-  assert out["devices"] == (1 if mesh == "1" else 4)
+  assert out["devices"] == (1 if mesh == "1" else 4)  # the devices holding the kernel
   assert out["param_sharding"] == "P(None, 'model')"
+  d = out["kernel_shape"][1]  # (d_model, 3 * d_model), columns split over 'model'
+  assert out["kernel_shard_shape"] == [out["kernel_shape"][0], d if mesh == "1" else d // 2]
   # a direct evaluation of the saved params, and what the training run computed on its
   # (2, 4) mesh when it saved this step
   np.testing.assert_allclose(out["eval_loss"], _direct_lm_eval(workdir, step), rtol=2e-5)

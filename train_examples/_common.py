@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +35,8 @@ def use_cpu_devices(n: int) -> None:
   """
   if n <= 0 or jax.config.jax_num_cpu_devices == n:
     return
+  if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    return  # the user chose the device count with XLA_FLAGS: theirs wins
   platforms = os.environ.get("JAX_PLATFORMS", "") or jax.config.jax_platforms or ""
   if platforms and "cpu" not in platforms.split(","):
     return
@@ -66,6 +70,8 @@ def maybe_initialize_distributed() -> None:
   addr = f["coordinator_address"].value if "coordinator_address" in f else None
   if not addr:
     return
+  if signal.getsignal(signal.SIGTERM) is _startup_sigterm:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # JAX's preemption notifier takes SIGTERM
   if addr == "auto":
     jax.distributed.initialize()
   else:
@@ -82,33 +88,60 @@ def make_mesh(shape: tuple[int, ...] | list[int], axis_names: tuple[str, ...]) -
   if need > len(devices):
     raise ValueError(
         f"mesh {shape} needs {need} devices but jax sees {len(devices)} "
-        f"({devices[0].platform}); on CPU set --config.num_cpu_devices={need} (or "
-        f"XLA_FLAGS=--xla_force_host_platform_device_count={need}), or pick a smaller mesh")
+        f"({devices[0].platform}); on CPU set --config.num_cpu_devices={need}, or pick a "
+        "smaller mesh")
   return jax.sharding.Mesh(np.array(devices[:need]).reshape(shape), axis_names)
 
 
-def record_config(workdir: str, config: ml_collections.ConfigDict, example: str) -> None:
-  """Writes ``config.json`` (the example name and the config) on the first run.
+# Config fields that may change when a run is resumed: they change neither the model, the
+# optimizer nor the data order. (A longer num_train_steps also stretches the learning-rate
+# schedule, so the result differs from a run that had the longer schedule from the start;
+# another mesh gives other float rounding. Both resume fine, just not bitwise.)
+RESUMABLE_CHANGES = ("num_train_steps", "log_every_steps", "eval_batches", "mesh_shape",
+                     "num_cpu_devices", "checkpoint.")
 
-  A resumed run logs which fields differ from the recorded ones (a longer
-  ``num_train_steps`` is a normal reason to resume); the evaluation entry point reads this
-  file to rebuild the model.
+
+def record_config(workdir: str, config: ml_collections.ConfigDict, example: str, *,
+                  resuming: bool) -> None:
+  """Writes ``config.json`` (the example name and the config) for the evaluator.
+
+  Call it once the data loaded (so a mistyped path is never recorded) and before restoring.
+  Without a checkpoint yet (``resuming=False``) it just (over)writes the file. On a resume,
+  changes to :data:`RESUMABLE_CHANGES` are logged and recorded; any other change would
+  silently break the resume (the saved iterator position and optimizer state belong to the
+  old data and model), so it raises, naming the fields and the fix.
+
+  Args:
+    workdir: the run's directory.
+    config: the config of this run.
+    example: the example's name (a workdir holds one example's runs).
+    resuming: whether the workdir already holds a checkpoint of this run.
+
+  Raises:
+    ValueError: the workdir holds another example's run, or the config changed in a field
+      that a resume cannot take.
   """
-  if jax.process_index() != 0:
-    return
-  os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, CONFIG_FILE)
   now = {"example": example, "config": json.loads(config.to_json())}
-  if os.path.exists(path):
+  if resuming and os.path.exists(path):
     with open(path) as f:
       before = json.load(f)
     if before.get("example") != example:
       raise ValueError(f"{workdir} holds a run of {before.get('example')!r}, not "
                        f"{example!r}: use another --workdir")
     diff = _diff(before["config"], now["config"])
-    if diff:
-      logging.warning("config differs from the recorded run in %s", ", ".join(diff))
+    bad = [d for d in diff if not d.startswith(RESUMABLE_CHANGES)]
+    if bad:
+      raise ValueError(
+          f"resuming {workdir} with a different config: {'; '.join(bad)}. The checkpoint's "
+          "data position and optimizer state belong to the recorded config. Use a new "
+          f"--workdir, or delete {path} to resume anyway (not bit for bit).")
+    if not diff:
+      return
+    logging.warning("config changed since the recorded run: %s", "; ".join(diff))
+  if jax.process_index() != 0:
     return
+  os.makedirs(workdir, exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(now, f, indent=2, sort_keys=True)
@@ -132,6 +165,22 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
       out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
     return out
   return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
+
+
+def exit_cleanly_on_sigterm_until_the_manager_starts() -> None:
+  """SIGTERM before the ``CheckpointManager`` exists (imports, data loading) exits 0.
+
+  Nothing was trained yet, so there is nothing to save: a clean exit is all a scheduler
+  needs. :func:`make_manager` hands SIGTERM to the manager (which saves, then the loop
+  exits 0).
+  """
+  signal.signal(signal.SIGTERM, _startup_sigterm)
+
+
+def _startup_sigterm(signum: int, frame: Any) -> None:
+  del signum, frame
+  logging.warning("SIGTERM before training started: exiting")
+  raise SystemExit(0)
 
 
 def flat_hparams(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
@@ -164,6 +213,10 @@ def make_manager(workdir: str, ckpt: ml_collections.ConfigDict) -> flax_ckpt.Che
     metric = ckpt.best_metric
     keep.append(policies.BestN(get_metric=lambda m: m[metric], n=int(ckpt.keep_best),
                                mode=ckpt.best_mode, keep_checkpoints_without_metrics=False))
+  if (threading.current_thread() is threading.main_thread()
+      and signal.getsignal(signal.SIGTERM) is _startup_sigterm):
+    # the manager's own SIGTERM handler chains to the previous one: not the start-up one
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
   options = flax_ckpt.CheckpointManagerOptions(
       save_interval_steps=int(ckpt.every_steps),
       preservation_policy=policies.AnyPreservationPolicy(keep),

@@ -53,19 +53,25 @@ def evaluate_lm(config: Any, mngr: flax_ckpt.CheckpointManager, step: int,
                 mesh_shape: tuple[int, int]) -> dict[str, Any]:
   """Loads the LM's params at ``step`` onto a ``mesh_shape`` mesh and evaluates them."""
   mesh = _common.make_mesh(mesh_shape, nnx_lm.AXES)
+  try:
+    nnx_lm.check_model_fits(config, mesh)
+  except ValueError as e:
+    raise app.UsageError(f"--mesh {FLAGS.mesh}: {e}") from None
+  batch = config.batch_size
+  if batch % mesh.shape["data"]:
+    raise app.UsageError(f"--mesh {FLAGS.mesh}: batch_size {batch} does not divide by the "
+                         f"mesh's data axis ({mesh.shape['data']})")
   model, template = nnx_lm.abstract_params(config, mesh)
   params = mngr.restore(step, template, only="params")  # reads params/ only
   nnx.update(model, params)  # the abstract model now holds the loaded arrays
   _, val = nnx_lm.load_tokens(config)
-  windows = nnx_lm.eval_windows(val, config)
-  batch = config.batch_size
-  if batch % mesh.shape["data"]:
-    raise app.UsageError(f"batch_size {batch} does not divide by the mesh's data axis "
-                         f"({mesh.shape['data']})")
-  out = nnx_lm.evaluate(model, windows, batch, mesh)
+  out = nnx_lm.evaluate(model, nnx_lm.eval_windows(val, config), batch, mesh)
+  # where the parameters actually are: e.g. the qkv kernel (d, 3d) split over 'model'
   kernel = params["blocks"][0]["qkv"]["kernel"].get_value()
   out["param_sharding"] = str(kernel.sharding.spec)
-  out["devices"] = int(np.prod(mesh_shape))
+  out["devices"] = len(kernel.sharding.device_set)
+  out["kernel_shape"] = list(kernel.shape)
+  out["kernel_shard_shape"] = list(kernel.addressable_shards[0].data.shape)
   return out
 
 
@@ -86,14 +92,26 @@ def main(argv: list[str]) -> None:
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
   mesh_shape = parse_mesh(FLAGS.mesh)
-  example, config = _common.read_config(FLAGS.workdir)
+  try:
+    example, config = _common.read_config(FLAGS.workdir)
+  except FileNotFoundError as e:
+    raise app.UsageError(str(e)) from None
   if example == nnx_lm.NAME:
     _common.use_cpu_devices(max(int(np.prod(mesh_shape)), 1))  # before jax's backend starts
-  mngr = flax_ckpt.CheckpointManager(
-      os.path.join(FLAGS.workdir, _common.CHECKPOINT_DIR), read_only=True)
-  step = FLAGS.step if FLAGS.step is not None else mngr.latest_step()
-  if step is None:
+  ckpt_dir = os.path.join(FLAGS.workdir, _common.CHECKPOINT_DIR)
+  if not os.path.isdir(ckpt_dir):
+    raise app.UsageError(f"{ckpt_dir} does not exist: no checkpoint was saved yet")
+  mngr = flax_ckpt.CheckpointManager(ckpt_dir, read_only=True)
+  steps = mngr.all_steps()
+  if not steps:
     raise app.UsageError(f"no committed checkpoint in {mngr.directory} yet")
+  step = FLAGS.step if FLAGS.step is not None else steps[-1]
+  if step not in steps:
+    raise app.UsageError(f"--step {step}: no such checkpoint; {mngr.directory} holds steps "
+                         f"{steps}")
+  if example == linen_classifier.NAME and mesh_shape != (1, 1):
+    raise app.UsageError("--mesh: the linen classifier is not sharded; it evaluates on the "
+                         "default device (leave --mesh out)")
   if example == nnx_lm.NAME:
     metrics = evaluate_lm(config, mngr, step, mesh_shape)
   elif example == linen_classifier.NAME:

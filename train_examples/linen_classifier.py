@@ -84,17 +84,28 @@ def load_data(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
     d = load_digits()
     x, y = d.images.astype(np.float32) / 16.0, d.target
   else:
-    with np.load(os.path.expanduser(config.dataset)) as f:
+    with np.load(os.path.expanduser(config.dataset), allow_pickle=False) as f:
+      if "x" not in f or "y" not in f:
+        raise ValueError(f"--config.dataset={config.dataset}: the .npz must hold arrays 'x' "
+                         f"(images) and 'y' (labels); it holds {sorted(f.keys())}")
       x, y = f["x"].astype(np.float32), f["y"]
-    if x.max() > 1.0:
+    if x.size and x.max() > 1.0:
       x = x / np.float32(x.max())
   if x.ndim == 3:
     x = x[..., None]
   if x.ndim != 4 or y.shape != (x.shape[0],):
-    raise ValueError(f"{config.dataset}: want x (N, H, W[, C]) and y (N,), got x {x.shape}, "
-                     f"y {y.shape}")
+    raise ValueError(f"--config.dataset={config.dataset}: want x (N, H, W[, C]) and y (N,), "
+                     f"got x {x.shape}, y {y.shape}")
+  if not np.issubdtype(y.dtype, np.integer) or (y.size and y.min() < 0):
+    raise ValueError(f"--config.dataset={config.dataset}: labels y must be integers >= 0 "
+                     f"(class indices), got dtype {y.dtype}")
+  if len(np.unique(y)) < 2:
+    raise ValueError(f"--config.dataset={config.dataset}: labels y hold one class only")
   order = np.random.default_rng(0).permutation(len(x))
   n_test = max(1, int(round(len(x) * config.test_fraction)))
+  if n_test >= len(x):
+    raise ValueError(f"--config.test_fraction={config.test_fraction} leaves no training "
+                     f"examples of {len(x)}")
   test, train = order[:n_test], order[n_test:]
   return {"train_x": x[train], "train_y": y[train].astype(np.int32),
           "test_x": x[test], "test_y": y[test].astype(np.int32)}
@@ -138,6 +149,16 @@ def create_train_state(config: ml_collections.ConfigDict, image_shape: tuple[int
 
 @jax.jit
 def train_step(state: TrainState, x: jax.Array, y: jax.Array) -> tuple[TrainState, dict]:
+  """One AdamW step on a batch; BatchNorm statistics updated, dropout keyed by the step.
+
+  Args:
+    state: the train state before the step.
+    x: images (B, H, W, C).
+    y: integer labels (B,).
+
+  Returns:
+    The new state and the batch's ``loss`` and ``accuracy``.
+  """
   key = jax.random.fold_in(state.dropout_key, state.step)
 
   def loss_fn(params):
@@ -156,6 +177,7 @@ def train_step(state: TrainState, x: jax.Array, y: jax.Array) -> tuple[TrainStat
 @functools.partial(jax.jit, static_argnums=0)
 def eval_metrics(apply_fn: Any, params: Any, batch_stats: Any, x: jax.Array,
                  y: jax.Array) -> dict:
+  """Loss and accuracy of the model in inference mode (running BatchNorm statistics)."""
   logits = apply_fn({"params": params, "batch_stats": batch_stats}, x, train=False)
   return {"eval_loss": optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(),
           "eval_accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
@@ -163,8 +185,21 @@ def eval_metrics(apply_fn: Any, params: Any, batch_stats: Any, x: jax.Array,
 
 def evaluate(state_or_model: Any, params: Any, batch_stats: Any,
              data: dict[str, np.ndarray]) -> dict[str, float]:
-  """Loss and accuracy on the held-out split (``state_or_model``: anything with
-  ``apply_fn``, or a linen module)."""
+  """Loss and accuracy on the held-out split.
+
+  Args:
+    state_or_model: anything with ``apply_fn`` (a TrainState, also an abstract one), or a
+      linen module.
+    params: the parameters.
+    batch_stats: the BatchNorm running statistics.
+    data: :func:`load_data`'s arrays.
+
+  Returns:
+    ``{'eval_loss': ..., 'eval_accuracy': ...}`` as floats.
+
+  Example:
+    >>> m = evaluate(state, state.params, state.batch_stats, load_data(config))  # doctest: +SKIP
+  """
   apply_fn = getattr(state_or_model, "apply_fn", None) or state_or_model.apply
   m = eval_metrics(apply_fn, params, batch_stats, data["test_x"], data["test_y"])
   return {k: float(v) for k, v in m.items()}
@@ -175,12 +210,12 @@ def evaluate(state_or_model: Any, params: Any, batch_stats: Any,
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) in ``workdir``; returns the final metrics and the state digest."""
-  _common.record_config(workdir, config, NAME)
   data = load_data(config)
   num_classes = int(max(data["train_y"].max(), data["test_y"].max())) + 1
   image_shape = data["train_x"].shape[1:]
   train_iter = train_iterator(data, config)
-  mngr = _common.make_manager(workdir, config.checkpoint)
+  mngr = _common.make_manager(workdir, config.checkpoint)  # from here on SIGTERM saves
+  _common.record_config(workdir, config, NAME, resuming=mngr.latest_step() is not None)
   writer = _common.make_writer(workdir)
 
   if mngr.latest_step() is None:
@@ -229,9 +264,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         preempted = True
         break
   mngr.wait_until_finished()
-  mngr.close()
   digest = _common.tree_digest({"params": state.params, "opt_state": state.opt_state})
   final = evaluate(state, state.params, state.batch_stats, data)
+  mngr.close()  # SIGTERM from here on ends the process at once: everything is saved
   logging.info("%s at step %d: eval_loss %.4f, eval_accuracy %.4f; params+opt_state sha256 %s",
                "Stopped" if preempted else "Finished", step, final["eval_loss"],
                final["eval_accuracy"], digest)
@@ -250,6 +285,7 @@ def main(argv: list[str]) -> None:
   del argv
   if not flags.FLAGS.workdir:
     raise app.UsageError("--workdir is required")
+  _common.exit_cleanly_on_sigterm_until_the_manager_starts()
   t0 = time.time()
   train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
   logging.info("Took %.1f s", time.time() - t0)

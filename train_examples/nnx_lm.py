@@ -117,14 +117,21 @@ class TransformerLM(nnx.Module):
 
 
 def _files(path: str) -> list[str]:
+  """The text files ``data_path`` names (see configs/nnx_lm.py), sorted."""
   if not path:
     return sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
   path = os.path.expanduser(path)
   if os.path.isdir(path):
-    return sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs)
-  if any(c in path for c in "*?["):
-    return sorted(glob.glob(path, recursive=True))
-  return [path]
+    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs)
+  elif any(c in path for c in "*?["):
+    files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
+  elif os.path.isfile(path):
+    files = [path]
+  else:
+    raise ValueError(f"--config.data_path={path}: no such file or directory")
+  if not files:
+    raise ValueError(f"--config.data_path={path}: matched no files")
+  return files
 
 
 def load_tokens(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
@@ -139,9 +146,12 @@ def load_tokens(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarr
     total += len(b)
   tokens = np.frombuffer(b"".join(chunks), np.uint8).astype(np.int32)
   n_val = int(len(tokens) * config.val_fraction)
+  window, vf = config.seq_len + 1, config.val_fraction
+  need = int(np.ceil(max(window / max(vf, 1e-9), 4 * window / max(1 - vf, 1e-9)))) + 1
   if len(tokens) - n_val < 4 * (config.seq_len + 1) or n_val < config.seq_len + 1:
     raise ValueError(f"{config.data_path or 'the standard library'}: {len(tokens)} bytes "
-                     f"is too little text for seq_len={config.seq_len}")
+                     f"is too little text for seq_len={config.seq_len} and val_fraction="
+                     f"{config.val_fraction}; it needs at least {need} bytes")
   return tokens[:-n_val], tokens[-n_val:]
 
 
@@ -177,6 +187,19 @@ def global_batch(local: np.ndarray, mesh: Any) -> jax.Array:
 # ------------------------------------------------------------------------- model + steps
 
 
+def check_model_fits(config: ml_collections.ConfigDict, mesh: Any) -> None:
+  """Raises a clear error when the model's sizes do not split over ``mesh``."""
+  m = config.model
+  if m.d_model % m.num_heads:
+    raise ValueError(f"model.d_model={m.d_model} must be divisible by model.num_heads="
+                     f"{m.num_heads}")
+  n = mesh.shape["model"]
+  bad = [f"model.{k}={m[k]}" for k in ("d_model", "mlp_dim") if m[k] % n]
+  if bad:
+    raise ValueError(f"{', '.join(bad)} must be divisible by the mesh's 'model' axis ({n}): "
+                     "change the sizes or the mesh")
+
+
 def create(config: ml_collections.ConfigDict, mesh: Any) -> tuple[TransformerLM, Any]:
   """The model and its AdamW optimizer, every array created in its sharding on ``mesh``."""
   schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate,
@@ -198,6 +221,17 @@ def _loss(model: TransformerLM, windows: jax.Array, key: jax.Array | None) -> ja
 @nnx.jit
 def train_step(model: TransformerLM, optimizer: Any, rngs: nnx.Rngs,
                windows: jax.Array) -> jax.Array:
+  """One AdamW step on a batch of windows (model and optimizer are updated in place).
+
+  Args:
+    model: the sharded model.
+    optimizer: its ``nnx.Optimizer``.
+    rngs: the dropout stream (advanced by one key per step; checkpointed).
+    windows: (B, seq_len + 1) byte tokens, split over the mesh's 'data' axis.
+
+  Returns:
+    The batch's mean next-byte loss.
+  """
   key = rngs.dropout()
   loss, grads = nnx.value_and_grad(lambda m: _loss(m, windows, key))(model)
   optimizer.update(model, grads)
@@ -211,7 +245,17 @@ def _eval_loss(model: TransformerLM, windows: jax.Array) -> jax.Array:
 
 def evaluate(model: TransformerLM, windows: np.ndarray, batch_size: int,
              mesh: Any) -> dict[str, float]:
-  """Mean next-byte loss (nats) over the held-out windows, and its perplexity."""
+  """Mean next-byte loss (nats) over the held-out windows, and its perplexity.
+
+  Args:
+    model: the model (dropout off).
+    windows: (N, seq_len + 1) held-out windows of this process.
+    batch_size: rows per evaluation batch of this process.
+    mesh: the mesh whose 'data' axis splits each batch.
+
+  Returns:
+    ``{'eval_loss': ..., 'eval_perplexity': ...}`` as floats.
+  """
   losses = [_eval_loss(model, global_batch(windows[i:i + batch_size], mesh))
             for i in range(0, len(windows), batch_size)]
   loss = float(np.mean([float(x) for x in losses]))
@@ -236,11 +280,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.batch_size % (mesh.shape["data"] * jax.process_count()):
     raise ValueError(f"batch_size {config.batch_size} must divide by the 'data' axis "
                      f"({mesh.shape['data']}) times the process count")
-  _common.record_config(workdir, config, NAME)
+  check_model_fits(config, mesh)
   train, val = load_tokens(config)
   windows = eval_windows(val, config)[jax.process_index()::jax.process_count()]
   train_iter = train_iterator(train, config)
-  mngr = _common.make_manager(workdir, config.checkpoint)
+  mngr = _common.make_manager(workdir, config.checkpoint)  # from here on SIGTERM saves
+  _common.record_config(workdir, config, NAME, resuming=mngr.latest_step() is not None)
   writer = _common.make_writer(workdir)
   logging.info("%d train / %d held-out bytes; mesh %s", len(train), len(val),
                dict(mesh.shape))
@@ -289,10 +334,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         preempted = True
         break
   mngr.wait_until_finished()
-  mngr.close()
   digest = _common.tree_digest({"params": nnx.state(model, nnx.Param),
                                 "opt_state": nnx.state(optimizer)})
   final = evaluate(model, windows, config.batch_size // jax.process_count(), mesh)
+  mngr.close()  # SIGTERM from here on ends the process at once: everything is saved
   logging.info("%s at step %d: eval_loss %.4f, eval_perplexity %.3f; params+opt_state "
                "sha256 %s", "Stopped" if preempted else "Finished", step,
                final["eval_loss"], final["eval_perplexity"], digest)
@@ -311,6 +356,8 @@ def main(argv: list[str]) -> None:
   del argv
   if not flags.FLAGS.workdir:
     raise app.UsageError("--workdir is required")
+  if not flags.FLAGS.coordinator_address:  # (with jax.distributed, JAX handles SIGTERM)
+    _common.exit_cleanly_on_sigterm_until_the_manager_starts()
   t0 = time.time()
   _common.use_cpu_devices(int(flags.FLAGS.config.num_cpu_devices))  # per process
   _common.maybe_initialize_distributed()
