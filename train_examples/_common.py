@@ -46,6 +46,20 @@ def use_cpu_devices(n: int) -> None:
     logging.warning("could not set %d CPU devices (%s); using %d", n, e, jax.device_count())
 
 
+def define_flags(default_config: str) -> None:
+  """``--workdir`` and ``--config`` (+ ``--config.<field>=value``).
+
+  Called only when an example runs as a program, so that other modules (the evaluator,
+  tests) can import every example without duplicate flags.
+  """
+  from absl import flags
+  from ml_collections import config_flags
+
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries, config.json.")
+  config_flags.DEFINE_config_file("config", default_config, "The training config file.",
+                                  lock_config=True)
+
+
 def define_distributed_flags() -> None:
   """``--coordinator_address``, ``--num_processes``, ``--process_id`` for multi-process runs."""
   from absl import flags

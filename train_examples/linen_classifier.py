@@ -31,7 +31,6 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 from flax.training import train_state
-from ml_collections import config_flags
 
 from train_examples import _common
 
@@ -273,14 +272,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return {"step": step, "preempted": preempted, "digest": digest, **final}
 
 
-def define_flags() -> None:
-  """``--workdir`` and ``--config`` (+ ``--config.<field>=value``); defined only when run as
-  a program, so that other modules (the evaluator, tests) can import this one."""
-  flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries, config.json.")
-  config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "The training config file.",
-                                  lock_config=True)
-
-
 def main(argv: list[str]) -> None:
   del argv
   if not flags.FLAGS.workdir:
@@ -292,5 +283,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  define_flags()
+  _common.define_flags(_DEFAULT_CONFIG)
   app.run(main)

@@ -33,7 +33,6 @@ from absl import app, flags, logging
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from ml_collections import config_flags
 
 import flax_ckpt
 from train_examples import _common
@@ -344,14 +343,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return {"step": step, "preempted": preempted, "digest": digest, **final}
 
 
-def define_flags() -> None:
-  """``--workdir`` and ``--config`` (+ ``--config.<field>=value``); defined only when run as
-  a program, so that other modules (the evaluator, tests) can import this one."""
-  flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries, config.json.")
-  config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "The training config file.",
-                                  lock_config=True)
-
-
 def main(argv: list[str]) -> None:
   del argv
   if not flags.FLAGS.workdir:
@@ -366,6 +357,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  define_flags()
+  _common.define_flags(_DEFAULT_CONFIG)
   _common.define_distributed_flags()
   app.run(main)
