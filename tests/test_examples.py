@@ -168,6 +168,9 @@ def test_uninterrupted_run_writes_config_summaries_and_keeps_by_policy(example):
   with flax_ckpt.CheckpointManager(workdir / "checkpoints", read_only=True) as mngr:
     assert all(mngr.metrics(s) for s in steps)  # evaluated at every save
     md = mngr.metadata(steps[-1])
+    whole = mngr.restore()  # without a template: real types, no warning (warnings = errors)
+  assert {"params", "opt_state", "step" if module == "linen_classifier" else "rngs"} <= set(
+      whole)
   assert {"params", "opt_state", "extra", "dataset"} <= set(md.checkpointables)
 
 

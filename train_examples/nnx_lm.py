@@ -291,12 +291,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   model, optimizer = create(config, mesh)
   rngs = nnx.Rngs(dropout=config.seed + 1)
+
+  def saveable() -> dict[str, Any]:
+    # model and optimizer as objects (split into params / opt_state / extra by the
+    # manager); the RNG stream as its nnx.State, which loads back without a template too
+    return {"model": model, "optimizer": optimizer, "rngs": nnx.state(rngs)}
+
   if mngr.latest_step() is not None:
-    # model and optimizer are updated in place (each array read into its sharding); the
-    # RNG stream comes back as a new nnx.Rngs, the iterator is set in place.
-    restored = mngr.restore(abstract_state={"model": model, "optimizer": optimizer,
-                                            "rngs": rngs}, dataset=train_iter)
-    rngs = restored["rngs"]
+    # model and optimizer are updated in place (each array read into its sharding), the
+    # iterator is set in place; the RNG stream's state is copied into ``rngs``.
+    restored = mngr.restore(abstract_state=saveable(), dataset=train_iter)
+    nnx.update(rngs, restored["rngs"])
     logging.info("Resumed from step %d of %s (data iterator state %s)",
                  int(optimizer.step.get_value()), mngr.directory, train_iter.get_state())
   else:
@@ -311,7 +316,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                            writer=writer, every_steps=config.log_every_steps)
   losses: list[jax.Array] = []
   preempted = False
-  state = {"model": model, "optimizer": optimizer, "rngs": rngs}
   with metric_writers.ensure_flushes(writer):
     while step < config.num_train_steps:
       losses.append(train_step(model, optimizer, rngs, global_batch(next(train_iter), mesh)))
@@ -325,9 +329,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if mngr.should_save(step) or last:
         eval_m = evaluate(model, windows, config.batch_size // jax.process_count(), mesh)
         writer.write_scalars(step, eval_m)
-      mngr.save(step, state, dataset=train_iter, metrics=eval_m, force=last)
+      mngr.save(step, saveable(), dataset=train_iter, metrics=eval_m, force=last)
       if mngr.reached_preemption(step):
-        mngr.save(step, state, dataset=train_iter, force=True)  # no-op when just saved
+        mngr.save(step, saveable(), dataset=train_iter, force=True)  # no-op if just saved
         mngr.wait_until_finished()
         logging.warning("Preempted (SIGTERM) at step %d: checkpoint saved, exiting", step)
         preempted = True
