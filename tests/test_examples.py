@@ -57,9 +57,8 @@ def _env() -> dict:
 class Run:
   """``python -m train_examples.<module> --workdir W ...`` with its log followed by a thread."""
 
-  def __init__(self, module: str, workdir: pathlib.Path, args: list[str], *,
-               entry: str | None = None):
-    cmd = [sys.executable, "-m", f"train_examples.{entry or module}", "--workdir",
+  def __init__(self, module: str, workdir: pathlib.Path, args: list[str]):
+    cmd = [sys.executable, "-m", f"train_examples.{module}", "--workdir",
            os.fspath(workdir), *args]
     self.lines: list[str] = []
     self._q: queue.Queue = queue.Queue()

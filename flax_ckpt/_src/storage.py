@@ -107,11 +107,11 @@ class DataWriter(_Packer):
 
   def _place(self, arr: np.ndarray) -> tuple[int, memoryview]:
     view = as_bytes_view(arr)
-    if self._direct and view.nbytes >= _ZERO_COPY_MIN and arr.ctypes.data % ALIGN == 0:
+    addr = arr.ctypes.data
+    if self._direct and view.nbytes >= _ZERO_COPY_MIN and addr % ALIGN == 0:
       # Zero-copy direct I/O: give the buffer a file offset congruent to its address modulo
       # the block size, so all but its first and last partial blocks go from the caller's
       # memory straight to the device, with no copy through the bounce buffer.
-      addr = arr.ctypes.data
       self.size += (addr - self.size) % _BLOCK
       offset = self.size
       self.size += view.nbytes
@@ -270,11 +270,11 @@ class DataWriter(_Packer):
 _BLOCK = 4096  # direct I/O granularity (offsets, lengths, buffer addresses)
 _BOUNCE = 16 << 20
 _ZERO_COPY_MIN = 1 << 20  # buffers this big skip the bounce buffer (up to 8 KiB padding)
+DIRECT_ENV = "FLAX_CKPT_DIRECT_IO"
 
 
 def _address(view: memoryview) -> int:
   return np.frombuffer(view, np.uint8).ctypes.data
-DIRECT_ENV = "FLAX_CKPT_DIRECT_IO"
 
 
 def _direct_io_allowed() -> bool:
