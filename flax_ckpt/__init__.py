@@ -14,24 +14,13 @@ from flax_ckpt import (
     policies,  # save-decision and preservation policies of the CheckpointManager
     type_handlers,  # the TypeHandler extension API in one namespace
 )
-from flax_ckpt._src import builtin_handlers as _builtin_handlers
-from flax_ckpt._src import library_types as _library_types  # noqa: F401 - Optax/Flax classes
-from flax_ckpt._src.async_utils import AsyncResponse
-from flax_ckpt._src.builtin_handlers import ArrayHandler, ScalarHandler
-from flax_ckpt._src.checkpoint import CheckpointMetadata, load, save, save_async
-from flax_ckpt._src.checkpoint_args import (
-    CheckpointArgs,
-    RegistrationError,
-    register_checkpointable_handler,
-    register_with_handler,
-)
-from flax_ckpt._src.checkpoint_handlers import AsyncCheckpointHandler, CheckpointHandler
-from flax_ckpt._src.checkpointables import (
+from flax_ckpt._src.api import CheckpointMetadata, load, save, save_async
+from flax_ckpt._src.engine.checkpointables import (
     load_checkpointables,
     save_checkpointables,
     save_checkpointables_async,
 )
-from flax_ckpt._src.checkpointer import AsyncCheckpointer, Checkpointer
+from flax_ckpt._src.engine.checkpointer import AsyncCheckpointer, Checkpointer
 from flax_ckpt._src.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -42,22 +31,10 @@ from flax_ckpt._src.errors import (
     StructureMismatchError,
     UnsupportedLeafError,
 )
-from flax_ckpt._src.manager import (
-    CheckpointManager,
-    CheckpointManagerOptions,
-    checkpoints_iterator,
-    wait_for_new_checkpoint,
-)
-from flax_ckpt._src.pytree_handler import PyTreeCheckpointHandler, PyTreeRestore, PyTreeSave
-from flax_ckpt._src.stateful_handler import (
-    StatefulCheckpointHandler,
-    StatefulMetadata,
-    StatefulRestore,
-    StatefulSave,
-)
-from flax_ckpt._src.templates import abstract_with_sharding
-from flax_ckpt._src.treespec import UnregisteredClassWarning, register_class
-from flax_ckpt._src.type_handlers import (
+from flax_ckpt._src.io.background import AsyncResponse
+from flax_ckpt._src.leaves import builtin_handlers as _builtin_handlers
+from flax_ckpt._src.leaves.builtin_handlers import ArrayHandler, ScalarHandler
+from flax_ckpt._src.leaves.type_handlers import (
     ArrayMetadata,
     ArrayRestoreArgs,
     Metadata,
@@ -70,6 +47,29 @@ from flax_ckpt._src.type_handlers import (
     has_type_handler,
     register_type_handler,
 )
+from flax_ckpt._src.parts.handler_api import AsyncCheckpointHandler, CheckpointHandler
+from flax_ckpt._src.parts.handlers import (
+    CheckpointArgs,
+    RegistrationError,
+    register_checkpointable_handler,
+    register_with_handler,
+)
+from flax_ckpt._src.parts.pytree import PyTreeCheckpointHandler, PyTreeRestore, PyTreeSave
+from flax_ckpt._src.parts.stateful import (
+    StatefulCheckpointHandler,
+    StatefulMetadata,
+    StatefulRestore,
+    StatefulSave,
+)
+from flax_ckpt._src.training.manager import (
+    CheckpointManager,
+    CheckpointManagerOptions,
+    checkpoints_iterator,
+    wait_for_new_checkpoint,
+)
+from flax_ckpt._src.tree import library_types as _library_types  # noqa: F401 - Optax/Flax classes
+from flax_ckpt._src.tree.templates import abstract_with_sharding
+from flax_ckpt._src.tree.treespec import UnregisteredClassWarning, register_class
 
 _builtin_handlers.register_builtins()
 

@@ -9,14 +9,14 @@ Example:
   {'step': 3}
 """
 
-from flax_ckpt._src.checkpoint_args import (
+from flax_ckpt._src.parts.handlers import (
     CheckpointArgs,
     RegistrationError,
     get_registered_handler_cls,
     register_with_handler,
 )
-from flax_ckpt._src.pytree_handler import PyTreeRestore, PyTreeSave
-from flax_ckpt._src.stateful_handler import StatefulRestore, StatefulSave
+from flax_ckpt._src.parts.pytree import PyTreeRestore, PyTreeSave
+from flax_ckpt._src.parts.stateful import StatefulRestore, StatefulSave
 
 __all__ = [
     "CheckpointArgs",

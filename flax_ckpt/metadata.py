@@ -16,10 +16,10 @@ Example:
 import sys
 import types
 
-from flax_ckpt._src.checkpoint import CheckpointMetadata
-from flax_ckpt._src.checkpoint import metadata as _metadata
-from flax_ckpt._src.paths import PathLike
-from flax_ckpt._src.type_handlers import ArrayMetadata, Metadata, ValueMetadata
+from flax_ckpt._src.api import CheckpointMetadata
+from flax_ckpt._src.api import metadata as _metadata
+from flax_ckpt._src.io.paths import PathLike
+from flax_ckpt._src.leaves.type_handlers import ArrayMetadata, Metadata, ValueMetadata
 
 __all__ = ["ArrayMetadata", "CheckpointMetadata", "Metadata", "ValueMetadata"]
 

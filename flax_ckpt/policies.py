@@ -7,7 +7,7 @@ Example:
   [0, 10, 15, 20]
 """
 
-from flax_ckpt._src.policies import (
+from flax_ckpt._src.training.policies import (
     AnyPreservationPolicy,
     AnySavePolicy,
     BestN,

@@ -1,7 +1,7 @@
 """The TypeHandler extension API in one namespace (also re-exported from ``flax_ckpt``)."""
 
-from flax_ckpt._src.builtin_handlers import ArrayHandler, ScalarHandler
-from flax_ckpt._src.type_handlers import (
+from flax_ckpt._src.leaves.builtin_handlers import ArrayHandler, ScalarHandler
+from flax_ckpt._src.leaves.type_handlers import (
     ArrayMetadata,
     ArrayRestoreArgs,
     Metadata,

@@ -26,7 +26,7 @@ jax.distributed.initialize(f"127.0.0.1:{port}", nproc, pid, initialization_timeo
                            heartbeat_timeout_seconds=60, shutdown_timeout_seconds=10)
 
 import flax_ckpt  # noqa: E402
-from flax_ckpt._src import storage  # noqa: E402
+from flax_ckpt._src.io import storage  # noqa: E402
 
 SHAPE_W, SHAPE_B = (64, 1024), (32, 16)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import flax_ckpt
-from flax_ckpt._src import storage
+from flax_ckpt._src.io import storage
 
 
 def _tree(seed=0):

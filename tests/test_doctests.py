@@ -10,7 +10,7 @@ import flax_ckpt
 
 _MODULES = ["flax_ckpt", "flax_ckpt.args", "flax_ckpt.metadata", "flax_ckpt.policies",
             "flax_ckpt.type_handlers"] + [
-    m.name for m in pkgutil.iter_modules(flax_ckpt._src.__path__, "flax_ckpt._src.")]
+    m.name for m in pkgutil.walk_packages(flax_ckpt._src.__path__, "flax_ckpt._src.")]
 
 
 @pytest.mark.parametrize("name", _MODULES)

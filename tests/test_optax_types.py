@@ -189,7 +189,7 @@ def test_discovery_covers_the_usual_optimizers():
 
 def test_every_optax_state_class_is_known():
   """Each NamedTuple optax defines loads back as itself (checked on an instance of each)."""
-  from flax_ckpt._src import library_types, treespec
+  from flax_ckpt._src.tree import library_types, treespec
 
   classes = library_types._optax_public_classes()
   assert optax.EmptyState in classes and optax.MaskedNode in classes

@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import flax_ckpt
-from flax_ckpt._src import storage
+from flax_ckpt._src.io import storage
 
 BACKENDS = ["posix", "tensorstore"]
 

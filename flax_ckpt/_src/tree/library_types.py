@@ -27,7 +27,7 @@ import inspect
 import sys
 import threading
 
-from flax_ckpt._src import treespec
+from flax_ckpt._src.tree import treespec
 
 _lock = threading.RLock()
 _optax_done = False

@@ -12,7 +12,8 @@ import os
 import re
 import shutil
 
-from flax_ckpt._src import paths
+from flax_ckpt._src.format import COMMIT_MARKER, OLD_TAG, TMP_TAG
+from flax_ckpt._src.io import paths
 
 
 class StepNaming:
@@ -39,7 +40,7 @@ class StepNaming:
 
 def is_leftover(name: str) -> bool:
   """A temporary directory of an unfinished save, or an old version being deleted."""
-  return paths.TMP_TAG in name or paths.OLD_TAG in name
+  return TMP_TAG in name or OLD_TAG in name
 
 
 def committed_steps(root: str, naming: StepNaming) -> list[int]:
@@ -53,7 +54,7 @@ def committed_steps(root: str, naming: StepNaming) -> list[int]:
     if is_leftover(e):
       continue
     s = naming.step_of(e)
-    if s is not None and os.path.exists(os.path.join(root, e, paths.COMMIT_MARKER)):
+    if s is not None and os.path.exists(os.path.join(root, e, COMMIT_MARKER)):
       steps.append(s)
   return sorted(set(steps))
 
@@ -65,7 +66,7 @@ def remove(path: str) -> None:
   removed; a crash in between leaves a leftover that the next cleanup deletes.
   """
   parent, name = os.path.split(path)
-  doomed = os.path.join(parent, f"{name}{paths.OLD_TAG}{paths.unique_tag()}")
+  doomed = os.path.join(parent, f"{name}{OLD_TAG}{paths.unique_tag()}")
   try:
     os.rename(path, doomed)
   except FileNotFoundError:

@@ -14,7 +14,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from etils import epath
 
-from flax_ckpt._src import storage
+from flax_ckpt._src.format import LEAVES_DIR
+from flax_ckpt._src.io import storage
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -180,7 +181,7 @@ class ParamInfo:
   @property
   def path(self) -> epath.Path:
     """This leaf's own directory, ``<parent_dir>/leaves/<dirname>``."""
-    return self.parent_dir / "leaves" / self.dirname
+    return self.parent_dir / LEAVES_DIR / self.dirname
 
   @property
   def kvstore_spec(self) -> dict:

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from flax_ckpt._src import dtypes, errors
+from flax_ckpt._src import errors
+from flax_ckpt._src.encoding import dtypes
 
 
 class Unencodable(Exception):

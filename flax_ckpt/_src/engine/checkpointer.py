@@ -11,9 +11,12 @@ import os
 import threading
 from typing import Any
 
-from flax_ckpt._src import async_utils, checkpoint_args, checkpointables, errors, paths
-from flax_ckpt._src.checkpoint_args import CheckpointArgs
-from flax_ckpt._src.checkpoint_handlers import call_with_args
+from flax_ckpt._src import errors
+from flax_ckpt._src.engine import checkpointables
+from flax_ckpt._src.io import background, paths
+from flax_ckpt._src.parts import handlers
+from flax_ckpt._src.parts.handler_api import call_with_args
+from flax_ckpt._src.parts.handlers import CheckpointArgs
 
 
 class Checkpointer:
@@ -60,14 +63,14 @@ class Checkpointer:
     if args is None:
       raise TypeError("save needs args=..., e.g. MySave(item) registered with this handler")
     if not isinstance(args, CheckpointArgs):
-      args_cls = checkpoint_args.registered_args_cls(self._handler, for_save=True)
+      args_cls = handlers.registered_args_cls(self._handler, for_save=True)
       if args_cls is None:
         raise TypeError(
             f"save takes a CheckpointArgs object, not a {type(args).__qualname__}; "
             f"{type(self._handler).__qualname__} has no registered save args to wrap it in.")
       return args_cls(args)
-    if not checkpoint_args.is_registered_for(args, self._handler, for_save=True):
-      raise checkpoint_args.RegistrationError(
+    if not handlers.is_registered_for(args, self._handler, for_save=True):
+      raise handlers.RegistrationError(
           f"{type(args).__qualname__} is not registered for saving with "
           f"{type(self._handler).__qualname__}; decorate it with "
           f"@flax_ckpt.args.register_with_handler({type(self._handler).__qualname__}, "
@@ -116,8 +119,8 @@ class Checkpointer:
 
   def _check_kind(self, final: Any, entry: dict) -> None:
     """A clear error when the checkpoint was written by another kind of handler."""
-    from flax_ckpt._src.pytree_handler import PyTreeCheckpointHandler
-    from flax_ckpt._src.stateful_handler import StatefulCheckpointHandler
+    from flax_ckpt._src.parts.pytree import PyTreeCheckpointHandler
+    from flax_ckpt._src.parts.stateful import StatefulCheckpointHandler
 
     kind, h = entry.get("kind"), self._handler
     builtin = {"pytree": PyTreeCheckpointHandler, "stateful": StatefulCheckpointHandler}
@@ -127,12 +130,12 @@ class Checkpointer:
       saved_by = f"flax_ckpt's {kind} handler ({builtin[kind].__name__})"
     else:
       saved_by = entry.get("handler", "?")
-      known = checkpoint_args.handler_by_name(saved_by)
-      if known is None or checkpoint_args.related(known, type(h)):
+      known = handlers.handler_by_name(saved_by)
+      if known is None or handlers.related(known, type(h)):
         return
     raise errors.CheckpointError(
         f"{final} was written by {saved_by}; this Checkpointer's handler is "
-        f"{checkpoint_args.handler_name(type(h))}. Restore it with a Checkpointer of that "
+        f"{handlers.handler_name(type(h))}. Restore it with a Checkpointer of that "
         "handler (or flax_ckpt.load_checkpointables).")
 
   def restore(self, path: paths.PathLike, args: CheckpointArgs | None = None) -> Any:
@@ -148,15 +151,15 @@ class Checkpointer:
     if args is None:
       args = checkpointables._default_restore_args(type(self._handler))
     elif not isinstance(args, CheckpointArgs):
-      args_cls = checkpoint_args.registered_args_cls(self._handler, for_save=False)
+      args_cls = handlers.registered_args_cls(self._handler, for_save=False)
       if args_cls is None:
         raise TypeError(
             f"restore takes a CheckpointArgs object, not a {type(args).__qualname__}; "
             f"{type(self._handler).__qualname__} has no registered restore args to wrap it in.")
       args = args_cls(args)
-    elif not (checkpoint_args.is_registered_for(args, self._handler, for_save=False)
-              or checkpoint_args.is_registered_for(args, self._handler, for_save=True)):
-      raise checkpoint_args.RegistrationError(
+    elif not (handlers.is_registered_for(args, self._handler, for_save=False)
+              or handlers.is_registered_for(args, self._handler, for_save=True)):
+      raise handlers.RegistrationError(
           f"{type(args).__qualname__} is not registered for restoring with "
           f"{type(self._handler).__qualname__}; decorate it with "
           f"@flax_ckpt.args.register_with_handler({type(self._handler).__qualname__}, "
@@ -210,7 +213,7 @@ class AsyncCheckpointer(Checkpointer):
     super().__init__(handler, fsync=fsync, barrier_timeout_s=barrier_timeout_s)
     self._lock = threading.Lock()
     self._save_lock = threading.Lock()  # wait-then-start of one save at a time
-    self._pending: async_utils.AsyncResponse | None = None
+    self._pending: background.AsyncResponse | None = None
     self._closed = False
 
   def save(self, path: paths.PathLike, args: CheckpointArgs | None = None, *,
@@ -222,7 +225,7 @@ class AsyncCheckpointer(Checkpointer):
       self.wait_until_finished()
       final, finish = self._start(path, args, force, custom_metadata)
       with self._lock:
-        self._pending = async_utils.start_background(finish, os.fspath(final))
+        self._pending = background.start_background(finish, os.fspath(final))
 
   def wait_until_finished(self) -> None:
     """Blocks until the pending save is committed; raises its error if it failed."""

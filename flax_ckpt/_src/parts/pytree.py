@@ -11,9 +11,11 @@ from typing import Any
 
 from etils import epath
 
-from flax_ckpt._src import async_utils, errors, multihost, pytree_io
-from flax_ckpt._src.checkpoint_args import CheckpointArgs, register_with_handler
-from flax_ckpt._src.checkpoint_handlers import CheckpointHandler
+from flax_ckpt._src import errors
+from flax_ckpt._src.io import background, multihost
+from flax_ckpt._src.parts import pytree_io
+from flax_ckpt._src.parts.handler_api import CheckpointHandler
+from flax_ckpt._src.parts.handlers import CheckpointArgs, register_with_handler
 
 
 def check_restore_type(restore_type: Any) -> Any:
@@ -79,7 +81,7 @@ class PyTreeCheckpointHandler(CheckpointHandler):
       raise TypeError(f"PyTreeCheckpointHandler.restore takes PyTreeRestore args, not "
                       f"{type(args).__qualname__}")
     restore_type = check_restore_type(args.restore_type)
-    with async_utils.no_gc():
+    with background.no_gc():
       return pytree_io.load(epath.Path(directory), args.item, partial=args.partial,
                             restore_type=restore_type)
 
@@ -107,7 +109,7 @@ class _PyTreeDriver:
     self.plan_: pytree_io.SavePlan | None = None
 
   def plan(self, what: str = "") -> None:
-    with async_utils.no_gc():
+    with background.no_gc():
       try:
         self.plan_ = pytree_io.plan_save(self.item)  # validates before the disk is touched
       except errors.UnsupportedLeafError as e:
@@ -123,7 +125,7 @@ class _PyTreeDriver:
     return pytree_io.local_array_ids(self.plan_) if multihost.process_count() > 1 else []
 
   def start(self, directory: epath.Path, shared: Any, is_async: bool):
-    with async_utils.no_gc():
+    with background.no_gc():
       finish = pytree_io.prepare_save(
           epath.Path(directory), self.plan_, is_async=is_async,
           process_index=multihost.process_index(), primary_local=frozenset(shared or ()))
@@ -133,7 +135,7 @@ class _PyTreeDriver:
     self._abort = finish.abort
 
     def run(fsync: bool) -> None:
-      with async_utils.no_gc():
+      with background.no_gc():
         finish(fsync)
 
     return run

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from flax_ckpt._src import async_utils
+from flax_ckpt._src.io import background
 
 BACKEND_ENV = "FLAX_CKPT_STORAGE"
 BACKENDS = ("posix", "tensorstore")
@@ -145,7 +145,7 @@ class DataWriter(_Packer):
     self._batch, self._batch_bytes = [], 0
 
   def _run(self) -> None:
-    async_utils.lower_thread_priority()
+    background.lower_thread_priority()
     while True:
       batch = self._queue.get()
       if batch is None:

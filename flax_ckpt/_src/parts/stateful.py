@@ -9,20 +9,19 @@ grain's ``DatasetIterator`` and ``DataLoaderIterator`` follow this protocol unch
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from etils import epath
 
-from flax_ckpt._src import errors, jsontags, multihost, paths
-from flax_ckpt._src.checkpoint_args import CheckpointArgs, register_with_handler
-from flax_ckpt._src.checkpoint_handlers import CheckpointHandler
-
-_FILE_RE = re.compile(r"process_(\d+)-of-(\d+)\.(typed\.json|json|bin)")
+from flax_ckpt._src import errors
+from flax_ckpt._src.encoding import jsontags
+from flax_ckpt._src.format import STATE_FILE_RE, dump_json_bytes, load_json_bytes, state_file
+from flax_ckpt._src.io import multihost, paths
+from flax_ckpt._src.parts.handler_api import CheckpointHandler
+from flax_ckpt._src.parts.handlers import CheckpointArgs, register_with_handler
 
 
 def is_stateful(obj: Any) -> bool:
@@ -30,9 +29,6 @@ def is_stateful(obj: Any) -> bool:
   return (not isinstance(obj, type) and callable(getattr(obj, "get_state", None))
           and callable(getattr(obj, "set_state", None)))
 
-
-def file_name(index: int, count: int, ext: str) -> str:
-  return f"process_{index}-of-{count}.{ext}"
 
 
 def _not_json(v: Any, where: str) -> str | None:
@@ -70,8 +66,7 @@ def encode_state(state: Any, what: str) -> tuple[str, bytes]:
   try:
     plain = _not_json(state, "state") is None
     doc = state if plain else {"flax_ckpt_typed_state": 1, "v": jsontags.encode(state, "state")}
-    data = json.dumps(doc, ensure_ascii=False, allow_nan=False).encode(
-        "utf-8", "surrogatepass")
+    data = dump_json_bytes(doc, compact=False)
   except (jsontags.Unencodable, RecursionError, ValueError) as e:
     raise errors.UnsupportedLeafError(
         f"{what}: get_state() must return bytes or data built from dict, list, tuple, str, "
@@ -84,7 +79,7 @@ def encode_state(state: Any, what: str) -> tuple[str, bytes]:
 def decode_state(ext: str, raw: bytes) -> Any:
   if ext == "bin":
     return raw
-  doc = json.loads(raw.decode("utf-8", "surrogatepass"))
+  doc = load_json_bytes(raw)
   if ext == "typed.json":
     return jsontags.decode(doc["v"])
   return doc
@@ -189,7 +184,7 @@ class StatefulCheckpointHandler(CheckpointHandler):
       raise errors.FormatError(
           f"{directory}: the state of saved process {src} (process_{src}-of-{n}) is missing; "
           "the checkpoint is damaged.")
-    raw = (directory / file_name(int(src), n, ext)).read_bytes()
+    raw = (directory / state_file(int(src), n, ext)).read_bytes()
     state = decode_state(ext, raw)
     if args.item is None:
       return state
@@ -223,7 +218,7 @@ def _saved_files(directory: epath.Path) -> dict[tuple[int, int], str]:
   except FileNotFoundError as e:
     raise errors.FormatError(f"{directory} is missing; the checkpoint is damaged.") from e
   for name in names:
-    m = _FILE_RE.fullmatch(name)
+    m = STATE_FILE_RE.fullmatch(name)
     if m:
       out[(int(m.group(2)), int(m.group(1)))] = m.group(3)
   if not out:
@@ -251,7 +246,7 @@ class _StatefulDriver:
 
   def start(self, directory: epath.Path, shared: Any, is_async: bool):
     i, n = multihost.process_index(), multihost.process_count()
-    target = os.path.join(os.fspath(directory), file_name(i, n, self.ext))
+    target = os.path.join(os.fspath(directory), state_file(i, n, self.ext))
     data = self.data
 
     def finish(fsync: bool) -> None:

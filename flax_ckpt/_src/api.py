@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from flax_ckpt._src import async_utils, checkpointables, paths
-from flax_ckpt._src.checkpointables import (  # noqa: F401 - re-exported
-    DEFAULT_CHECKPOINTABLE,
-    FORMAT_VERSION,
-    CheckpointMetadata,
+from flax_ckpt._src.engine import checkpointables
+from flax_ckpt._src.engine.checkpointables import (  # noqa: F401 - re-exported
+  DEFAULT_CHECKPOINTABLE,
+  FORMAT_VERSION,
+  CheckpointMetadata,
 )
-from flax_ckpt._src.pytree_handler import check_restore_type
+from flax_ckpt._src.io import background, paths
+from flax_ckpt._src.parts.pytree import check_restore_type
 
 
 def save(path: paths.PathLike, state: Any, *, overwrite: bool = False,
@@ -67,7 +68,7 @@ def save_async(path: paths.PathLike, state: Any, *, overwrite: bool = False,
                custom_metadata: dict | None = None, fsync: bool = True,
                barrier_timeout_s: float | None = None,
                checkpointable_name: str = DEFAULT_CHECKPOINTABLE
-               ) -> async_utils.AsyncResponse:
+               ) -> background.AsyncResponse:
   """Starts saving ``state`` and returns as soon as it is safe to change it.
 
   On return, the values are held in a form the caller can no longer affect: numpy arrays
@@ -101,7 +102,7 @@ def save_async(path: paths.PathLike, state: Any, *, overwrite: bool = False,
       path, checkpointables.parts_from({checkpointable_name: state}), overwrite=overwrite,
       custom_metadata=custom_metadata, is_async=True, fsync=fsync,
       barrier_timeout_s=barrier_timeout_s)
-  return async_utils.start_background(finish, os.fspath(final))
+  return background.start_background(finish, os.fspath(final))
 
 
 def load(path: paths.PathLike, abstract_state: Any = None, *, partial: bool = False,

@@ -12,7 +12,6 @@ import dataclasses
 import inspect
 import json
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -20,35 +19,32 @@ from typing import Any
 
 from etils import epath
 
-from flax_ckpt._src import (
-    async_utils,
-    checkpoint_args,
-    errors,
-    multihost,
-    paths,
-    pytree_io,
-    storage,
+from flax_ckpt._src import errors
+from flax_ckpt._src.format import (
+    COMMIT_MARKER,
+    DEFAULT_CHECKPOINTABLE,
+    FORMAT_VERSION,
+    PART_NAME_RE,
+    ROOT_DIR,
 )
-from flax_ckpt._src.checkpoint_args import CheckpointArgs
-from flax_ckpt._src.checkpoint_handlers import call_with_args
-from flax_ckpt._src.pytree_handler import (
-    PyTreeCheckpointHandler,
-    PyTreeRestore,
-    _PyTreeDriver,
-    check_restore_type,
+from flax_ckpt._src.io import background, multihost, paths, storage
+from flax_ckpt._src.parts import handlers, pytree_io
+from flax_ckpt._src.parts.handler_api import call_with_args
+from flax_ckpt._src.parts.handlers import CheckpointArgs
+from flax_ckpt._src.parts.pytree import (
+  PyTreeCheckpointHandler,
+  PyTreeRestore,
+  _PyTreeDriver,
+  check_restore_type,
 )
-from flax_ckpt._src.stateful_handler import (
-    StatefulCheckpointHandler,
-    StatefulRestore,
-    _StatefulDriver,
-    is_stateful,
+from flax_ckpt._src.parts.stateful import (
+  StatefulCheckpointHandler,
+  StatefulRestore,
+  _StatefulDriver,
+  is_stateful,
 )
 
-FORMAT_VERSION = 1
-DEFAULT_CHECKPOINTABLE = "state"
-ROOT_DIR = "."  # a Checkpointer's single part lives in the checkpoint directory itself
 _ATTEMPTS = 5  # reads retried when an overwrite replaces the checkpoint mid-read
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 @dataclasses.dataclass
@@ -99,7 +95,7 @@ def check_custom_metadata(custom_metadata: Any) -> None:
 
 
 def check_name(name: Any) -> str:
-  if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+  if not isinstance(name, str) or not PART_NAME_RE.fullmatch(name):
     raise ValueError(
         f"checkpointable name {name!r} is not allowed: use 1-128 characters from "
         "[A-Za-z0-9_.-], starting with a letter or digit (it becomes a directory name).")
@@ -140,24 +136,24 @@ class _CustomDriver:
         # on flax_ckpt's long-lived loop: tasks the handler starts keep running after this
         async def _await(x=r):
           return await x
-        r = async_utils.run_on_background_loop(_await())
+        r = background.run_on_background_loop(_await())
       self.futures = list(r or [])
     else:
       call_with_args(self.handler.save, directory, self.args)
     futures = self.futures
 
     def finish(fsync: bool) -> None:
-      async_utils.wait_futures(futures)
+      background.wait_futures(futures)
       if fsync:
         paths.fsync_tree(directory)
 
     return finish
 
   def entry(self) -> dict:
-    return {"kind": "handler", "handler": checkpoint_args.handler_name(type(self.handler))}
+    return {"kind": "handler", "handler": handlers.handler_name(type(self.handler))}
 
   def abort(self) -> None:
-    async_utils.wait_futures(self.futures, quiet=True)  # nothing may write after cleanup
+    background.wait_futures(self.futures, quiet=True)  # nothing may write after cleanup
 
   def close(self) -> None:
     if self.owned and callable(getattr(self.handler, "close", None)):
@@ -178,7 +174,7 @@ def construct_handler(hcls: type, what: str) -> Any:
     return hcls()
   except TypeError as e:
     raise TypeError(
-        f"{what}: flax_ckpt has to construct {checkpoint_args.handler_name(hcls)} without "
+        f"{what}: flax_ckpt has to construct {handlers.handler_name(hcls)} without "
         f"arguments, which failed ({e}). Give the class defaults for its constructor "
         "arguments, or use flax_ckpt.Checkpointer(handler_instance) for this object.") from e
 
@@ -186,20 +182,20 @@ def construct_handler(hcls: type, what: str) -> Any:
 def driver_for_value(name: str, value: Any) -> Any:
   """How the checkpointable ``value`` is saved: by its args, its type, its protocol."""
   if isinstance(value, CheckpointArgs):
-    hcls = checkpoint_args.save_handler_for(value)
+    hcls = handlers.save_handler_for(value)
     if hcls is None:
-      raise checkpoint_args.RegistrationError(
+      raise handlers.RegistrationError(
           f"checkpointable {name!r}: {type(value).__qualname__} is not registered for saving "
           "with any CheckpointHandler; decorate it with "
           "@flax_ckpt.args.register_with_handler(MyHandler, for_save=True). Nothing was "
           "written.")
     return driver_for_handler(construct_handler(hcls, f"checkpointable {name!r}"), value,
                               owned=True)
-  hcls = checkpoint_args.type_handler_for(value)
+  hcls = handlers.type_handler_for(value)
   if hcls is not None:
-    args_cls = checkpoint_args.registered_args_cls(hcls, for_save=True)
+    args_cls = handlers.registered_args_cls(hcls, for_save=True)
     if args_cls is None:
-      raise checkpoint_args.RegistrationError(
+      raise handlers.RegistrationError(
           f"checkpointable {name!r}: {type(value).__qualname__} is saved by "
           f"{hcls.__qualname__}, which has no save args class; register one with "
           f"@flax_ckpt.args.register_with_handler({hcls.__qualname__}, for_save=True). "
@@ -374,7 +370,7 @@ def start_save(path: paths.PathLike, parts: list[Part], *, overwrite: bool,
             "custom_metadata": custom_metadata, "created_at": time.time(),
             "process_count": nproc, **(manifest_extra or {}),
         }
-        paths.write_json(tmp / paths.COMMIT_MARKER, manifest, fsync=fsync)
+        paths.write_json(tmp / COMMIT_MARKER, manifest, fsync=fsync)
         if fsync:
           paths.fsync_path(tmp)
         for t in earlier:  # earlier saves to this path commit (or fail) first
@@ -446,7 +442,7 @@ def save_checkpointables(path: paths.PathLike, checkpointables: Mapping[str, Any
 def save_checkpointables_async(path: paths.PathLike, checkpointables: Mapping[str, Any], *,
                                overwrite: bool = False, custom_metadata: dict | None = None,
                                fsync: bool = True, barrier_timeout_s: float | None = None
-                               ) -> async_utils.AsyncResponse:
+                               ) -> background.AsyncResponse:
   """Like :func:`save_checkpointables`, but returns once the parts are snapshotted.
 
   On return, array data is held in a form the caller can no longer change, each stateful
@@ -465,7 +461,7 @@ def save_checkpointables_async(path: paths.PathLike, checkpointables: Mapping[st
   final, finish = start_save(path, parts_from(checkpointables), overwrite=overwrite,
                              custom_metadata=custom_metadata, is_async=True, fsync=fsync,
                              barrier_timeout_s=barrier_timeout_s)
-  return async_utils.start_background(finish, os.fspath(final))
+  return background.start_background(finish, os.fspath(final))
 
 
 # ---------------------------------------------------------------------------------------
@@ -480,7 +476,7 @@ def committed(path: paths.PathLike) -> tuple[epath.Path, dict]:
 def check_manifest(final: epath.Path, manifest: Any) -> dict:
   """``manifest`` if this flax_ckpt can read the checkpoint it describes."""
   if not isinstance(manifest, dict) or manifest.get("format") != "flax_ckpt":
-    raise errors.FormatError(f"{final / paths.COMMIT_MARKER} is not a flax_ckpt commit marker.")
+    raise errors.FormatError(f"{final / COMMIT_MARKER} is not a flax_ckpt commit marker.")
   if manifest.get("version") != FORMAT_VERSION:
     raise errors.FormatError(
         f"{final}: format version {manifest.get('version')} is not supported (this flax_ckpt "
@@ -495,13 +491,13 @@ def part_dir(final: epath.Path, name: str, entry: dict) -> epath.Path:
   d = entry.get("dir", name)
   if d == ROOT_DIR:
     return final
-  if not isinstance(d, str) or not _NAME_RE.fullmatch(d):
+  if not isinstance(d, str) or not PART_NAME_RE.fullmatch(d):
     raise errors.FormatError(f"{final}: part {name!r} has an invalid directory {d!r}")
   return final / d
 
 
 def _default_restore_args(hcls: type) -> Any:
-  args_cls = checkpoint_args.registered_args_cls(hcls, for_save=False)
+  args_cls = handlers.registered_args_cls(hcls, for_save=False)
   if args_cls is None:
     return None
   try:
@@ -533,11 +529,11 @@ def restorer_for(final: epath.Path, name: str, entry: dict, abstract: Any, *,
     saved_by = entry.get("handler", "?")
     what = f"part {name!r}"
     if abstract is not None and not isinstance(abstract, CheckpointArgs):
-      hcls = checkpoint_args.type_handler_for(abstract)
-      if hcls is not None and checkpoint_args.handler_name(hcls) == saved_by:
+      hcls = handlers.type_handler_for(abstract)
+      if hcls is not None and handlers.handler_name(hcls) == saved_by:
         abstract = None  # an object of the registered type: restore with the defaults
     if abstract is None:
-      hcls = checkpoint_args.handler_by_name(saved_by)
+      hcls = handlers.handler_by_name(saved_by)
       if hcls is None:
         raise errors.CheckpointError(
             f"part {name!r} of {final} was saved by the CheckpointHandler {saved_by}, which "
@@ -550,17 +546,17 @@ def restorer_for(final: epath.Path, name: str, entry: dict, abstract: Any, *,
           f"part {name!r} was saved by the CheckpointHandler {saved_by}; pass its restore "
           f"args (a CheckpointArgs registered for_restore) or None, not a "
           f"{type(abstract).__qualname__}")
-    hcls = checkpoint_args.restore_handler_for(abstract)
+    hcls = handlers.restore_handler_for(abstract)
     if hcls is None:
-      raise checkpoint_args.RegistrationError(
+      raise handlers.RegistrationError(
           f"part {name!r}: {type(abstract).__qualname__} is not registered with any "
           "CheckpointHandler; decorate it with @flax_ckpt.args.register_with_handler("
           "MyHandler, for_restore=True).")
-    known = checkpoint_args.handler_by_name(saved_by)
-    if known is not None and not checkpoint_args.related(known, hcls):
+    known = handlers.handler_by_name(saved_by)
+    if known is not None and not handlers.related(known, hcls):
       raise TypeError(
           f"part {name!r} was saved by {saved_by}, but {type(abstract).__qualname__} is "
-          f"registered with {checkpoint_args.handler_name(hcls)}")
+          f"registered with {handlers.handler_name(hcls)}")
     return construct_handler(hcls, what), abstract
   raise errors.FormatError(f"{final}: part {name!r} has unknown kind {kind!r}; upgrade "
                            "flax_ckpt.")
@@ -592,7 +588,7 @@ def _with_retries(path: paths.PathLike, read: Callable[[epath.Path, dict], Any])
       continue  # it appeared meanwhile: look again
     try:
       try:
-        raw = root.read_bytes(paths.COMMIT_MARKER)
+        raw = root.read_bytes(COMMIT_MARKER)
       except FileNotFoundError:
         if not root.is_gone():
           committed(path)  # the clear error: not committed
@@ -600,7 +596,7 @@ def _with_retries(path: paths.PathLike, read: Callable[[epath.Path, dict], Any])
       try:
         manifest = json.loads(raw.decode("utf-8", "surrogatepass"))
       except ValueError as e:
-        raise errors.FormatError(f"{final / paths.COMMIT_MARKER} is unreadable ({e}); the "
+        raise errors.FormatError(f"{final / COMMIT_MARKER} is unreadable ({e}); the "
                                  "checkpoint is damaged.") from e
       manifest = check_manifest(final, manifest)
       try:
@@ -686,7 +682,7 @@ def load_checkpointables(path: paths.PathLike,
                              restore_type=restore_type)
     return {n: out[n] for n in names}
 
-  with async_utils.no_gc():
+  with background.no_gc():
     return _with_retries(path, read)
 
 
@@ -702,7 +698,7 @@ def _part_metadata(final: epath.Path, name: str, entry: dict) -> Any:
     return PyTreeCheckpointHandler().metadata(d)
   if kind == "stateful":
     return StatefulCheckpointHandler().metadata(d)
-  hcls = checkpoint_args.handler_by_name(entry.get("handler", ""))
+  hcls = handlers.handler_by_name(entry.get("handler", ""))
   if hcls is None:
     return None
   try:

@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from etils import epath
 
-from flax_ckpt._src.checkpoint_args import CheckpointArgs
+from flax_ckpt._src.parts.handlers import CheckpointArgs
 
 
 @runtime_checkable

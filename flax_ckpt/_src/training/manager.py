@@ -23,21 +23,15 @@ from typing import Any
 
 import numpy as np
 
-from flax_ckpt._src import (
-    async_utils,
-    checkpoint_args,
-    checkpointables,
-    dir_lock,
-    errors,
-    jsontags,
-    multihost,
-    paths,
-    policies,
-    preemption,
-    step_dirs,
-)
-from flax_ckpt._src import train_state_parts as tsp
-from flax_ckpt._src.stateful_handler import is_stateful
+from flax_ckpt._src import errors
+from flax_ckpt._src.encoding import jsontags
+from flax_ckpt._src.engine import checkpointables
+from flax_ckpt._src.format import COMMIT_MARKER
+from flax_ckpt._src.io import background, multihost, paths
+from flax_ckpt._src.parts import handlers
+from flax_ckpt._src.parts.stateful import is_stateful
+from flax_ckpt._src.training import dir_lock, policies, preemption, step_dirs
+from flax_ckpt._src.training import train_state_parts as tsp
 
 DATASET = "dataset"
 
@@ -253,7 +247,7 @@ class CheckpointManager:
     self._lock = threading.RLock()
     self._save_lock = threading.Lock()
     self._infos: dict[int, policies.StepInfo] = {}
-    self._pending: async_utils.AsyncResponse | None = None
+    self._pending: background.AsyncResponse | None = None
     self._pending_info: policies.StepInfo | None = None
     self._closed = False
     self._primary = multihost.process_index() == 0
@@ -294,7 +288,7 @@ class CheckpointManager:
 
   def _read_info(self, step: int) -> policies.StepInfo | None:
     try:
-      manifest = paths.read_json(os.path.join(self._step_path(step), paths.COMMIT_MARKER))
+      manifest = paths.read_json(os.path.join(self._step_path(step), COMMIT_MARKER))
     except (OSError, ValueError):
       return None
     m = manifest.get("manager") or {}
@@ -420,8 +414,8 @@ class CheckpointManager:
       raise errors.CheckpointError("this CheckpointManager is closed")
     step = _check_step(step)
     if dataset is not None and not (is_stateful(dataset)
-                                    or isinstance(dataset, checkpoint_args.CheckpointArgs)
-                                    or checkpoint_args.type_handler_for(dataset) is not None):
+                                    or isinstance(dataset, handlers.CheckpointArgs)
+                                    or handlers.type_handler_for(dataset) is not None):
       raise TypeError(
           f"dataset must have get_state()/set_state() (e.g. a grain DatasetIterator), not a "
           f"{type(dataset).__qualname__}; put other data in the state instead.")
@@ -477,7 +471,7 @@ class CheckpointManager:
       if self._opts.enable_async:
         with self._lock:
           self._pending_info = info
-        self._pending = async_utils.start_background(finish_and_retain, os.fspath(final))
+        self._pending = background.start_background(finish_and_retain, os.fspath(final))
       else:
         finish_and_retain()
     return True
@@ -658,7 +652,7 @@ def checkpoints_iterator(directory: paths.PathLike, *, timeout: float | None = N
   while True:
     new = [s for s in step_dirs.committed_steps(root, naming) if s > last]
     for s in new:
-      if not os.path.exists(os.path.join(root, naming.name(s), paths.COMMIT_MARKER)):
+      if not os.path.exists(os.path.join(root, naming.name(s), COMMIT_MARKER)):
         continue  # deleted by the writer's retention since the listing
       last = s
       yield s

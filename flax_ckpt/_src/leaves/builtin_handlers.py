@@ -18,14 +18,15 @@ from typing import Any
 import jax
 import numpy as np
 
-from flax_ckpt._src import devput, dtypes, errors, sharding_desc, storage
-from flax_ckpt._src import type_handlers as th
+from flax_ckpt._src import errors
+from flax_ckpt._src.encoding import dtypes, sharding_desc
+from flax_ckpt._src.format import data_file
+from flax_ckpt._src.io import storage
+from flax_ckpt._src.leaves import devput
+from flax_ckpt._src.leaves import type_handlers as th
 
 _INLINE_BYTES = 64 << 10
 
-
-def data_file_name(process_index: int) -> str:
-  return f"data.p{process_index}.bin"
 
 
 # ----------------------------------------------------------------------------- saving
@@ -298,7 +299,7 @@ class _ReadPlan:
       first = min(a[0] for _, a, _, _ in items)
       last = max(a[0] + sb[0] for _, a, _, sb in items)
       per = max(1, budget // max(row, 1))
-      path = os.path.join(self.state_dir, data_file_name(c["p"]))
+      path = os.path.join(self.state_dir, data_file(c["p"]))
       for r0 in range(first, last, per):
         r1 = min(last, r0 + per)
         if scratch is None or scratch.nbytes < (r1 - r0) * row:
@@ -323,7 +324,7 @@ class _ReadPlan:
 
   def execute(self) -> None:
     for p, reqs in self.requests.items():
-      storage.read_into(os.path.join(self.state_dir, data_file_name(p)), reqs, self.files)
+      storage.read_into(os.path.join(self.state_dir, data_file(p)), reqs, self.files)
     self.requests.clear()
     if self.staged:
       self._run_staged()

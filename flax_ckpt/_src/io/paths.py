@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
-import json
 import os
 import secrets
 import shutil
@@ -22,12 +21,10 @@ from typing import Any, Union
 from etils import epath
 
 from flax_ckpt._src import errors
+from flax_ckpt._src.format import COMMIT_MARKER, OLD_TAG, TMP_TAG, dump_json_bytes, load_json_bytes
 
 PathLike = Union[str, os.PathLike, epath.Path]  # noqa: UP007 - runtime alias
 
-COMMIT_MARKER = "_CHECKPOINT"
-TMP_TAG = ".flax_ckpt-tmp-"
-OLD_TAG = ".flax_ckpt-old-"
 
 
 def to_path(path: PathLike) -> epath.Path:
@@ -70,11 +67,7 @@ def unique_tag() -> str:
 
 def write_json(path: PathLike, obj: Any, *, fsync: bool) -> None:
   """Writes ``obj`` as JSON to ``path`` (and fsyncs it when asked)."""
-  # Raw UTF-8 with surrogatepass: a str holding lone surrogates (e.g. "\ud800\udc00" as
-  # two code points) keeps them as 3-byte sequences. JSON escapes could not tell such a
-  # pair from the single code point U+10000.
-  data = json.dumps(obj, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode(
-      "utf-8", "surrogatepass")
+  data = dump_json_bytes(obj)  # the one JSON rule (surrogatepass, no NaN)
   fd = os.open(os.fspath(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
   try:
     view = memoryview(data)
@@ -88,7 +81,7 @@ def write_json(path: PathLike, obj: Any, *, fsync: bool) -> None:
 
 def read_json(path: PathLike) -> Any:
   with open(os.fspath(path), "rb") as f:
-    return json.loads(f.read().decode("utf-8", "surrogatepass"))
+    return load_json_bytes(f.read())
 
 
 def check_destination(final: epath.Path, overwrite: bool, flag: str = "overwrite") -> None:

@@ -16,9 +16,9 @@ import socket
 import threading
 import time
 
-from flax_ckpt._src import errors, paths
-
-LOCK_NAME = ".flax_ckpt_owner"
+from flax_ckpt._src import errors
+from flax_ckpt._src.format import LOCK_NAME
+from flax_ckpt._src.io import paths
 
 _held: set[str] = set()  # lock files this process holds
 _held_lock = threading.Lock()

@@ -14,7 +14,8 @@ from typing import Any
 
 import jax
 
-from flax_ckpt._src import errors, jsontags
+from flax_ckpt._src import errors
+from flax_ckpt._src.encoding import jsontags
 
 # A path element on disk: [kind, key] with kind "d" (dict key), "a" (attribute),
 # "i" (sequence index) or "f" (flattened index of a custom node).

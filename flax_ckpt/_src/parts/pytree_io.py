@@ -8,7 +8,6 @@ Files (see docs/format.md): ``_TREE.json`` (structure + leaf records), ``_CHUNKS
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import shutil
@@ -19,13 +18,20 @@ import jax
 import numpy as np
 from etils import epath
 
-from flax_ckpt._src import async_utils, builtin_handlers, errors, paths, storage, treespec
-from flax_ckpt._src import type_handlers as th
-
-TREE_FILE = "_TREE.json"
-CHUNKS_PREFIX = "_CHUNKS.p"
-LEAVES_DIR = "leaves"
-TREE_VERSION = 1
+from flax_ckpt._src import errors
+from flax_ckpt._src.format import (
+  CHUNKS_PREFIX,
+  LEAVES_DIR,
+  TREE_FILE,
+  TREE_VERSION,
+  chunks_file,
+  data_file,
+  load_json_bytes,
+)
+from flax_ckpt._src.io import background, paths, storage
+from flax_ckpt._src.leaves import builtin_handlers
+from flax_ckpt._src.leaves import type_handlers as th
+from flax_ckpt._src.tree import treespec
 
 
 @dataclasses.dataclass
@@ -92,7 +98,7 @@ def prepare_save(cp_dir: epath.Path, plan: SavePlan, *, is_async: bool,
   os.makedirs(cp_dir, exist_ok=True)
   ts_ctx = th._LazyTsContext()
   io = _SaveIO(storage.open_writer(os.path.join(
-      cp_dir, builtin_handlers.data_file_name(process_index)), direct=is_async),
+      cp_dir, data_file(process_index)), direct=is_async),
       process_index, primary_local)
   naming = th.LeafNaming([p for p, _ in leaves], treespec.path_str, _leaf_dirnames)
   leaves_dir = cp_dir / LEAVES_DIR
@@ -120,7 +126,7 @@ def prepare_save(cp_dir: epath.Path, plan: SavePlan, *, is_async: bool,
     return futs
 
   try:
-    futures = async_utils.run_coro(serialize_all())
+    futures = background.run_coro(serialize_all())
   except BaseException:
     io.writer.close()
     raise
@@ -128,16 +134,16 @@ def prepare_save(cp_dir: epath.Path, plan: SavePlan, *, is_async: bool,
 
   def finish(fsync: bool) -> None:
     try:
-      async_utils.wait_futures(futures)
+      background.wait_futures(futures)
     except BaseException:
       io.writer.close()
       raise
     for info in infos:
       info._io = None  # release the snapshot buffers held by chunk bookkeeping
     chunks = {str(i): info.chunks for i, info in enumerate(infos) if info.chunks}
-    paths.write_json(cp_dir / f"{CHUNKS_PREFIX}{process_index}.json",
+    paths.write_json(cp_dir / chunks_file(process_index),
                      {"process_index": process_index,
-                      "data_file": builtin_handlers.data_file_name(process_index),
+                      "data_file": data_file(process_index),
                       "chunks": chunks}, fsync=fsync)
     if not primary:
       io.writer.write(fsync=fsync)
@@ -190,7 +196,7 @@ def read_saved_tree(cp_dir: epath.Path) -> _SavedTree:
     raise errors.CheckpointReplacedError(f"{cp_dir} disappeared while loading") from e
   try:
     try:
-      tree = json.loads(files.read_bytes(TREE_FILE).decode("utf-8", "surrogatepass"))
+      tree = load_json_bytes(files.read_bytes(TREE_FILE))
     except FileNotFoundError as e:
       raise errors.FormatError(
           f"{cp_dir} has no {TREE_FILE}; the checkpoint is damaged.") from e
@@ -201,7 +207,7 @@ def read_saved_tree(cp_dir: epath.Path) -> _SavedTree:
     chunks: dict[int, list[dict]] = {}
     for name in sorted(files.listdir()):
       if name.startswith(CHUNKS_PREFIX) and name.endswith(".json"):
-        data = json.loads(files.read_bytes(name).decode("utf-8", "surrogatepass"))
+        data = load_json_bytes(files.read_bytes(name))
         for k, v in data["chunks"].items():
           chunks.setdefault(int(k), []).extend(v)
   except BaseException as e:
@@ -275,7 +281,7 @@ def _run_grouped(method: str, saved: _SavedTree, ids: list[int],
         out[j] = v
     return out
 
-  return async_utils.run_coro(run_all())
+  return background.run_coro(run_all())
 
 
 

@@ -1,0 +1,234 @@
+"""The on-disk format in code: every name, version and record of docs/format.md.
+
+This module is the code twin of ``docs/format.md``: the names of files and directories,
+the format versions, the commit marker's manifest and its part entries as dataclasses
+with ``to_json``/``from_json``, the records of ``_TREE.json``/``_CHUNKS.p<i>.json`` as
+``TypedDict``s, and the one JSON encoding rule every file follows. It imports nothing
+else from flax_ckpt but the errors, so every layer can use it.
+
+Example:
+  >>> m = Manifest(parts={'state': PartEntry('pytree')}, created_at=1.0)
+  >>> Manifest.from_json(m.to_json(), where='ckpt').parts['state'].kind
+  'pytree'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from typing import Any, TypedDict
+
+from flax_ckpt._src import errors
+
+FORMAT_NAME = "flax_ckpt"
+FORMAT_VERSION = 1  # the commit marker's "version"
+TREE_VERSION = 1  # _TREE.json's "version"
+
+# checkpoint directory
+COMMIT_MARKER = "_CHECKPOINT"  # written last; a directory without it is not a checkpoint
+TMP_TAG = ".flax_ckpt-tmp-"  # <name>.flax_ckpt-tmp-<host>-<pid>-<hex>: a save in progress
+OLD_TAG = ".flax_ckpt-old-"  # an overwritten or deleted checkpoint on its way out
+LOCK_NAME = ".flax_ckpt_owner"  # a CheckpointManager's owner lock in its root directory
+
+# parts
+DEFAULT_CHECKPOINTABLE = "state"  # the part flax_ckpt.save writes
+ROOT_DIR = "."  # a Checkpointer's single part lives in the checkpoint directory itself
+PART_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+KIND_PYTREE, KIND_STATEFUL, KIND_HANDLER = "pytree", "stateful", "handler"
+
+# a PyTree part
+TREE_FILE = "_TREE.json"
+CHUNKS_PREFIX = "_CHUNKS.p"  # _CHUNKS.p<i>.json: where process i wrote each chunk
+LEAVES_DIR = "leaves"  # leaves/<leaf-dir>/: files of handlers that write their own
+
+
+def data_file(process_index: int) -> str:
+  """``data.p<i>.bin``: the packed array bytes process ``i`` wrote."""
+  return f"data.p{process_index}.bin"
+
+
+def chunks_file(process_index: int) -> str:
+  """``_CHUNKS.p<i>.json``: the chunk index of process ``i``."""
+  return f"{CHUNKS_PREFIX}{process_index}.json"
+
+
+# a stateful part: process_<i>-of-<n>.<ext>, one file per process
+STATE_FILE_RE = re.compile(r"process_(\d+)-of-(\d+)\.(typed\.json|json|bin)")
+
+
+def state_file(index: int, count: int, ext: str) -> str:
+  """``process_<i>-of-<n>.<ext>``: process ``i``'s ``get_state()`` (ext json|typed.json|bin)."""
+  return f"process_{index}-of-{count}.{ext}"
+
+
+# ---------------------------------------------------------------------------------------
+# The JSON rule
+
+
+def dump_json_bytes(obj: Any, *, compact: bool = True) -> bytes:
+  """``obj`` as the UTF-8 JSON every flax_ckpt file holds.
+
+  Raw UTF-8 with surrogatepass: a str holding lone surrogates (e.g. "\\ud800\\udc00" as two
+  code points) keeps them as 3-byte sequences. JSON escapes could not tell such a pair
+  from the single code point U+10000. NaN and infinities are refused (``ValueError``).
+  """
+  seps = (",", ":") if compact else None
+  return json.dumps(obj, separators=seps, allow_nan=False, ensure_ascii=False).encode(
+      "utf-8", "surrogatepass")
+
+
+def load_json_bytes(raw: bytes) -> Any:
+  """The inverse of :func:`dump_json_bytes` (raises ``ValueError`` on bad bytes)."""
+  return json.loads(raw.decode("utf-8", "surrogatepass"))
+
+
+# ---------------------------------------------------------------------------------------
+# The commit marker
+
+
+@dataclasses.dataclass(frozen=True)
+class PartEntry:
+  """One part in the manifest: its kind and, for some kinds, what wrote it.
+
+  Attributes:
+    kind: ``pytree``, ``stateful`` or ``handler`` (or a kind a newer flax_ckpt knows).
+    dir: the part's directory relative to the checkpoint, when it is not the part's name
+      (``"."`` for a Checkpointer's single part).
+    fields: the kind's own fields (``handler`` for a custom handler; ``process_count`` and
+      ``type`` for a stateful part), as written.
+  """
+
+  kind: str
+  dir: str | None = None
+  fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def to_json(self) -> dict[str, Any]:
+    out = {"kind": self.kind, **self.fields}
+    if self.dir is not None:
+      out["dir"] = self.dir
+    return out
+
+  @classmethod
+  def from_json(cls, name: str, d: Any, *, where: str) -> PartEntry:
+    if not isinstance(d, dict) or not isinstance(d.get("kind"), str):
+      raise errors.FormatError(f"{where}: part {name!r} has no valid entry in the commit "
+                               "marker; the checkpoint is damaged.")
+    fields = {k: v for k, v in d.items() if k not in ("kind", "dir")}
+    return cls(d["kind"], d.get("dir"), fields)
+
+  def directory(self, name: str, *, where: str) -> str:
+    """The part's directory relative to the checkpoint (``"."`` = the checkpoint itself)."""
+    d = self.dir if self.dir is not None else name
+    if d == ROOT_DIR:
+      return d
+    if not isinstance(d, str) or not PART_NAME_RE.fullmatch(d):
+      raise errors.FormatError(f"{where}: part {name!r} has an invalid directory {d!r}")
+    return d
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+  """The commit marker ``_CHECKPOINT``: what a committed checkpoint holds.
+
+  Attributes:
+    parts: ``{name: PartEntry}`` in the order the parts were saved.
+    custom_metadata: the caller's JSON dict, or None.
+    created_at: UNIX time of the commit.
+    process_count: how many processes wrote the checkpoint.
+    manager: a CheckpointManager's ``{"step", "time", "metrics"}`` record, or None.
+    version: the format version (:data:`FORMAT_VERSION` when written by this flax_ckpt).
+  """
+
+  parts: dict[str, PartEntry]
+  custom_metadata: dict[str, Any] | None = None
+  created_at: float | None = None
+  process_count: int = 1
+  manager: dict[str, Any] | None = None
+  version: int = FORMAT_VERSION
+
+  def to_json(self) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "format": FORMAT_NAME, "version": self.version,
+        "checkpointables": {n: e.to_json() for n, e in self.parts.items()},
+        "custom_metadata": self.custom_metadata, "created_at": self.created_at,
+        "process_count": self.process_count,
+    }
+    if self.manager is not None:
+      out["manager"] = self.manager
+    return out
+
+  def checkpointables(self) -> dict[str, dict[str, Any]]:
+    """The parts as recorded (``{name: {"kind": ..., ...}}``)."""
+    return {n: e.to_json() for n, e in self.parts.items()}
+
+  @classmethod
+  def from_json(cls, d: Any, *, where: str) -> Manifest:
+    """Validates a parsed commit marker; ``where`` names the checkpoint in errors."""
+    if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
+      raise errors.FormatError(f"{where}/{COMMIT_MARKER} is not a flax_ckpt commit marker.")
+    if d.get("version") != FORMAT_VERSION:
+      raise errors.FormatError(
+          f"{where}: format version {d.get('version')} is not supported (this flax_ckpt "
+          f"reads version {FORMAT_VERSION}); upgrade flax_ckpt.")
+    parts = d.get("checkpointables")
+    if not isinstance(parts, dict):
+      raise errors.FormatError(f"{where}: the commit marker lists no checkpointables.")
+    custom = d.get("custom_metadata")
+    manager = d.get("manager")
+    created = d.get("created_at")
+    nproc = d.get("process_count", 1)
+    return cls(
+        parts={n: PartEntry.from_json(n, e, where=where) for n, e in parts.items()},
+        custom_metadata=custom if isinstance(custom, dict) else None,
+        created_at=float(created) if isinstance(created, (int, float)) else None,
+        process_count=nproc if isinstance(nproc, int) else 1,
+        manager=manager if isinstance(manager, dict) else None,
+        version=d["version"])
+
+  @classmethod
+  def from_bytes(cls, raw: bytes, *, where: str) -> Manifest:
+    try:
+      doc = load_json_bytes(raw)
+    except ValueError as e:
+      raise errors.FormatError(f"{where}/{COMMIT_MARKER} is unreadable ({e}); the "
+                               "checkpoint is damaged.") from e
+    return cls.from_json(doc, where=where)
+
+
+# ---------------------------------------------------------------------------------------
+# Records of a PyTree part (the one-letter keys are the format; these name them)
+
+
+class ChunkRecord(TypedDict):
+  """One chunk of a leaf in ``_CHUNKS.p<i>.json``: a box of the leaf's global array."""
+
+  s: list[int]  # start index of the box
+  h: list[int]  # the box's shape
+  o: int  # byte offset in data.p<p>.bin (64-byte aligned)
+  n: int  # byte count
+  p: int  # the process that wrote it (which data.p<p>.bin)
+
+
+class ChunksFile(TypedDict):
+  """``_CHUNKS.p<i>.json``: where process i wrote each chunk, by leaf id (a str)."""
+
+  process_index: int
+  data_file: str
+  chunks: dict[str, list[ChunkRecord]]
+
+
+class LeafRecord(TypedDict):
+  """One leaf in ``_TREE.json``: its key path, its TypeHandler, the handler's record."""
+
+  path: list[list[Any]]  # [[kind, key], ...], kind d|a|i|f
+  typestr: str
+  record: dict[str, Any]
+
+
+class TreeFile(TypedDict):
+  """``_TREE.json``: the structure (nodes, see docs/format.md) and the leaf records."""
+
+  version: int
+  root: dict[str, Any]
+  leaves: list[LeafRecord]
