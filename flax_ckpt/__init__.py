@@ -14,13 +14,17 @@ from flax_ckpt import (
     policies,  # save-decision and preservation policies of the CheckpointManager
     type_handlers,  # the TypeHandler extension API in one namespace
 )
-from flax_ckpt._src.api import CheckpointMetadata, load, save, save_async
-from flax_ckpt._src.engine.checkpointables import (
+from flax_ckpt._src import registration as _registration
+from flax_ckpt._src.api import (
+    CheckpointMetadata,
+    load,
     load_checkpointables,
+    save,
+    save_async,
     save_checkpointables,
     save_checkpointables_async,
 )
-from flax_ckpt._src.engine.checkpointer import AsyncCheckpointer, Checkpointer
+from flax_ckpt._src.checkpointer import AsyncCheckpointer, Checkpointer
 from flax_ckpt._src.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -32,7 +36,6 @@ from flax_ckpt._src.errors import (
     UnsupportedLeafError,
 )
 from flax_ckpt._src.io.background import AsyncResponse
-from flax_ckpt._src.leaves import builtin_handlers as _builtin_handlers
 from flax_ckpt._src.leaves.builtin_handlers import ArrayHandler, ScalarHandler
 from flax_ckpt._src.leaves.type_handlers import (
     ArrayMetadata,
@@ -47,9 +50,10 @@ from flax_ckpt._src.leaves.type_handlers import (
     has_type_handler,
     register_type_handler,
 )
-from flax_ckpt._src.parts.handler_api import AsyncCheckpointHandler, CheckpointHandler
 from flax_ckpt._src.parts.handlers import (
+    AsyncCheckpointHandler,
     CheckpointArgs,
+    CheckpointHandler,
     RegistrationError,
     register_checkpointable_handler,
     register_with_handler,
@@ -67,11 +71,10 @@ from flax_ckpt._src.training.manager import (
     checkpoints_iterator,
     wait_for_new_checkpoint,
 )
-from flax_ckpt._src.tree import library_types as _library_types  # noqa: F401 - Optax/Flax classes
 from flax_ckpt._src.tree.templates import abstract_with_sharding
 from flax_ckpt._src.tree.treespec import UnregisteredClassWarning, register_class
 
-_builtin_handlers.register_builtins()
+_registration.register_builtins()  # every built-in, registered in one file
 
 __version__ = "0.1.0"
 

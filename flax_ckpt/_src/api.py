@@ -1,18 +1,27 @@
-"""The core API: ``save``, ``save_async``, ``load`` and ``metadata`` for any PyTree."""
+"""The public functions: ``save``, ``save_async``, ``load``, ``metadata`` and their
+several-part forms ``save_checkpointables``, ``save_checkpointables_async`` and
+``load_checkpointables``.
+
+Each is a thin layer over the engine: a save is ``PendingSave.start(...).commit()``
+(``engine/saving.py``), a load is ``load_parts`` (``engine/loading.py``).
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
-from flax_ckpt._src.engine import checkpointables
-from flax_ckpt._src.engine.checkpointables import (  # noqa: F401 - re-exported
-  DEFAULT_CHECKPOINTABLE,
-  FORMAT_VERSION,
-  CheckpointMetadata,
-)
+from flax_ckpt._src.engine.loading import CheckpointMetadata, checkpoint_metadata, load_parts
+from flax_ckpt._src.engine.saving import PendingSave, SaveOptions, parts_from
+from flax_ckpt._src.format import DEFAULT_CHECKPOINTABLE
 from flax_ckpt._src.io import background, paths
 from flax_ckpt._src.parts.pytree import check_restore_type
+
+
+def _in_background(save: PendingSave) -> background.AsyncResponse:
+  """Commits ``save`` in a background thread."""
+  return background.start_background(save.commit, os.fspath(save.final))
 
 
 def save(path: paths.PathLike, state: Any, *, overwrite: bool = False,
@@ -57,11 +66,9 @@ def save(path: paths.PathLike, state: Any, *, overwrite: bool = False,
     >>> flax_ckpt.load(path)['step']
     10
   """
-  _, finish = checkpointables.start_save(
-      path, checkpointables.parts_from({checkpointable_name: state}), overwrite=overwrite,
-      custom_metadata=custom_metadata, is_async=False, fsync=fsync,
-      barrier_timeout_s=barrier_timeout_s)
-  finish()
+  PendingSave.start(path, parts_from({checkpointable_name: state}), SaveOptions(
+      overwrite=overwrite, custom_metadata=custom_metadata, fsync=fsync,
+      barrier_timeout_s=barrier_timeout_s)).commit()
 
 
 def save_async(path: paths.PathLike, state: Any, *, overwrite: bool = False,
@@ -98,11 +105,10 @@ def save_async(path: paths.PathLike, state: Any, *, overwrite: bool = False,
     >>> r = flax_ckpt.save_async(path, {'w': jnp.ones(3)})
     >>> r.result()
   """
-  final, finish = checkpointables.start_save(
-      path, checkpointables.parts_from({checkpointable_name: state}), overwrite=overwrite,
-      custom_metadata=custom_metadata, is_async=True, fsync=fsync,
-      barrier_timeout_s=barrier_timeout_s)
-  return background.start_background(finish, os.fspath(final))
+  return _in_background(PendingSave.start(
+      path, parts_from({checkpointable_name: state}), SaveOptions(
+          overwrite=overwrite, custom_metadata=custom_metadata, fsync=fsync,
+          barrier_timeout_s=barrier_timeout_s, is_async=True)))
 
 
 def load(path: paths.PathLike, abstract_state: Any = None, *, partial: bool = False,
@@ -144,9 +150,8 @@ def load(path: paths.PathLike, abstract_state: Any = None, *, partial: bool = Fa
     >>> flax_ckpt.load(path, template)['w'].dtype
     dtype(bfloat16)
   """
-  restore_type = check_restore_type(restore_type)
-  return checkpointables.load_part(path, checkpointable_name, abstract_state, partial=partial,
-                                   restore_type=restore_type)
+  return load_checkpointables(path, {checkpointable_name: abstract_state}, partial=partial,
+                              restore_type=restore_type)[checkpointable_name]
 
 
 def metadata(path: paths.PathLike) -> CheckpointMetadata:
@@ -169,4 +174,111 @@ def metadata(path: paths.PathLike) -> CheckpointMetadata:
     >>> md['w'].shape, md.custom_metadata
     ((2, 3), {'lr': 0.1})
   """
-  return checkpointables.checkpoint_metadata(path)
+  return checkpoint_metadata(path)
+
+
+def save_checkpointables(path: paths.PathLike, checkpointables: Mapping[str, Any], *,
+                         overwrite: bool = False, custom_metadata: dict | None = None,
+                         fsync: bool = True, barrier_timeout_s: float | None = None) -> None:
+  """Saves several named parts as one checkpoint, committed atomically together.
+
+  Each part is saved by a handler chosen by its type: a ``CheckpointArgs`` object by the
+  handler it is registered with; an object of a type registered with
+  :func:`register_checkpointable_handler` by that handler; an object with ``get_state()``
+  and ``set_state()`` (grain's ``DatasetIterator``, your own iterators) by the stateful
+  handler, each process saving its own state; anything else as a PyTree.
+
+  Args:
+    path: destination directory.
+    checkpointables: ``{name: object}``; names become directory names
+      (``[A-Za-z0-9_.-]``, not starting with ``.`` or ``_``).
+    overwrite: replace an existing checkpoint (kept intact until the new one commits).
+    custom_metadata: a JSON-serializable dict stored with the checkpoint.
+    fsync: make the data durable before committing.
+    barrier_timeout_s: multi-process only: how long each process waits for the others.
+
+  Raises:
+    CheckpointExistsError: ``path`` exists and ``overwrite`` is False.
+    UnsupportedLeafError: a part (or a leaf of a PyTree part) cannot be saved; nothing is
+      written.
+
+  Example:
+    >>> import numpy as np, flax_ckpt, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), 'ckpt')
+    >>> flax_ckpt.save_checkpointables(
+    ...     path, {'params': {'w': np.ones(3)}, 'opt_state': {'mu': np.zeros(3)}})
+    >>> sorted(flax_ckpt.load_checkpointables(path))
+    ['opt_state', 'params']
+    >>> flax_ckpt.load_checkpointables(path, {'params': None})['params']['w']
+    array([1., 1., 1.])
+  """
+  PendingSave.start(path, parts_from(checkpointables), SaveOptions(
+      overwrite=overwrite, custom_metadata=custom_metadata, fsync=fsync,
+      barrier_timeout_s=barrier_timeout_s)).commit()
+
+
+def save_checkpointables_async(path: paths.PathLike, checkpointables: Mapping[str, Any], *,
+                               overwrite: bool = False, custom_metadata: dict | None = None,
+                               fsync: bool = True, barrier_timeout_s: float | None = None
+                               ) -> background.AsyncResponse:
+  """Like :func:`save_checkpointables`, but returns once the parts are snapshotted.
+
+  On return, array data is held in a form the caller can no longer change, each stateful
+  object's ``get_state()`` has been taken, and each custom async handler's ``async_save``
+  has returned; writing and the single commit continue in the background.
+
+  Returns:
+    An :class:`AsyncResponse`; ``result()`` blocks until committed and re-raises failures.
+
+  Example:
+    >>> import numpy as np, flax_ckpt, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), 'ckpt')
+    >>> r = flax_ckpt.save_checkpointables_async(path, {'params': {'w': np.ones(3)}})
+    >>> r.result()
+  """
+  return _in_background(PendingSave.start(path, parts_from(checkpointables), SaveOptions(
+      overwrite=overwrite, custom_metadata=custom_metadata, fsync=fsync,
+      barrier_timeout_s=barrier_timeout_s, is_async=True)))
+
+
+def load_checkpointables(path: paths.PathLike,
+                         abstract_checkpointables: Mapping[str, Any] | None = None, *,
+                         partial: bool = False, restore_type: type | None = None
+                         ) -> dict[str, Any]:
+  """Loads all parts of a checkpoint, or only the named ones.
+
+  Parts not named in ``abstract_checkpointables`` are not read at all (not a byte, not a
+  file), so ``{'params': template}`` loads parameters for evaluation without touching the
+  optimizer state.
+
+  Args:
+    path: the checkpoint directory.
+    abstract_checkpointables: None loads every part as saved. Otherwise ``{name: spec}``
+      for the parts to load, where spec is: for a PyTree part, a template (see
+      :func:`flax_ckpt.load`), None (as saved) or :class:`PyTreeRestore`; for a stateful
+      part, the object to restore into (``set_state`` is called and the object returned),
+      None (the saved state itself) or :class:`StatefulRestore`; for a custom handler's
+      part, its restore args or None (the handler's registered restore args with their
+      defaults).
+    partial: PyTree templates may be subsets of what was saved.
+    restore_type: ``numpy.ndarray`` / ``jax.Array`` for PyTree array leaves loaded without
+      a template leaf; None keeps the saved kind.
+
+  Returns:
+    ``{name: value}`` in the order the parts were saved.
+
+  Raises:
+    StructureMismatchError: a requested part does not exist (the error lists the parts).
+
+  Example:
+    >>> import numpy as np, flax_ckpt, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), 'ckpt')
+    >>> flax_ckpt.save_checkpointables(path, {'params': {'w': np.ones(2)}, 'step': 5})
+    >>> flax_ckpt.load_checkpointables(path, {'step': None})
+    {'step': 5}
+  """
+  restore_type = check_restore_type(restore_type)
+  if abstract_checkpointables is not None and not isinstance(abstract_checkpointables,
+                                                             Mapping):
+    raise TypeError("abstract_checkpointables must be a dict {name: template or args} or None")
+  return load_parts(path, abstract_checkpointables, partial=partial, restore_type=restore_type)

@@ -1,7 +1,8 @@
-"""The PyTree part of a checkpoint as a CheckpointHandler (``PyTreeSave`` / ``PyTreeRestore``).
+"""The PyTree part: its handler (``PyTreeSave`` / ``PyTreeRestore``), writer and kind.
 
-``save_checkpointables`` routes every PyTree through this handler; use it directly with a
-:class:`~flax_ckpt.Checkpointer` when you want the handler-style API.
+``save_checkpointables`` saves every value that no other kind claims as a PyTree, through
+:class:`PyTreeWriter`; :class:`PyTreeCheckpointHandler` offers the same as a handler for a
+:class:`~flax_ckpt.Checkpointer`. The format itself is ``pytree_io.py``.
 """
 
 from __future__ import annotations
@@ -12,13 +13,20 @@ from typing import Any
 from etils import epath
 
 from flax_ckpt._src import errors
+from flax_ckpt._src.format import KIND_PYTREE, PartEntry
 from flax_ckpt._src.io import background, multihost
 from flax_ckpt._src.parts import pytree_io
-from flax_ckpt._src.parts.handler_api import CheckpointHandler
-from flax_ckpt._src.parts.handlers import CheckpointArgs, register_with_handler
+from flax_ckpt._src.parts.handlers import CheckpointArgs, CheckpointHandler
+from flax_ckpt._src.parts.protocol import (
+    JsonValue,
+    PartFinish,
+    RestoreRequest,
+    native_handler_save,
+)
 
 
 def check_restore_type(restore_type: Any) -> Any:
+  """``restore_type`` if it is one a PyTree load accepts."""
   import jax
   import numpy as np
 
@@ -56,6 +64,58 @@ class PyTreeRestore(CheckpointArgs):
   restore_type: type | None = None
 
 
+class PyTreeWriter:
+  """The save of one PyTree, in the steps the save transaction drives."""
+
+  def __init__(self, item: Any):
+    self._item = item
+    self._plan: pytree_io.SavePlan | None = None
+
+  def plan(self, what: str) -> None:
+    with background.no_gc():
+      try:
+        self._plan = pytree_io.plan_save(self._item)  # validates before the disk is touched
+      except errors.UnsupportedLeafError as e:
+        problem = str(e).split("\n  <root>: ", 1)
+        if len(problem) == 2:  # the object itself is no PyTree and no known leaf
+          raise errors.UnsupportedLeafError(
+              f"{what or 'the object'} (leaf <root>): {problem[1].splitlines()[0]}. "
+              f"{errors.SUPPORTED_KINDS}. Nothing was written.") from e
+        raise
+
+  def share(self) -> JsonValue:
+    """Leaves process 0 writes as its own (process-local arrays)."""
+    assert self._plan is not None, "plan() first"
+    return pytree_io.local_array_ids(self._plan) if multihost.process_count() > 1 else []
+
+  def start(self, directory: epath.Path, shared: JsonValue, is_async: bool) -> PartFinish:
+    assert self._plan is not None, "plan() first"
+    with background.no_gc():
+      write = pytree_io.prepare_save(
+          epath.Path(directory), self._plan, is_async=is_async,
+          process_index=multihost.process_index(), primary_local=frozenset(shared or ()))
+    self._plan = self._item = None  # the snapshot lives in ``write`` now
+    return _TreeFinish(write)
+
+  def entry(self) -> PartEntry:
+    return PartEntry(KIND_PYTREE)
+
+  def close(self) -> None:
+    pass
+
+
+class _TreeFinish:
+  def __init__(self, write: Any):
+    self._write = write
+
+  def finish(self, fsync: bool) -> None:
+    with background.no_gc():
+      self._write(fsync)
+
+  def abort(self) -> None:
+    self._write.abort()
+
+
 class PyTreeCheckpointHandler(CheckpointHandler):
   """Saves a PyTree in flax_ckpt's packed format (see docs/format.md).
 
@@ -71,9 +131,7 @@ class PyTreeCheckpointHandler(CheckpointHandler):
   save_on_all_processes = True
 
   def save(self, directory: epath.Path, args: PyTreeSave) -> None:
-    driver = PyTreeCheckpointHandler._flax_ckpt_driver(self, args)
-    driver.plan()
-    driver.start(directory, None, False)(True)
+    native_handler_save(self.part_writer(args), directory, "the object")
 
   def restore(self, directory: epath.Path, args: PyTreeRestore | None = None) -> Any:
     args = args if args is not None else PyTreeRestore()
@@ -88,65 +146,39 @@ class PyTreeCheckpointHandler(CheckpointHandler):
   def metadata(self, directory: epath.Path) -> Any:
     return pytree_io.metadata_tree(epath.Path(directory))
 
-  def _flax_ckpt_driver(self, args: Any) -> _PyTreeDriver:
+  def part_writer(self, args: Any) -> PyTreeWriter:
+    """The writer of this handler's save (the engine's fast path)."""
     if not isinstance(args, PyTreeSave):
       raise TypeError(f"PyTreeCheckpointHandler.save takes PyTreeSave args, not "
                       f"{type(args).__qualname__}")
-    return _PyTreeDriver(args.item)
+    return PyTreeWriter(args.item)
 
 
-register_with_handler(PyTreeCheckpointHandler, for_save=True)(PyTreeSave)
-register_with_handler(PyTreeCheckpointHandler, for_restore=True)(PyTreeRestore)
+class PyTreeKind:
+  """The ``pytree`` part kind: the catch-all, so it is registered last."""
 
+  name = KIND_PYTREE
+  restore_last = False
+  handler_cls = PyTreeCheckpointHandler
 
-class _PyTreeDriver:
-  """The save of one PyTree, in the steps the checkpoint writer drives."""
+  def writer_for(self, name: str, value: Any) -> PyTreeWriter:
+    return PyTreeWriter(value)
 
-  kind = "pytree"
+  def restore(self, directory: epath.Path, entry: PartEntry, request: RestoreRequest) -> Any:
+    args = request.abstract
+    if isinstance(args, PyTreeRestore):
+      return PyTreeCheckpointHandler().restore(directory, args)
+    if isinstance(args, CheckpointArgs):
+      raise TypeError(f"part {request.name!r} is a PyTree; restore it with a template or "
+                      f"PyTreeRestore, not {type(args).__qualname__}")
+    with background.no_gc():  # restore_type was checked once by the API
+      return pytree_io.load(epath.Path(directory), args, partial=request.partial,
+                            restore_type=request.restore_type)
 
-  def __init__(self, item: Any):
-    self.item = item
-    self.plan_: pytree_io.SavePlan | None = None
+  def metadata(self, directory: epath.Path, entry: PartEntry) -> Any:
+    return pytree_io.metadata_tree(epath.Path(directory))
 
-  def plan(self, what: str = "") -> None:
-    with background.no_gc():
-      try:
-        self.plan_ = pytree_io.plan_save(self.item)  # validates before the disk is touched
-      except errors.UnsupportedLeafError as e:
-        problem = str(e).split("\n  <root>: ", 1)
-        if len(problem) == 2:  # the object itself is no PyTree and no known leaf
-          raise errors.UnsupportedLeafError(
-              f"{what or 'the object'} (leaf <root>): {problem[1].splitlines()[0]}. "
-              f"{errors.SUPPORTED_KINDS}. Nothing was written.") from e
-        raise
-
-  def share(self) -> Any:
-    """Leaves process 0 writes as its own (process-local arrays)."""
-    return pytree_io.local_array_ids(self.plan_) if multihost.process_count() > 1 else []
-
-  def start(self, directory: epath.Path, shared: Any, is_async: bool):
-    with background.no_gc():
-      finish = pytree_io.prepare_save(
-          epath.Path(directory), self.plan_, is_async=is_async,
-          process_index=multihost.process_index(), primary_local=frozenset(shared or ()))
-    self.plan_ = None  # the snapshot lives in ``finish`` now; drop the caller's values
-    self.item = None
-
-    self._abort = finish.abort
-
-    def run(fsync: bool) -> None:
-      with background.no_gc():
-        finish(fsync)
-
-    return run
-
-  def entry(self) -> dict:
-    return {"kind": "pytree"}
-
-  def abort(self) -> None:
-    abort = getattr(self, "_abort", None)
-    if abort is not None:
-      abort()
-
-  def close(self) -> None:
-    pass
+  def saved_by(self, entry: PartEntry, handler: Any) -> str | None:
+    if isinstance(handler, PyTreeCheckpointHandler):
+      return None
+    return f"flax_ckpt's pytree handler ({PyTreeCheckpointHandler.__name__})"

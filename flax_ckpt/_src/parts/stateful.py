@@ -18,10 +18,22 @@ from etils import epath
 
 from flax_ckpt._src import errors
 from flax_ckpt._src.encoding import jsontags
-from flax_ckpt._src.format import STATE_FILE_RE, dump_json_bytes, load_json_bytes, state_file
+from flax_ckpt._src.format import (
+  KIND_STATEFUL,
+  STATE_FILE_RE,
+  PartEntry,
+  dump_json_bytes,
+  load_json_bytes,
+  state_file,
+)
 from flax_ckpt._src.io import multihost, paths
-from flax_ckpt._src.parts.handler_api import CheckpointHandler
-from flax_ckpt._src.parts.handlers import CheckpointArgs, register_with_handler
+from flax_ckpt._src.parts.handlers import CheckpointArgs, CheckpointHandler
+from flax_ckpt._src.parts.protocol import (
+  JsonValue,
+  PartFinish,
+  RestoreRequest,
+  native_handler_save,
+)
 
 
 def is_stateful(obj: Any) -> bool:
@@ -140,9 +152,7 @@ class StatefulCheckpointHandler(CheckpointHandler):
   save_on_all_processes = True
 
   def save(self, directory: epath.Path, args: StatefulSave) -> None:
-    driver = StatefulCheckpointHandler._flax_ckpt_driver(self, args)
-    driver.plan()
-    driver.start(directory, None, False)(True)
+    native_handler_save(self.part_writer(args), directory, "stateful object")
 
   def restore(self, directory: epath.Path, args: StatefulRestore | None = None) -> Any:
     args = args if args is not None else StatefulRestore()
@@ -199,15 +209,12 @@ class StatefulCheckpointHandler(CheckpointHandler):
     n = max((c for c, _ in saved), default=0)
     return StatefulMetadata(n, tuple(saved[k] for k in sorted(saved)))
 
-  def _flax_ckpt_driver(self, args: Any) -> _StatefulDriver:
+  def part_writer(self, args: Any) -> StatefulWriter:
+    """The writer of this handler's save (the engine's fast path)."""
     if not isinstance(args, StatefulSave):
       raise TypeError(f"StatefulCheckpointHandler.save takes StatefulSave args, not "
                       f"{type(args).__qualname__}")
-    return _StatefulDriver(args.item)
-
-
-register_with_handler(StatefulCheckpointHandler, for_save=True)(StatefulSave)
-register_with_handler(StatefulCheckpointHandler, for_restore=True)(StatefulRestore)
+    return StatefulWriter(args.item)
 
 
 def _saved_files(directory: epath.Path) -> dict[tuple[int, int], str]:
@@ -227,46 +234,81 @@ def _saved_files(directory: epath.Path) -> dict[tuple[int, int], str]:
   return out
 
 
-class _StatefulDriver:
-  """The save of one stateful object, in the steps the checkpoint writer drives."""
-
-  kind = "stateful"
+class StatefulWriter:
+  """The save of one stateful object, in the steps the save transaction drives."""
 
   def __init__(self, item: Any):
-    self.item = item
-    self.ext = self.data = None
+    self._item = item
+    self._ext = ""
+    self._data = b""
 
-  def plan(self, what: str = "stateful object") -> None:
-    if not is_stateful(self.item):
-      raise TypeError(f"{what}: {type(self.item).__qualname__} has no get_state()/set_state()")
-    self.ext, self.data = encode_state(self.item.get_state(), what)  # state as of now
+  def plan(self, what: str) -> None:
+    if not is_stateful(self._item):
+      raise TypeError(f"{what}: {type(self._item).__qualname__} has no get_state()/set_state()")
+    self._ext, self._data = encode_state(self._item.get_state(), what)  # state as of now
 
-  def share(self) -> Any:
+  def share(self) -> JsonValue:
     return None
 
-  def start(self, directory: epath.Path, shared: Any, is_async: bool):
+  def start(self, directory: epath.Path, shared: JsonValue, is_async: bool) -> PartFinish:
     i, n = multihost.process_index(), multihost.process_count()
-    target = os.path.join(os.fspath(directory), state_file(i, n, self.ext))
-    data = self.data
+    return _StateFile(directory, state_file(i, n, self._ext), self._data)
 
-    def finish(fsync: bool) -> None:
-      with open(target, "wb") as f:
-        f.write(data)
-        if fsync:
-          f.flush()
-          os.fsync(f.fileno())
+  def entry(self) -> PartEntry:
+    t = type(self._item)
+    return PartEntry(KIND_STATEFUL, fields={"process_count": multihost.process_count(),
+                                            "type": f"{t.__module__}.{t.__qualname__}"})
+
+  def close(self) -> None:
+    pass
+
+
+class _StateFile:
+  """Writes one process's state file when the save finishes."""
+
+  def __init__(self, directory: epath.Path, name: str, data: bytes):
+    self._directory, self._name, self._data = directory, name, data
+
+  def finish(self, fsync: bool) -> None:
+    with open(os.path.join(os.fspath(self._directory), self._name), "wb") as f:
+      f.write(self._data)
       if fsync:
-        paths.fsync_path(directory)
-
-    return finish
-
-  def entry(self) -> dict:
-    t = type(self.item)
-    return {"kind": "stateful", "process_count": multihost.process_count(),
-            "type": f"{t.__module__}.{t.__qualname__}"}
+        f.flush()
+        os.fsync(f.fileno())
+    if fsync:
+      paths.fsync_path(self._directory)
 
   def abort(self) -> None:
     pass
 
-  def close(self) -> None:
-    pass
+
+class StatefulKind:
+  """The ``stateful`` part kind: objects with ``get_state()`` / ``set_state()``.
+
+  Restored last: ``set_state`` changes the caller's objects, so only once every other part
+  has loaded.
+  """
+
+  name = KIND_STATEFUL
+  restore_last = True
+
+  def writer_for(self, name: str, value: Any) -> StatefulWriter | None:
+    return StatefulWriter(value) if is_stateful(value) else None
+
+  def restore(self, directory: epath.Path, entry: PartEntry, request: RestoreRequest) -> Any:
+    args = request.abstract
+    if not isinstance(args, StatefulRestore):
+      if isinstance(args, CheckpointArgs):
+        raise TypeError(f"part {request.name!r} holds get_state() data; restore it into an "
+                        "object with set_state() or StatefulRestore, not "
+                        f"{type(args).__qualname__}")
+      args = StatefulRestore(args)
+    return StatefulCheckpointHandler().restore(directory, args)
+
+  def metadata(self, directory: epath.Path, entry: PartEntry) -> StatefulMetadata:
+    return StatefulCheckpointHandler().metadata(directory)
+
+  def saved_by(self, entry: PartEntry, handler: Any) -> str | None:
+    if isinstance(handler, StatefulCheckpointHandler):
+      return None
+    return f"flax_ckpt's stateful handler ({StatefulCheckpointHandler.__name__})"

@@ -175,6 +175,8 @@ def resolve_name(name: str) -> bool:
   return treespec.entry_known(name)
 
 
-treespec.register_known(collections.OrderedDict, "collections.OrderedDict", from_aux=True)
-treespec.add_resolvers(resolve_class, resolve_name)
-treespec.add_aux_family(_is_variable_class)
+def register_resolvers() -> None:
+  """Lets the class registry find Optax/Flax classes (called once, by registration.py)."""
+  treespec.register_known(collections.OrderedDict, "collections.OrderedDict", from_aux=True)
+  treespec.add_resolvers(resolve_class, resolve_name)
+  treespec.add_aux_family(_is_variable_class)

@@ -12,11 +12,14 @@ import threading
 from typing import Any
 
 from flax_ckpt._src import errors
-from flax_ckpt._src.engine import checkpointables
+from flax_ckpt._src.engine.loading import CommittedCheckpoint, read_committed
+from flax_ckpt._src.engine.saving import Part, PendingSave, SaveOptions
+from flax_ckpt._src.format import DEFAULT_CHECKPOINTABLE, ROOT_DIR
 from flax_ckpt._src.io import background, paths
 from flax_ckpt._src.parts import handlers
-from flax_ckpt._src.parts.handler_api import call_with_args
-from flax_ckpt._src.parts.handlers import CheckpointArgs
+from flax_ckpt._src.parts.custom import default_restore_args, writer_for_handler
+from flax_ckpt._src.parts.handlers import CheckpointArgs, CheckpointHandler, call_with_args
+from flax_ckpt._src.parts.protocol import part_kinds
 
 
 class Checkpointer:
@@ -41,7 +44,7 @@ class Checkpointer:
 
   _is_async = False
 
-  def __init__(self, handler: Any, *, fsync: bool = True,
+  def __init__(self, handler: CheckpointHandler, *, fsync: bool = True,
                barrier_timeout_s: float | None = None):
     if isinstance(handler, type):
       raise TypeError(f"pass a handler instance, e.g. {type(self).__name__}"
@@ -55,7 +58,7 @@ class Checkpointer:
     self._barrier_timeout_s = barrier_timeout_s
 
   @property
-  def handler(self) -> Any:
+  def handler(self) -> CheckpointHandler:
     """The handler this checkpointer drives."""
     return self._handler
 
@@ -77,15 +80,14 @@ class Checkpointer:
           "for_save=True). Nothing was written.")
     return args
 
-  def _start(self, path: paths.PathLike, args: Any, force: bool, custom_metadata: Any):
+  def _start(self, path: paths.PathLike, args: Any, force: bool,
+             custom_metadata: Any) -> PendingSave:
     args = self._save_args(args)
-    driver = checkpointables.driver_for_handler(self._handler, args, owned=False)
-    part = checkpointables.Part(checkpointables.DEFAULT_CHECKPOINTABLE,
-                                checkpointables.ROOT_DIR, driver)
-    return checkpointables.start_save(
-        path, [part], overwrite=force, custom_metadata=custom_metadata,
-        is_async=self._is_async, fsync=self._fsync, barrier_timeout_s=self._barrier_timeout_s,
-        overwrite_flag="force")
+    part = Part(DEFAULT_CHECKPOINTABLE, writer_for_handler(self._handler, args, owned=False),
+                ROOT_DIR)
+    return PendingSave.start(path, [part], SaveOptions(
+        overwrite=force, custom_metadata=custom_metadata, is_async=self._is_async,
+        fsync=self._fsync, barrier_timeout_s=self._barrier_timeout_s, overwrite_flag="force"))
 
   def save(self, path: paths.PathLike, args: CheckpointArgs | None = None, *,
            force: bool = False, custom_metadata: dict | None = None) -> None:
@@ -103,40 +105,19 @@ class Checkpointer:
       CheckpointExistsError: ``path`` exists and ``force`` is False.
       RegistrationError: ``args`` is not registered with this handler.
     """
-    _, finish = self._start(path, args, force, custom_metadata)
-    finish()
+    self._start(path, args, force, custom_metadata).commit()
 
-  def _part(self, path: paths.PathLike) -> tuple[Any, str, dict]:
-    final, manifest = checkpointables.committed(path)
-    entries = manifest["checkpointables"]
-    if len(entries) != 1:
+  def _part_dir(self, ckpt: CommittedCheckpoint) -> Any:
+    """The single part's directory, once the checkpoint is known to be this handler's."""
+    name = ckpt.only_part()
+    entry = ckpt.manifest.parts[name]
+    saved_by = part_kinds().get(entry, name, str(ckpt.path)).saved_by(entry, self._handler)
+    if saved_by is not None:  # a clear error when another kind of handler wrote it
       raise errors.CheckpointError(
-          f"{final} holds several parts ({', '.join(entries)}); restore them with "
-          "flax_ckpt.load_checkpointables(path, {name: args}).")
-    (name, entry), = entries.items()
-    self._check_kind(final, entry)
-    return final, name, entry
-
-  def _check_kind(self, final: Any, entry: dict) -> None:
-    """A clear error when the checkpoint was written by another kind of handler."""
-    from flax_ckpt._src.parts.pytree import PyTreeCheckpointHandler
-    from flax_ckpt._src.parts.stateful import StatefulCheckpointHandler
-
-    kind, h = entry.get("kind"), self._handler
-    builtin = {"pytree": PyTreeCheckpointHandler, "stateful": StatefulCheckpointHandler}
-    if kind in builtin:
-      if isinstance(h, builtin[kind]):
-        return
-      saved_by = f"flax_ckpt's {kind} handler ({builtin[kind].__name__})"
-    else:
-      saved_by = entry.get("handler", "?")
-      known = handlers.handler_by_name(saved_by)
-      if known is None or handlers.related(known, type(h)):
-        return
-    raise errors.CheckpointError(
-        f"{final} was written by {saved_by}; this Checkpointer's handler is "
-        f"{handlers.handler_name(type(h))}. Restore it with a Checkpointer of that "
-        "handler (or flax_ckpt.load_checkpointables).")
+          f"{ckpt.path} was written by {saved_by}; this Checkpointer's handler is "
+          f"{handlers.handler_name(type(self._handler))}. Restore it with a Checkpointer of "
+          "that handler (or flax_ckpt.load_checkpointables).")
+    return ckpt.part_dir(name)
 
   def restore(self, path: paths.PathLike, args: CheckpointArgs | None = None) -> Any:
     """Restores through the handler; ``args=None`` uses its restore args' defaults.
@@ -147,9 +128,8 @@ class Checkpointer:
         args with their defaults); another object is wrapped in the registered restore
         args class (e.g. a template for :class:`PyTreeCheckpointHandler`).
     """
-    final, name, entry = self._part(path)
     if args is None:
-      args = checkpointables._default_restore_args(type(self._handler))
+      args = default_restore_args(type(self._handler))
     elif not isinstance(args, CheckpointArgs):
       args_cls = handlers.registered_args_cls(self._handler, for_save=False)
       if args_cls is None:
@@ -164,14 +144,18 @@ class Checkpointer:
           f"{type(self._handler).__qualname__}; decorate it with "
           f"@flax_ckpt.args.register_with_handler({type(self._handler).__qualname__}, "
           "for_restore=True).")
-    return call_with_args(self._handler.restore, checkpointables.part_dir(final, name, entry),
-                          args)
+    return read_committed(path, lambda ckpt: call_with_args(
+        self._handler.restore, self._part_dir(ckpt), args))
 
   def metadata(self, path: paths.PathLike) -> Any:
     """The handler's ``metadata()`` for the checkpoint at ``path``."""
-    final, name, entry = self._part(path)
     fn = getattr(self._handler, "metadata", None)
-    return fn(checkpointables.part_dir(final, name, entry)) if callable(fn) else None
+
+    def read(ckpt: CommittedCheckpoint) -> Any:
+      part_dir = self._part_dir(ckpt)
+      return fn(part_dir) if callable(fn) else None
+
+    return read_committed(path, read)
 
   def close(self) -> None:
     """Closes the handler."""
@@ -208,7 +192,7 @@ class AsyncCheckpointer(Checkpointer):
 
   _is_async = True
 
-  def __init__(self, handler: Any, *, fsync: bool = True,
+  def __init__(self, handler: CheckpointHandler, *, fsync: bool = True,
                barrier_timeout_s: float | None = None):
     super().__init__(handler, fsync=fsync, barrier_timeout_s=barrier_timeout_s)
     self._lock = threading.Lock()
@@ -223,9 +207,9 @@ class AsyncCheckpointer(Checkpointer):
       if self._closed:
         raise errors.CheckpointError("this AsyncCheckpointer is closed; create a new one")
       self.wait_until_finished()
-      final, finish = self._start(path, args, force, custom_metadata)
+      save = self._start(path, args, force, custom_metadata)
       with self._lock:
-        self._pending = background.start_background(finish, os.fspath(final))
+        self._pending = background.start_background(save.commit, os.fspath(save.final))
 
   def wait_until_finished(self) -> None:
     """Blocks until the pending save is committed; raises its error if it failed."""

@@ -1,0 +1,242 @@
+"""Reading a committed checkpoint: one function opens it, every reader goes through it.
+
+:func:`read_committed` opens the checkpoint directory once, reads and validates the commit
+marker through that open directory (so the manifest always belongs to the version being
+read) and runs the caller's read; when an overwrite replaces the checkpoint meanwhile, it
+reads again. ``load``, ``load_checkpointables``, ``metadata``, ``Checkpointer`` and the
+``CheckpointManager`` all read through it.
+
+Example:
+  >>> import numpy as np, flax_ckpt, tempfile, os
+  >>> from flax_ckpt._src.engine.loading import read_committed
+  >>> path = os.path.join(tempfile.mkdtemp(), 'ckpt')
+  >>> flax_ckpt.save(path, {'w': np.ones(2)})
+  >>> read_committed(path, lambda ckpt: list(ckpt.manifest.parts))
+  ['state']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from etils import epath
+
+from flax_ckpt._src import errors
+from flax_ckpt._src.format import (
+    COMMIT_MARKER,
+    DEFAULT_CHECKPOINTABLE,
+    KIND_PYTREE,
+    OLD_TAG,
+    ROOT_DIR,
+    Manifest,
+)
+from flax_ckpt._src.io import background, paths, storage
+from flax_ckpt._src.parts.protocol import RestoreRequest, part_kinds
+
+_ATTEMPTS = 5  # reads retried when an overwrite replaces the checkpoint mid-read
+_T = TypeVar("_T")
+
+
+@dataclasses.dataclass(frozen=True)
+class CommittedCheckpoint:
+  """A committed checkpoint as one read sees it.
+
+  Attributes:
+    path: the checkpoint directory.
+    manifest: its validated commit marker.
+  """
+
+  path: epath.Path
+  manifest: Manifest
+
+  def part_dir(self, name: str) -> epath.Path:
+    """The directory of part ``name`` (validated: a manifest is hostile input)."""
+    d = self.manifest.parts[name].directory(name, where=os.fspath(self.path))
+    return self.path if d == ROOT_DIR else self.path / d
+
+  def only_part(self) -> str:
+    """The name of the single part (a Checkpointer's checkpoint), or a clear error."""
+    names = list(self.manifest.parts)
+    if len(names) != 1:
+      raise errors.CheckpointError(
+          f"{self.path} holds several parts ({', '.join(names)}); restore them with "
+          "flax_ckpt.load_checkpointables(path, {name: args}).")
+    return names[0]
+
+
+def _explain_missing(final: epath.Path) -> errors.CheckpointError:
+  """The clear error for a path without a readable commit marker."""
+  p = os.fspath(final)
+  if not os.path.exists(p):
+    parent, name = os.path.split(p)
+    olds = []
+    if os.path.isdir(parent):
+      olds = [e for e in os.listdir(parent) if e.startswith(f"{name}{OLD_TAG}")]
+    hint = (
+        f" {os.path.join(parent, olds[0])} exists: either a checkpoint being deleted right "
+        "now, or, if no process is deleting it, the previous version left by a crash "
+        "between the two renames of an overwrite (check that it has a _CHECKPOINT marker "
+        "and loads, then rename it back)."
+        if olds else "")
+    return errors.CheckpointNotFoundError(f"no checkpoint at {p}.{hint}")
+  if not os.path.isdir(p):
+    return errors.CheckpointNotFoundError(f"{p} is a file, not a checkpoint directory.")
+  return errors.IncompleteCheckpointError(
+      f"{p} is not a committed flax_ckpt checkpoint (no {COMMIT_MARKER} marker): the save "
+      "that wrote it did not finish, or the directory was made by something else. "
+      "Load an earlier checkpoint instead.")
+
+
+def _manifest(root: storage.CheckpointFiles, final: epath.Path) -> Manifest | None:
+  """The manifest read through ``root``; None when the checkpoint went away meanwhile."""
+  try:
+    raw = root.read_bytes(COMMIT_MARKER)
+  except FileNotFoundError:
+    if not root.is_gone():
+      raise _explain_missing(final) from None
+    return None
+  return Manifest.from_bytes(raw, where=os.fspath(final))
+
+
+def read_committed(path: paths.PathLike, read: Callable[[CommittedCheckpoint], _T]) -> _T:
+  """Runs ``read`` on the committed checkpoint at ``path``, again if it was replaced.
+
+  Raises:
+    CheckpointNotFoundError, IncompleteCheckpointError: nothing committed at ``path``.
+    FormatError: the commit marker is damaged or of an unknown version.
+    CheckpointReplacedError: overwritten on every one of several attempts.
+  """
+  final = paths.to_path(path)
+  for attempt in range(_ATTEMPTS):
+    last = attempt == _ATTEMPTS - 1
+    try:
+      root = storage.CheckpointFiles(os.fspath(final))
+    except (FileNotFoundError, NotADirectoryError):
+      if not os.path.isdir(os.fspath(final)):
+        raise _explain_missing(final) from None
+      continue  # it appeared meanwhile: look again
+    try:
+      manifest = _manifest(root, final)
+      if manifest is None:
+        continue
+      try:
+        out = read(CommittedCheckpoint(final, manifest))
+      except errors.CheckpointReplacedError:
+        if last:
+          raise
+        continue
+      except (OSError, errors.FormatError):
+        if root.is_gone() and not last:
+          continue
+        raise
+      if not root.is_gone():
+        return out
+    finally:
+      root.close()
+  raise errors.CheckpointReplacedError(
+      f"{final} was replaced by overwrites {_ATTEMPTS} times while loading; load it again "
+      "once the writer is done.")
+
+
+def _check_requested(ckpt: CommittedCheckpoint, names: list[str]) -> None:
+  parts = ckpt.manifest.parts
+  missing = [n for n in names if n not in parts]
+  if missing:
+    hint = (" (flax_ckpt.load reads the part 'state'; use load_checkpointables, or "
+            "load(..., checkpointable_name=...), for named parts)"
+            if DEFAULT_CHECKPOINTABLE in missing else "")
+    raise errors.StructureMismatchError(
+        f"{ckpt.path} has no part {', '.join(map(repr, missing))}; its parts are "
+        f"{', '.join(map(repr, parts))}{hint}.")
+
+
+def load_parts(path: paths.PathLike, abstract: Mapping[str, Any] | None, *,
+               partial: bool = False, restore_type: type | None = None) -> dict[str, Any]:
+  """``load_checkpointables``' engine: the requested parts, each by its kind."""
+  kinds = part_kinds()
+
+  def read(ckpt: CommittedCheckpoint) -> dict[str, Any]:
+    parts = ckpt.manifest.parts
+    names = list(parts) if abstract is None else list(abstract)
+    _check_requested(ckpt, names)
+    names = [n for n in parts if n in names]  # saved order
+    found = {n: kinds.get(parts[n], n, os.fspath(ckpt.path)) for n in names}
+    out = {}
+    # kinds that change the caller's objects (set_state) go last, so a failed load leaves
+    # those objects untouched
+    for n in sorted(names, key=lambda n: found[n].restore_last):
+      request = RestoreRequest(n, os.fspath(ckpt.path),
+                               None if abstract is None else abstract[n], partial,
+                               restore_type)
+      out[n] = found[n].restore(ckpt.part_dir(n), parts[n], request)
+    return {n: out[n] for n in names}
+
+  with background.no_gc():
+    return read_committed(path, read)
+
+
+@dataclasses.dataclass
+class CheckpointMetadata:
+  """What :func:`flax_ckpt.metadata` returns.
+
+  Attributes:
+    tree: the saved structure of the ``state`` part (the one :func:`flax_ckpt.save`
+      writes; for a checkpoint of a single part, that part) with one metadata object per
+      leaf (:class:`ArrayMetadata`, :class:`ValueMetadata` or a custom handler's class);
+      None when there is no such PyTree part.
+    custom_metadata: the dict passed as ``custom_metadata=`` when saving.
+    format_version: on-disk format version.
+    checkpointables: each part's name and kind, as recorded in the commit marker:
+      ``{'params': {'kind': 'pytree'}, 'dataset': {'kind': 'stateful', ...},
+      'extra': {'kind': 'handler', 'handler': 'module.MyHandler'}}``.
+    created_at: UNIX time of the commit.
+    parts: each part's own metadata: the leaf metadata tree of a PyTree part, a
+      :class:`StatefulMetadata` for a stateful part, and ``handler.metadata(directory)``
+      for a part of a custom handler registered in this process (None if it is not).
+  """
+
+  tree: Any
+  custom_metadata: dict | None
+  format_version: int
+  checkpointables: dict
+  created_at: float | None = None
+  parts: dict = dataclasses.field(default_factory=dict)
+
+  def __getitem__(self, key: Any) -> Any:
+    if self.tree is None:
+      raise KeyError(f"{key!r}: this checkpoint has no single PyTree part to index; see "
+                     f".parts (parts: {', '.join(self.checkpointables)})")
+    return self.tree[key]
+
+
+def _part_metadata(kinds: Any, ckpt: CommittedCheckpoint, name: str) -> Any:
+  entry = ckpt.manifest.parts[name]
+  try:
+    kind = kinds.get(entry, name, os.fspath(ckpt.path))
+  except errors.FormatError:
+    return None  # a kind of a newer flax_ckpt: still list the part
+  return kind.metadata(ckpt.part_dir(name), entry)
+
+
+def checkpoint_metadata(path: paths.PathLike) -> CheckpointMetadata:
+  """``flax_ckpt.metadata``'s engine: the manifest plus each part kind's metadata."""
+  kinds = part_kinds()
+
+  def read(ckpt: CommittedCheckpoint) -> CheckpointMetadata:
+    entries = ckpt.manifest.parts
+    parts = {n: _part_metadata(kinds, ckpt, n) for n in entries}
+    tree = None
+    if DEFAULT_CHECKPOINTABLE in entries:
+      if entries[DEFAULT_CHECKPOINTABLE].kind == KIND_PYTREE:
+        tree = parts[DEFAULT_CHECKPOINTABLE]
+    elif len(entries) == 1 and next(iter(entries.values())).kind == KIND_PYTREE:
+      tree = next(iter(parts.values()))
+    return CheckpointMetadata(
+        tree=tree, custom_metadata=ckpt.manifest.custom_metadata,
+        format_version=ckpt.manifest.version, checkpointables=ckpt.manifest.checkpointables(),
+        created_at=ckpt.manifest.created_at, parts=parts)
+
+  return read_committed(path, read)

@@ -1,0 +1,308 @@
+"""The save transaction: every part written into one temporary directory, one commit.
+
+``PendingSave.start(path, parts, options)`` validates every part, claims the destination,
+makes the temporary directory and starts each part's writer; when it returns, nothing of
+the caller's is read any more. ``commit()`` finishes the writing, waits for every process,
+writes the commit marker and renames the directory into place (``docs/format.md``,
+"Commit protocol"); ``abort()`` gives the save up. Either way the parts are closed and the
+destination released. An async save runs ``commit`` in a background thread.
+
+Example:
+  >>> import numpy as np, tempfile, os
+  >>> from flax_ckpt._src.engine.saving import PendingSave, SaveOptions, parts_from
+  >>> path = os.path.join(tempfile.mkdtemp(), 'ckpt')
+  >>> PendingSave.start(path, parts_from({'state': {'w': np.ones(2)}}), SaveOptions()).commit()
+  >>> sorted(os.listdir(path))
+  ['_CHECKPOINT', 'state']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from etils import epath
+
+from flax_ckpt._src import errors
+from flax_ckpt._src.format import (
+    COMMIT_MARKER,
+    DEFAULT_CHECKPOINTABLE,
+    PART_NAME_RE,
+    ROOT_DIR,
+    Manifest,
+)
+from flax_ckpt._src.io import multihost, paths, storage
+from flax_ckpt._src.parts import pytree_io
+from flax_ckpt._src.parts.protocol import PartFinish, PartWriter, part_kinds
+
+
+@dataclasses.dataclass(frozen=True)
+class SaveOptions:
+  """How one save runs (the public functions' keyword arguments, as one value).
+
+  Attributes:
+    overwrite: replace an existing checkpoint (kept intact until the new one commits).
+    fsync: make the data durable before committing.
+    is_async: the parts' writers may finish in a background thread.
+    barrier_timeout_s: multi-process only: how long each process waits for the others.
+    custom_metadata: the caller's JSON dict for the manifest.
+    overwrite_flag: the caller's name for ``overwrite``, for the error when the
+      destination exists (``Checkpointer.save`` calls it ``force``).
+    manager: a CheckpointManager's ``{"step", "time", "metrics"}`` manifest record.
+  """
+
+  overwrite: bool = False
+  fsync: bool = True
+  is_async: bool = False
+  barrier_timeout_s: float | None = None
+  custom_metadata: dict | None = None
+  overwrite_flag: str = "overwrite"
+  manager: dict | None = None
+
+
+@dataclasses.dataclass
+class Part:
+  """One part of a save: its name, its directory in the checkpoint and its writer."""
+
+  name: str
+  writer: PartWriter
+  dir: str = ""  # default: the name; ROOT_DIR: the checkpoint directory itself
+
+  def __post_init__(self) -> None:
+    self.dir = self.dir or self.name
+
+
+def check_name(name: Any) -> str:
+  if not isinstance(name, str) or not PART_NAME_RE.fullmatch(name):
+    raise ValueError(
+        f"checkpointable name {name!r} is not allowed: use 1-128 characters from "
+        "[A-Za-z0-9_.-], starting with a letter or digit (it becomes a directory name).")
+  return name
+
+
+def check_custom_metadata(custom_metadata: Any) -> None:
+  if custom_metadata is None:
+    return
+  if not isinstance(custom_metadata, dict):
+    raise TypeError("custom_metadata must be a dict of JSON-serializable values")
+  try:
+    json.dumps(custom_metadata, allow_nan=False)
+  except (TypeError, ValueError) as e:
+    raise TypeError(
+        f"custom_metadata is not JSON-serializable ({e}); convert arrays with .tolist() and "
+        "other objects to str/int/float/bool/list/dict. Nothing was written.") from e
+
+
+def parts_from(checkpointables: Mapping[str, Any]) -> list[Part]:
+  """One part per ``{name: value}``, each with the writer of the first kind that takes it."""
+  if not isinstance(checkpointables, Mapping) or not checkpointables:
+    raise TypeError("checkpointables must be a non-empty dict {name: object}; nothing was "
+                    "written.")
+  kinds = part_kinds()
+  return [Part(check_name(name), kinds.writer_for(name, value))
+          for name, value in checkpointables.items()]
+
+
+class _Claims:
+  """The saves in flight in this process, by destination, in call order.
+
+  Without overwrite a second concurrent save to one path is an error; with it, a save
+  commits only after the earlier ones to the same path finished, so the last call wins.
+  """
+
+  def __init__(self) -> None:
+    self._lock = threading.Lock()
+    self._in_flight: dict[str, list[threading.Event]] = {}
+
+  def claim(self, final: epath.Path, overwrite: bool) -> tuple[str, threading.Event, list]:
+    key = os.path.realpath(final)  # one key however the path is spelled
+    with self._lock:
+      earlier = self._in_flight.get(key, [])
+      if earlier and not overwrite:
+        raise errors.CheckpointExistsError(
+            f"a save to {key} is already in progress in this process; wait for it "
+            "(AsyncResponse.result()) or pass overwrite=True. Nothing was written.")
+      ticket = threading.Event()
+      self._in_flight[key] = [*earlier, ticket]
+    return key, ticket, list(earlier)
+
+  def release(self, key: str, ticket: threading.Event) -> None:
+    with self._lock:
+      rest = [t for t in self._in_flight.get(key, []) if t is not ticket]
+      if rest:
+        self._in_flight[key] = rest
+      else:
+        self._in_flight.pop(key, None)
+    ticket.set()
+
+
+_CLAIMS = _Claims()
+
+
+class PendingSave:
+  """One save between ``start`` and ``commit()``/``abort()`` (see the module docstring)."""
+
+  def __init__(self, path: Any, parts: list[Part], options: SaveOptions):
+    self.final = paths.to_path(path)
+    self.parts, self.options = parts, options
+    self.nproc, self.pid = multihost.process_count(), multihost.process_index()
+    self.primary = self.pid == 0
+    # Numbered before any check that could fail in one process only, and named after the
+    # path: processes that disagree about a save time out instead of pairing different saves.
+    self.op = (multihost.next_operation_id(os.fspath(self.final)) if self.nproc > 1 else "")
+    self.timeout = multihost.timeout_s(options.barrier_timeout_s)
+    self.tmp: epath.Path | None = None
+    self._created: list[str] = []
+    self._finishes: list[PartFinish] = []
+    self._claim: tuple[str, threading.Event, list] | None = None
+
+  @classmethod
+  def start(cls, path: Any, parts: list[Part], options: SaveOptions) -> PendingSave:
+    """Validates, claims ``path`` and starts every part; the caller's objects are free."""
+    save = cls(path, parts, options)
+    try:
+      save._validate()
+    except BaseException:
+      save._close_parts()
+      raise
+    try:
+      if save.primary:
+        paths.cleanup_stale_tmp(save.final)
+      save._each_part(lambda p: p.writer.plan(f"checkpointable {p.name!r}"))
+      shared = save._make_tmp_dir()
+      save._each_part(lambda p: save._finishes.append(
+          p.writer.start(save._part_dir(p), shared.get(p.name), options.is_async)))
+    except BaseException:
+      save._give_up()
+      raise
+    return save
+
+  def commit(self) -> None:
+    """Finishes writing, commits with one rename, and waits for every process."""
+    try:
+      try:
+        self._finish_parts()
+        multihost.barrier(f"{self.op}/written", self.timeout, "finished writing its part")
+        if self.primary:
+          self._write_marker()
+          self._rename()
+      except BaseException:
+        self._give_up(release=False)
+        raise
+      multihost.barrier(f"{self.op}/committed", self.timeout, "saw the commit",
+                        committed=True)
+    finally:
+      self._close_parts()
+      self._release()
+
+  def abort(self) -> None:
+    """Gives the save up: stops the writers and removes the temporary directory."""
+    self._give_up()
+
+  # --- steps ------------------------------------------------------------------------
+
+  def _validate(self) -> None:
+    """Everything that can fail before the disk is touched."""
+    storage.backend_name()  # a bad FLAX_CKPT_STORAGE fails before anything is written
+    paths.check_destination(self.final, self.options.overwrite, self.options.overwrite_flag)
+    check_custom_metadata(self.options.custom_metadata)
+    self._claim = _CLAIMS.claim(self.final, self.options.overwrite)
+
+  def _make_tmp_dir(self) -> dict[str, Any]:
+    """Process 0 makes the temporary directory and tells the others its name, plus what
+    each part needs them to know; every process writes its share into that directory."""
+    local = {p.name: p.writer.share() for p in self.parts} if self.primary else None
+    if self.primary:
+      self.tmp, self._created = paths.make_tmp_dir(self.final)
+      for p in self.parts:
+        if p.dir != ROOT_DIR:
+          os.mkdir(os.path.join(self.tmp, p.dir))
+    if self.nproc > 1:
+      info = json.loads(multihost.share(
+          f"{self.op}/start", json.dumps({"tmp": os.fspath(self.tmp), "local": local})
+          if self.primary else None, self.timeout))
+      self.tmp, local = epath.Path(info["tmp"]), info["local"]
+    assert self.tmp is not None and local is not None
+    return local
+
+  def _part_dir(self, part: Part) -> epath.Path:
+    assert self.tmp is not None
+    return self.tmp if part.dir == ROOT_DIR else self.tmp / part.dir
+
+  def _finish_parts(self) -> None:
+    try:
+      for p, fin in zip(self.parts, self._finishes):
+        self._annotated(p, lambda fin=fin: fin.finish(self.options.fsync))
+    except OSError as e:
+      if self.primary:
+        raise
+      raise errors.CheckpointError(
+          f"process {self.pid} could not write its part of {self.final} ({e}); if process 0 "
+          "failed first, its error says why. Nothing was committed.") from e
+
+  def _write_marker(self) -> None:
+    assert self.tmp is not None
+    manifest = Manifest(
+        parts={p.name: dataclasses.replace(p.writer.entry(),
+                                           dir=None if p.dir == p.name else p.dir)
+               for p in self.parts},
+        custom_metadata=self.options.custom_metadata, created_at=time.time(),
+        process_count=self.nproc, manager=self.options.manager)
+    paths.write_json(self.tmp / COMMIT_MARKER, manifest.to_json(), fsync=self.options.fsync)
+    if self.options.fsync:
+      paths.fsync_path(self.tmp)
+
+  def _rename(self) -> None:
+    assert self._claim is not None and self.tmp is not None
+    for t in self._claim[2]:  # earlier saves to this path commit (or fail) first
+      t.wait()
+    paths.commit(self.tmp, self.final, overwrite=self.options.overwrite,
+                 fsync=self.options.fsync)
+
+  # --- failure and cleanup -----------------------------------------------------------
+
+  def _each_part(self, step: Any) -> None:
+    for p in self.parts:
+      self._annotated(p, lambda p=p: step(p))
+
+  def _annotated(self, part: Part, fn: Any) -> None:
+    try:
+      fn()
+    except BaseException as e:
+      if (len(self.parts) > 1 or part.name != DEFAULT_CHECKPOINTABLE) and hasattr(
+          e, "add_note"):
+        e.add_note(f"flax_ckpt: while saving checkpointable {part.name!r}")
+      raise
+
+  def _give_up(self, release: bool = True) -> None:
+    """Waits until no part writes any more, then removes what this save made."""
+    for fin in self._finishes:
+      try:
+        fin.abort()
+      except Exception:  # noqa: BLE001,S110 - already failing
+        pass
+    if self.primary:
+      if self.tmp is not None:
+        pytree_io.remove_quietly(self.tmp)
+      paths.remove_created(self._created)
+    if release:
+      self._close_parts()
+      self._release()
+
+  def _close_parts(self) -> None:
+    for p in self.parts:
+      try:
+        p.writer.close()
+      except Exception:  # noqa: BLE001,S110 - closing must not hide the real outcome
+        pass
+
+  def _release(self) -> None:
+    if self._claim is not None:
+      key, ticket, _ = self._claim
+      self._claim = None
+      _CLAIMS.release(key, ticket)
