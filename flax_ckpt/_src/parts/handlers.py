@@ -36,18 +36,10 @@ class CheckpointArgs:
   Subclass it (usually as a ``@dataclasses.dataclass``) and bind the subclass to a handler
   with :func:`register_with_handler`.
 
-  Example:
-    >>> import dataclasses, flax_ckpt
-    >>> class NoteHandler(flax_ckpt.CheckpointHandler):
-    ...   def save(self, directory, args):
-    ...     (directory / 'note.txt').write_text(args.text)
-    ...   def restore(self, directory, args=None):
-    ...     return (directory / 'note.txt').read_text()
-    >>> @flax_ckpt.args.register_with_handler(NoteHandler, for_save=True)
-    ... @dataclasses.dataclass
-    ... class NoteSave(flax_ckpt.args.CheckpointArgs):
-    ...   text: str
-    >>> flax_ckpt.args.get_registered_handler_cls(NoteSave) is NoteHandler
+  Example (a full handler with its args: :class:`CheckpointHandler`):
+    >>> import flax_ckpt
+    >>> save_args = flax_ckpt.args.PyTreeSave({'step': 3})
+    >>> flax_ckpt.args.get_registered_handler_cls(save_args) is flax_ckpt.PyTreeCheckpointHandler
     True
   """
 
@@ -253,17 +245,16 @@ def register_with_handler(handler_cls: type, for_save: bool = False,
     TypeError: the decorated class does not subclass :class:`CheckpointArgs`.
     RegistrationError: the args class is already bound to an unrelated handler.
 
-  Example:
+  Example (the handler side: :class:`CheckpointHandler`):
     >>> import dataclasses, flax_ckpt
-    >>> class TextHandler(flax_ckpt.CheckpointHandler):
-    ...   def save(self, directory, args):
-    ...     (directory / 'text.txt').write_text(args.text)
-    ...   def restore(self, directory, args=None):
-    ...     return (directory / 'text.txt').read_text()
-    >>> @flax_ckpt.args.register_with_handler(TextHandler, for_save=True)
+    >>> class NoteHandler(flax_ckpt.CheckpointHandler):
+    ...   pass  # save() and restore() as in CheckpointHandler's example
+    >>> @flax_ckpt.args.register_with_handler(NoteHandler, for_save=True)
     ... @dataclasses.dataclass
-    ... class TextSave(flax_ckpt.args.CheckpointArgs):
+    ... class NoteSave(flax_ckpt.args.CheckpointArgs):
     ...   text: str
+    >>> flax_ckpt.args.get_registered_handler_cls(NoteSave) is NoteHandler
+    True
   """
   if not for_save and not for_restore:
     raise ValueError("register_with_handler: pass for_save=True and/or for_restore=True")
