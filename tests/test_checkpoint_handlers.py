@@ -626,3 +626,40 @@ def test_registered_type_object_works_as_restore_template(tmp_path):
   flax_ckpt.save_checkpointables(tmp_path / "c", {"blob": Opaque("v")})
   out = flax_ckpt.load_checkpointables(tmp_path / "c", {"blob": Opaque("")})
   assert out["blob"].payload == "v"
+
+
+def test_checkpointer_restore_during_overwrites_never_mixes_two_checkpoints(tmp_path):
+  """Checkpointer reads through the same retrying reader as load (the manifest and the data
+  of one version, again if an overwrite replaced the directory mid-read)."""
+  import threading
+
+  path = tmp_path / "ckpt"
+  a = {"a": np.full(20_000, 1.0), "b": np.full(20_000, 2.0)}
+  b = {"b": np.full(20_000, 4.0), "a": np.full(20_000, 3.0)}
+  ckptr = flax_ckpt.Checkpointer(flax_ckpt.PyTreeCheckpointHandler())
+  ckptr.save(path, flax_ckpt.args.PyTreeSave(a))
+  stop, problems, reads = threading.Event(), [], 0
+
+  def writer():
+    w = flax_ckpt.Checkpointer(flax_ckpt.PyTreeCheckpointHandler())
+    for i in range(40):
+      w.save(path, flax_ckpt.args.PyTreeSave(a if i % 2 else b), force=True)
+    stop.set()
+
+  t = threading.Thread(target=writer)
+  t.start()
+  while not stop.is_set():
+    try:
+      out = ckptr.restore(path)
+      md = ckptr.metadata(path)
+    except flax_ckpt.CheckpointError as e:  # only after repeated replacement mid-read
+      problems.append(repr(e))
+      continue
+    reads += 1
+    pair = (float(out["a"][0]), float(out["b"][0]))
+    assert pair in ((1.0, 2.0), (3.0, 4.0)), pair
+    assert np.all(out["a"] == pair[0]) and np.all(out["b"] == pair[1])
+    assert md["a"].shape == (20_000,)
+  t.join()
+  assert reads > 0
+  assert len(problems) <= 2, problems
