@@ -9,8 +9,9 @@ that also held the classes:
 - ``from flax_ckpt.metadata import Metadata`` (and ``ArrayMetadata``, ``ValueMetadata``,
   ``CheckpointMetadata``) imports them from this module, which stays in ``sys.modules``;
 - ``flax_ckpt.metadata.Metadata`` reads them from the function, which carries them as
-  attributes; its declared type (a Protocol) lists them, so type checkers accept both
-  spellings.
+  attributes; its declared type (a Protocol) lists them, so type checkers accept it in
+  code (``isinstance``, a base class), though not in an annotation: annotate with
+  ``flax_ckpt.metadata_types.Metadata``.
 
 Example:
   >>> import numpy as np, flax_ckpt, tempfile, os
@@ -27,11 +28,12 @@ from typing import Protocol, cast
 
 from flax_ckpt import metadata_types
 from flax_ckpt._src import api
-from flax_ckpt._src.api import CheckpointMetadata
 from flax_ckpt._src.io.paths import PathLike
 
-# Kept for compatibility (``from flax_ckpt.metadata import Metadata``); their home is
-# flax_ckpt.metadata_types (CheckpointMetadata: flax_ckpt).
+# isort: split
+# Kept for compatibility (``from flax_ckpt.metadata import Metadata``), not in __all__: the
+# home of CheckpointMetadata is flax_ckpt, that of the others flax_ckpt.metadata_types.
+from flax_ckpt._src.api import CheckpointMetadata as CheckpointMetadata
 from flax_ckpt.metadata_types import ArrayMetadata as ArrayMetadata
 from flax_ckpt.metadata_types import Metadata as Metadata
 from flax_ckpt.metadata_types import ValueMetadata as ValueMetadata
