@@ -31,14 +31,16 @@ from flax_ckpt._src import api
 from flax_ckpt._src.io.paths import PathLike
 
 # isort: split
-# Kept for compatibility (``from flax_ckpt.metadata import Metadata``), not in __all__: the
-# home of CheckpointMetadata is flax_ckpt, that of the others flax_ckpt.metadata_types.
+# Kept for compatibility (``from flax_ckpt.metadata import Metadata``): the home of
+# CheckpointMetadata is flax_ckpt, that of the others flax_ckpt.metadata_types.
 from flax_ckpt._src.api import CheckpointMetadata as CheckpointMetadata
 from flax_ckpt.metadata_types import ArrayMetadata as ArrayMetadata
 from flax_ckpt.metadata_types import Metadata as Metadata
 from flax_ckpt.metadata_types import ValueMetadata as ValueMetadata
 
-__all__ = ["metadata"]
+# What this module exported when it was the callable module, unchanged for
+# ``from flax_ckpt.metadata import *``. The function is listed in flax_ckpt.__all__.
+__all__ = ["ArrayMetadata", "CheckpointMetadata", "Metadata", "ValueMetadata"]
 
 
 class _MetadataFunction(Protocol):
