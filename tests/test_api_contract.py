@@ -1,7 +1,13 @@
 """API details users rely on: class registry timing, plain dataclasses, template kinds, None
-subtrees, the metadata namespace, errors naming leaves, concurrent saves to one path."""
+subtrees, the public surface (one home per name, old spellings as aliases, metadata as a
+function), errors naming leaves, concurrent saves to one path."""
 
 import dataclasses
+import doctest
+import importlib
+import inspect
+import sys
+import types
 import typing
 import warnings
 
@@ -53,17 +59,109 @@ def test_registered_plain_dataclass_round_trips(ckpt_dir):
   assert got["cfg"].w.dtype == jnp.float32 and got["cfg"].lr == 0.1
 
 
-def test_metadata_is_a_callable_namespace(ckpt_dir):
+def test_metadata_is_a_function_that_keeps_the_old_spellings(ckpt_dir):
   import flax_ckpt.metadata as md_module
-  from flax_ckpt.metadata import ArrayMetadata, Metadata
+  from flax_ckpt.metadata import ArrayMetadata, CheckpointMetadata, Metadata, ValueMetadata
 
+  assert inspect.isfunction(flax_ckpt.metadata) and flax_ckpt.metadata.__name__ == "metadata"
   assert md_module is flax_ckpt.metadata and flax_ckpt.metadata.Metadata is Metadata
+  assert isinstance(sys.modules["flax_ckpt.metadata"], types.ModuleType)
+  assert (Metadata, ArrayMetadata, ValueMetadata) == (
+      flax_ckpt.metadata_types.Metadata, flax_ckpt.metadata_types.ArrayMetadata,
+      flax_ckpt.metadata_types.ValueMetadata)
+  assert CheckpointMetadata is flax_ckpt.CheckpointMetadata is flax_ckpt.metadata.CheckpointMetadata
+  assert flax_ckpt.metadata.ValueMetadata is ValueMetadata
+
+  @dataclasses.dataclass(kw_only=True)
+  class MyMetadata(flax_ckpt.metadata.Metadata):  # how custom handlers subclassed it
+    extra: int = 0
+
+  assert issubclass(MyMetadata, flax_ckpt.metadata_types.Metadata)
   path = ckpt_dir / "ckpt"
   flax_ckpt.save(path, {"w": np.ones((2, 3), np.float32), "k": jax.random.key(0)})
   md = flax_ckpt.metadata(path)
+  assert isinstance(md, CheckpointMetadata) and md_module(path) == md
   assert isinstance(md["w"], ArrayMetadata) and md["w"].shape == (2, 3)
   assert md["k"].dtype == jax.random.key(0).dtype  # a real key dtype, not a string
   assert flax_ckpt.type_handlers.ArrayHandler is flax_ckpt.ArrayHandler
+
+
+# Every name flax_ckpt exported before it had one home per name; each still works.
+_OLD_TOP_LEVEL = """
+    abstract_with_sharding args AsyncCheckpointer AsyncCheckpointHandler CheckpointArgs
+    Checkpointer CheckpointHandler CheckpointManager CheckpointManagerOptions
+    checkpoints_iterator wait_for_new_checkpoint policies load_checkpointables
+    PyTreeCheckpointHandler PyTreeRestore PyTreeSave register_checkpointable_handler
+    register_with_handler RegistrationError save_checkpointables save_checkpointables_async
+    StatefulCheckpointHandler StatefulMetadata StatefulRestore StatefulSave ArrayHandler
+    ArrayMetadata AsyncResponse CheckpointError CheckpointExistsError CheckpointMetadata
+    CheckpointNotFoundError CheckpointReplacedError FormatError IncompleteCheckpointError
+    Metadata ParamInfo RestoreArgs SaveArgs ScalarHandler StructureMismatchError TypeHandler
+    UnregisteredClassWarning UnsupportedLeafError ValueMetadata get_type_handler
+    has_type_handler load metadata register_class register_type_handler save save_async
+    type_handlers""".split()
+_OLD_NAMESPACES = {
+    "args": """CheckpointArgs PyTreeRestore PyTreeSave RegistrationError StatefulRestore
+               StatefulSave get_registered_handler_cls register_with_handler""".split(),
+    "type_handlers": """ArrayHandler ArrayMetadata Metadata ParamInfo RestoreArgs SaveArgs
+                        ScalarHandler TypeHandler ValueMetadata get_type_handler
+                        has_type_handler register_type_handler""".split(),
+}
+# (flax_ckpt.metadata is not one: that name is the function; the module stays importable for
+# the old ``from flax_ckpt.metadata import Metadata``.)
+_PUBLIC_MODULES = ["flax_ckpt", "flax_ckpt.args", "flax_ckpt.handlers", "flax_ckpt.metadata_types",
+                   "flax_ckpt.policies", "flax_ckpt.type_handlers"]
+
+
+def _homes() -> dict[str, list[str]]:
+  """Public name -> the modules whose ``__all__`` lists it."""
+  homes: dict[str, list[str]] = {}
+  for name in _PUBLIC_MODULES:
+    for attr in importlib.import_module(name).__all__:
+      homes.setdefault(attr, []).append(name)
+  return homes
+
+
+def test_each_public_name_has_one_home_and_sorted_all():
+  homes = _homes()
+  assert {k: v for k, v in homes.items() if len(v) > 1} == {}
+  for name in _PUBLIC_MODULES:
+    module = importlib.import_module(name)
+    assert all(hasattr(module, attr) for attr in module.__all__), name
+    # isort-style, as ruff's RUF022 sorts: classes (CamelCase) first, then the rest
+    assert module.__all__ == sorted(module.__all__, key=lambda a: (not a[0].isupper(), a))
+  assert len(flax_ckpt.__all__) == 30
+
+
+def test_old_names_are_aliases_of_their_one_home():
+  homes = _homes()
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # only ArrayRestoreArgs warns, and it is not listed here
+    for module_name, names in [("flax_ckpt", _OLD_TOP_LEVEL)] + [
+        (f"flax_ckpt.{ns}", names) for ns, names in _OLD_NAMESPACES.items()]:
+      module = importlib.import_module(module_name)
+      for name in names:
+        (home,) = homes[name]
+        obj = getattr(importlib.import_module(home), name)
+        assert getattr(module, name) is obj, (module_name, name, home)
+        exec(f"from {module_name} import {name}", {})
+
+
+def test_array_restore_args_is_a_deprecated_alias():
+  for module in (flax_ckpt, flax_ckpt.type_handlers):
+    with pytest.warns(DeprecationWarning, match="RestoreArgs"):
+      assert module.ArrayRestoreArgs is flax_ckpt.type_handlers.RestoreArgs
+  with pytest.warns(DeprecationWarning):
+    from flax_ckpt import ArrayRestoreArgs  # noqa: F401
+  with pytest.raises(AttributeError, match="no attribute 'ArrayRestoreArg'"):
+    flax_ckpt.ArrayRestoreArg  # noqa: B018
+
+
+@pytest.mark.parametrize("name", ["flax_ckpt.handlers", "flax_ckpt.metadata_types"])
+def test_docstring_examples_of_the_new_namespaces(name):
+  # tests/test_doctests.py lists the public modules that existed before these two
+  result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+  assert result.failed == 0 and result.attempted > 0
 
 
 def test_deleted_array_names_the_leaf_and_writes_nothing(ckpt_dir):

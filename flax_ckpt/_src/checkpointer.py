@@ -166,7 +166,7 @@ class Checkpointer:
   def __enter__(self):
     return self
 
-  def __exit__(self, *exc: Any) -> None:
+  def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
     self.close()
 
 

@@ -224,7 +224,7 @@ class PendingSave:
           os.mkdir(os.path.join(self.tmp, p.dir))
     if self.nproc > 1:
       info = json.loads(multihost.share(
-          f"{self.op}/start", json.dumps({"tmp": os.fspath(self.tmp), "local": local})
+          f"{self.op}/start", json.dumps({"tmp": os.fspath(self.tmp or ""), "local": local})
           if self.primary else None, self.timeout))
       self.tmp, local = epath.Path(info["tmp"]), info["local"]
     assert self.tmp is not None and local is not None
@@ -274,9 +274,9 @@ class PendingSave:
     try:
       fn()
     except BaseException as e:
-      if (len(self.parts) > 1 or part.name != DEFAULT_CHECKPOINTABLE) and hasattr(
-          e, "add_note"):
-        e.add_note(f"flax_ckpt: while saving checkpointable {part.name!r}")
+      add_note = getattr(e, "add_note", None)  # Python >= 3.11
+      if (len(self.parts) > 1 or part.name != DEFAULT_CHECKPOINTABLE) and add_note:
+        add_note(f"flax_ckpt: while saving checkpointable {part.name!r}")
       raise
 
   def _give_up(self, release: bool = True) -> None:
