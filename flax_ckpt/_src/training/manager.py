@@ -9,7 +9,6 @@ latest committed state.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import math
@@ -251,8 +250,7 @@ class CheckpointManager:
     self._pending_info: policies.StepInfo | None = None
     self._closed = False
     self._primary = multihost.process_index() == 0
-    digest = hashlib.sha1(self._root.encode("utf-8", "surrogatepass")).hexdigest()[:12]
-    self._op_prefix = f"flax_ckpt/manager/{digest}"
+    self._op_prefix = f"flax_ckpt/manager/{multihost.path_digest(self._root, 12)}"
     self._ops = itertools.count()
     self._dir_lock: dir_lock.DirectoryLock | None = None
     self._sigterm: preemption.SigtermWatcher = preemption.SigtermWatcher()  # passive
@@ -342,9 +340,7 @@ class CheckpointManager:
   def reached_preemption(self, step: int) -> bool:
     """Whether the job is being preempted: after SIGTERM (single process), or at JAX's
     multi-host preemption sync point (all processes agree on the step)."""
-    if preemption.distributed_runtime():
-      return preemption.jax_sync_point_reached(step)
-    return self._sigterm.triggered
+    return preemption.reached(step, self._sigterm)
 
   def _last_saved(self) -> policies.StepInfo | None:
     with self._lock:
