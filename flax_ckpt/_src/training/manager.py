@@ -19,7 +19,8 @@ import math
 import os
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import TracebackType
 from typing import Any
 
 from flax_ckpt._src import errors
@@ -41,7 +42,8 @@ from flax_ckpt._src.training.polling import wait_for_new_checkpoint as wait_for_
 DATASET = "dataset"
 
 
-def _release(lock: Any, watcher: Any) -> None:
+def _release(lock: dir_lock.DirectoryLock | None,
+             watcher: preemption.SigtermWatcher | None) -> None:
   if watcher is not None:
     preemption.release_watcher(watcher)
   if lock is not None:
@@ -208,8 +210,9 @@ class CheckpointManager:
 
   # --- saving ------------------------------------------------------------------------
 
-  def save(self, step: int, state: Any = None, *, dataset: Any = None, metrics: Any = None,
-           force: bool = False, custom_metadata: dict | None = None) -> bool:
+  def save(self, step: int, state: Any = None, *, dataset: Any = None,
+           metrics: Mapping[str, Any] | None = None, force: bool = False,
+           custom_metadata: dict | None = None) -> bool:
     """Saves ``state`` (and ``dataset``) as checkpoint ``step`` if the policies say so.
 
     A train state (``params``, ``opt_state``, ``step`` fields: ``TrainState``, a
@@ -258,7 +261,7 @@ class CheckpointManager:
     step = save_rules.check_step(step)
     save_rules.check_dataset(dataset)
     if metrics is not None and self._opts.best_fn is not None:
-      metrics_codec.check_best_fn(self._opts.best_fn, metrics_codec.encode(metrics))
+      metrics_codec.check_best_fn(self._opts.best_fn, metrics)
     return step
 
   def _wants_to_save(self, step: int, force: bool) -> bool:
@@ -370,7 +373,8 @@ class CheckpointManager:
           raise
     raise AssertionError("unreachable")
 
-  def _restore(self, step: int, abstract_state: Any, dataset: Any, only: Any) -> Any:
+  def _restore(self, step: int, abstract_state: Any, dataset: Any,
+               only: str | Sequence[str] | None) -> Any:
     latest = self.latest_step()
     self._rolled_back_to = step if latest is not None and step < latest else None
     path = self._step_path(step)
@@ -428,7 +432,8 @@ class CheckpointManager:
   def __enter__(self) -> CheckpointManager:
     return self
 
-  def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+  def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+               tb: TracebackType | None) -> None:
     if exc is None:
       self.close()
       return

@@ -7,11 +7,19 @@ None as they are.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
 from flax_ckpt._src.encoding import jsontags
+
+
+@overload
+def encode(metrics: None) -> None: ...
+
+
+@overload
+def encode(metrics: Mapping[str, Any]) -> dict: ...
 
 
 def encode(metrics: Any) -> dict | None:
@@ -38,6 +46,14 @@ def encode(metrics: Any) -> dict | None:
   return out
 
 
+@overload
+def decode(stored: None) -> None: ...
+
+
+@overload
+def decode(stored: Mapping[str, Any]) -> dict: ...
+
+
 def decode(stored: Mapping[str, Any] | None) -> dict | None:
   """The metrics :func:`encode` stored (None stays None)."""
   if stored is None:
@@ -45,8 +61,9 @@ def decode(stored: Mapping[str, Any] | None) -> dict | None:
   return {k: jsontags.decode(v) for k, v in stored.items()}  # non-finite floats are tagged
 
 
-def check_best_fn(fn: Callable[[dict], float], stored: Mapping[str, Any]) -> None:
+def check_best_fn(fn: Callable[[dict], float], metrics: Mapping[str, Any]) -> None:
   """Raises before anything is written when ``best_fn`` cannot score ``metrics``."""
+  stored = encode(metrics)
   try:
     float(fn(decode(stored)))
   except Exception as e:  # noqa: BLE001 - reported with the fix

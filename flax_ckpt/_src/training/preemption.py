@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 from flax_ckpt._src.io import multihost
@@ -19,7 +21,7 @@ class SigtermWatcher:
 
   def __init__(self):
     self._event = threading.Event()
-    self._previous: Any = None
+    self._previous: Callable[[int, FrameType | None], Any] | int | None = None
     self._installed = False
 
   def install(self) -> bool:
@@ -30,7 +32,7 @@ class SigtermWatcher:
     self._installed = True
     return True
 
-  def _on_sigterm(self, signum: int, frame: Any) -> None:
+  def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
     self._event.set()
     prev = self._previous
     if callable(prev) and prev not in (signal.SIG_DFL, signal.SIG_IGN):
