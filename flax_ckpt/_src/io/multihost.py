@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import os
 import threading
+from typing import Any
 
 import jax
 
@@ -39,17 +40,39 @@ def timeout_s(timeout: float | None = None) -> float:
   return float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
 
 
+def path_digest(path: str, length: int = 16) -> str:
+  """A short id of ``path`` (hex SHA-1 of its bytes), the same in every process.
+
+  Operation ids (key-value keys, barrier names) are named after the path, so processes
+  that disagree about which checkpoint they work on time out instead of pairing up.
+  """
+  return hashlib.sha1(path.encode("utf-8", "surrogatepass")).hexdigest()[:length]
+
+
 def next_operation_id(path: str) -> str:
   """An id for the next save to ``path``; processes that save in the same order agree."""
-  digest = hashlib.sha1(path.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+  digest = path_digest(path)
   with _counter_lock:
     return f"flax_ckpt/save/{next(_counter)}/{digest}"
 
 
-def _client():
-  from jax._src import distributed
+def _runtime_client() -> Any:
+  """The client ``jax.distributed.initialize`` set up in this process, or None."""
+  try:
+    from jax._src import distributed
 
-  client = distributed.global_state.client
+    return distributed.global_state.client
+  except Exception:  # noqa: BLE001 - a JAX without this (private) module: no runtime
+    return None
+
+
+def distributed_initialized() -> bool:
+  """Whether ``jax.distributed`` is initialized in this process."""
+  return _runtime_client() is not None
+
+
+def _client() -> Any:
+  client = _runtime_client()
   if client is None:
     raise errors.CheckpointError(
         f"this job has {process_count()} processes but jax.distributed is not initialized in "

@@ -4,213 +4,50 @@ Hand it the train state every step: it decides whether to save, saves asynchrono
 step only waits for the copy of what may change), keeps the checkpoints the retention
 policies want (never deleting the newest), and after a crash or preemption gives back the
 latest committed state.
+
+Its options are in :mod:`options`, the checks before a save in :mod:`save_rules`, the
+metrics' encoding in :mod:`metrics_codec`, and every read or write of a step's checkpoint in
+:mod:`step_io`. :func:`checkpoints_iterator` and :func:`wait_for_new_checkpoint` (for eval
+jobs) are in :mod:`polling` and importable from here too.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import itertools
 import json
 import math
-import operator
 import os
 import threading
-import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from types import TracebackType
 from typing import Any
 
-import numpy as np
-
 from flax_ckpt._src import errors
-from flax_ckpt._src.encoding import jsontags
-from flax_ckpt._src.engine import checkpointables
-from flax_ckpt._src.format import COMMIT_MARKER
 from flax_ckpt._src.io import background, multihost, paths
-from flax_ckpt._src.parts import handlers
-from flax_ckpt._src.parts.stateful import is_stateful
-from flax_ckpt._src.training import dir_lock, policies, preemption, step_dirs
+from flax_ckpt._src.training import (
+    dir_lock,
+    metrics_codec,
+    policies,
+    preemption,
+    save_rules,
+    step_dirs,
+    step_io,
+)
 from flax_ckpt._src.training import train_state_parts as tsp
+from flax_ckpt._src.training.options import CheckpointManagerOptions as CheckpointManagerOptions
+from flax_ckpt._src.training.polling import checkpoints_iterator as checkpoints_iterator
+from flax_ckpt._src.training.polling import wait_for_new_checkpoint as wait_for_new_checkpoint
 
 DATASET = "dataset"
 
 
-@dataclasses.dataclass(frozen=True)
-class CheckpointManagerOptions:
-  """How a :class:`CheckpointManager` saves and what it keeps.
-
-  When to save (a step is saved if any applies; with none of the first three set, every
-  step is saved; preemption always triggers a save):
-
-  Attributes:
-    save_interval_steps: save steps divisible by this.
-    save_on_steps: also save exactly these steps.
-    save_interval_secs: also save when this many seconds passed since the last save.
-    save_decision_policy: a custom :class:`~flax_ckpt.policies.SaveDecisionPolicy`
-      (e.g. ``AnySavePolicy([...])``); replaces the three options above.
-    max_to_keep: keep at most this many (the newest, or with ``best_fn`` the best);
-      None keeps all.
-    keep_period: additionally keep every checkpoint whose step is a multiple of this.
-    keep_time_interval: additionally keep the first checkpoint of every stretch of this
-      many seconds.
-    best_fn: ``metrics -> float``; with ``max_to_keep``, keep the best ones by it.
-    best_mode: ``'min'`` or ``'max'`` for ``best_fn``.
-    keep_checkpoints_without_metrics: with ``best_fn``, never delete checkpoints saved
-      without metrics.
-    preservation_policy: a custom :class:`~flax_ckpt.policies.PreservationPolicy`;
-      replaces the retention options above. Whatever it says, the newest committed
-      checkpoint is never deleted.
-    step_prefix: directory names ``<prefix>_<step>`` instead of ``<step>``.
-    step_format_fixed_length: zero-pad step numbers to this width.
-    create: create the directory if it does not exist.
-    read_only: never write, delete, clean up or lock; for evaluation jobs.
-    enable_async: ``save`` returns once the state is captured; the write continues in the
-      background (at most one save in flight; the next waits for it).
-    cleanup_tmp_directories: remove leftovers of crashed saves when opening.
-    barrier_timeout_s: multi-process only: how long processes wait for each other.
-    lock_stale_after_s: a directory lock whose owner stopped refreshing it this long ago
-      (e.g. a dead job on another host) is taken over.
-    fsync: make checkpoints durable before committing them.
-    clock: the time source (injectable for tests); defaults to ``time.time``.
-  """
-
-  save_interval_steps: int | None = None
-  save_on_steps: Sequence[int] = ()
-  save_interval_secs: float | None = None
-  save_decision_policy: Any = None
-  max_to_keep: int | None = None
-  keep_period: int | None = None
-  keep_time_interval: float | None = None
-  best_fn: Callable[[dict], float] | None = None
-  best_mode: str = "min"
-  keep_checkpoints_without_metrics: bool = True
-  preservation_policy: Any = None
-  step_prefix: str | None = None
-  step_format_fixed_length: int | None = None
-  create: bool = True
-  read_only: bool = False
-  enable_async: bool = True
-  cleanup_tmp_directories: bool = True
-  barrier_timeout_s: float | None = None
-  lock_stale_after_s: float = 600.0
-  fsync: bool = True
-  clock: Callable[[], float] = time.time
-
-  def __post_init__(self):
-    if self.best_mode not in ("min", "max"):
-      raise ValueError(f"best_mode must be 'min' or 'max', not {self.best_mode!r}")
-    for name in ("save_interval_steps", "max_to_keep", "keep_period",
-                 "step_format_fixed_length"):
-      v = getattr(self, name)
-      if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-        raise ValueError(f"{name} must be a positive int or None, not {v!r}")
-    for name in ("save_interval_secs", "keep_time_interval"):
-      v = getattr(self, name)
-      if v is not None and not v > 0:
-        raise ValueError(f"{name} must be a positive number of seconds or None, not {v!r}")
-    if self.preservation_policy is not None and (
-        self.max_to_keep is not None or self.keep_period is not None
-        or self.keep_time_interval is not None or self.best_fn is not None):
-      raise ValueError("preservation_policy replaces max_to_keep/keep_period/"
-                       "keep_time_interval/best_fn; pass either the policy or those options")
-    if self.save_decision_policy is not None and (
-        self.save_interval_steps is not None or self.save_on_steps
-        or self.save_interval_secs is not None):
-      raise ValueError("save_decision_policy replaces save_interval_steps/save_on_steps/"
-                       "save_interval_secs; pass either the policy or those options")
-
-  def decision_policy(self) -> Any:
-    if self.save_decision_policy is not None:
-      return policies.AnySavePolicy([self.save_decision_policy, policies.PreemptionPolicy()])
-    rules: list[Any] = [policies.PreemptionPolicy()]
-    if self.save_interval_steps is not None:
-      rules.append(policies.FixedIntervalPolicy(self.save_interval_steps))
-    if self.save_on_steps:
-      rules.append(policies.SpecificStepsPolicy(tuple(self.save_on_steps)))
-    if self.save_interval_secs is not None:
-      rules.append(policies.TimeIntervalPolicy(self.save_interval_secs))
-    if len(rules) == 1:
-      rules.append(policies.FixedIntervalPolicy(1))
-    return policies.AnySavePolicy(rules)
-
-  def retention_policy(self) -> Any:
-    if self.preservation_policy is not None:
-      return self.preservation_policy
-    rules: list[Any] = []
-    if self.max_to_keep is not None:
-      if self.best_fn is not None:
-        rules.append(policies.BestN(self.best_fn, self.max_to_keep, self.best_mode,
-                                    self.keep_checkpoints_without_metrics))
-      else:
-        rules.append(policies.LatestN(self.max_to_keep))
-    if self.keep_period is not None:
-      rules.append(policies.EveryNSteps(self.keep_period))
-    if self.keep_time_interval is not None:
-      rules.append(policies.EveryNSeconds(self.keep_time_interval))
-    if self.max_to_keep is None and not rules:
-      return policies.KeepAll()
-    if self.max_to_keep is None:  # periods alone add to "keep everything"
-      rules.append(policies.KeepAll())
-    return policies.AnyPreservationPolicy(rules)
-
-
-def _release(lock: Any, watcher: Any) -> None:
+def _release(lock: dir_lock.DirectoryLock | None,
+             watcher: preemption.SigtermWatcher | None) -> None:
   if watcher is not None:
     preemption.release_watcher(watcher)
   if lock is not None:
     lock.release()
-
-
-def _jsonable_metrics(metrics: Any) -> dict | None:
-  if metrics is None:
-    return None
-  if not isinstance(metrics, Mapping):
-    raise TypeError(f"metrics must be a dict of numbers, not {type(metrics).__qualname__}")
-  out = {}
-  for k, v in metrics.items():
-    if not isinstance(k, str):
-      raise TypeError(f"metrics keys must be str, got {k!r}")
-    if isinstance(v, str) or v is None:
-      out[k] = v
-      continue
-    if isinstance(v, (bool, np.bool_)):
-      out[k] = bool(v)
-      continue
-    try:
-      f = float(v)  # python/numpy/jax scalars
-    except (TypeError, ValueError) as e:
-      raise TypeError(f"metric {k!r} is not a number: {v!r}") from e
-    out[k] = jsontags.encode(f)
-  return out
-
-
-def _restore_metric(v: Any) -> Any:
-  return jsontags.decode(v)  # non-finite floats are tagged
-
-
-def _check_step(step: Any) -> int:
-  if isinstance(step, (bool, np.bool_)):
-    raise TypeError(f"step must be a non-negative int, not {step!r}")
-  try:
-    step = operator.index(step)  # ints, numpy / jax integer scalars; not 2.7
-  except TypeError:
-    if hasattr(step, "dtype") and np.issubdtype(step.dtype, np.integer):
-      step = int(step)
-    else:
-      raise TypeError(f"step must be a non-negative int, not {step!r}") from None
-  if step < 0:
-    raise ValueError(f"step must be non-negative, not {step}")
-  return step
-
-
-def _check_best_fn(fn: Callable, metrics: dict) -> None:
-  """Raises before anything is written when ``best_fn`` cannot score ``metrics``."""
-  try:
-    float(fn({k: _restore_metric(v) for k, v in metrics.items()}))
-  except Exception as e:  # noqa: BLE001 - reported with the fix
-    raise ValueError(f"best_fn failed on the metrics {metrics} ({type(e).__name__}: {e}); "
-                     "fix best_fn or pass the metrics it needs. Nothing was saved.") from e
 
 
 class CheckpointManager:
@@ -242,7 +79,7 @@ class CheckpointManager:
                                         self._opts.step_format_fixed_length)
     self._clock = self._opts.clock
     self._decide = self._opts.decision_policy()
-    self._deterministic = self._step_determined()
+    self._deterministic = policies.is_step_determined(self._decide)
     self._retain = self._opts.retention_policy()
     self._lock = threading.RLock()
     self._save_lock = threading.Lock()
@@ -251,19 +88,22 @@ class CheckpointManager:
     self._pending_info: policies.StepInfo | None = None
     self._closed = False
     self._primary = multihost.process_index() == 0
-    digest = hashlib.sha1(self._root.encode("utf-8", "surrogatepass")).hexdigest()[:12]
-    self._op_prefix = f"flax_ckpt/manager/{digest}"
+    self._op_prefix = f"flax_ckpt/manager/{multihost.path_digest(self._root, 12)}"
     self._ops = itertools.count()
     self._dir_lock: dir_lock.DirectoryLock | None = None
     self._sigterm: preemption.SigtermWatcher = preemption.SigtermWatcher()  # passive
+    self._rolled_back_to: int | None = None
+    self._open()
 
+  def _open(self) -> None:
+    """Creates the directory if asked, takes its lock and the SIGTERM handler, and lists
+    the committed steps."""
     if not os.path.isdir(self._root):
       if self._opts.read_only or not self._opts.create:
         raise errors.CheckpointNotFoundError(
             f"checkpoint directory {self._root} does not exist (create=True makes it)")
       if self._primary:
         os.makedirs(self._root, exist_ok=True)
-    self._rolled_back_to: int | None = None
     try:
       if not self._opts.read_only and self._primary:
         self._dir_lock = dir_lock.DirectoryLock(self._root,
@@ -287,16 +127,11 @@ class CheckpointManager:
     return os.path.join(self._root, self._naming.name(step))
 
   def _read_info(self, step: int) -> policies.StepInfo | None:
-    try:
-      manifest = paths.read_json(os.path.join(self._step_path(step), COMMIT_MARKER))
-    except (OSError, ValueError):
+    record = step_io.read_record(self._step_path(step))
+    if record is None:
       return None
-    m = manifest.get("manager") or {}
-    metrics = m.get("metrics")
-    if metrics is not None:
-      metrics = {k: _restore_metric(v) for k, v in metrics.items()}
-    return policies.StepInfo(step, float(m.get("time", manifest.get("created_at", 0.0))),
-                             metrics)
+    return policies.StepInfo(step, float(record["time"]),
+                             metrics_codec.decode(record.get("metrics")))
 
   def reload(self) -> None:
     """Lists the committed checkpoints on disk again (e.g. written by another job)."""
@@ -342,9 +177,7 @@ class CheckpointManager:
   def reached_preemption(self, step: int) -> bool:
     """Whether the job is being preempted: after SIGTERM (single process), or at JAX's
     multi-host preemption sync point (all processes agree on the step)."""
-    if preemption.distributed_runtime():
-      return preemption.jax_sync_point_reached(step)
-    return self._sigterm.triggered
+    return preemption.reached(step, self._sigterm)
 
   def _last_saved(self) -> policies.StepInfo | None:
     with self._lock:
@@ -366,16 +199,6 @@ class CheckpointManager:
                                    reached_preemption=self._sigterm.triggered)
     return bool(self._decide.should_save(ctx))
 
-  def _step_determined(self) -> bool:
-    """Whether the save decision depends on the step alone (no clock, no custom rule), so
-    every process reaches the same one without asking process 0."""
-    def det(p: Any) -> bool:
-      if isinstance(p, policies.AnySavePolicy):
-        return all(det(q) for q in p.policies)
-      return isinstance(p, (policies.FixedIntervalPolicy, policies.SpecificStepsPolicy,
-                            policies.PreemptionPolicy))
-    return det(self._decide)
-
   def _agree(self, what: str, local: Any) -> Any:
     """Process 0's value of ``local``, the same in every process."""
     if multihost.process_count() == 1 or (what == "decide" and self._deterministic):
@@ -387,8 +210,9 @@ class CheckpointManager:
 
   # --- saving ------------------------------------------------------------------------
 
-  def save(self, step: int, state: Any = None, *, dataset: Any = None, metrics: Any = None,
-           force: bool = False, custom_metadata: dict | None = None) -> bool:
+  def save(self, step: int, state: Any = None, *, dataset: Any = None,
+           metrics: Mapping[str, Any] | None = None, force: bool = False,
+           custom_metadata: dict | None = None) -> bool:
     """Saves ``state`` (and ``dataset``) as checkpoint ``step`` if the policies say so.
 
     A train state (``params``, ``opt_state``, ``step`` fields: ``TrainState``, a
@@ -408,73 +232,71 @@ class CheckpointManager:
     Returns:
       Whether a save was started (False: skipped by the policies or already saved).
     """
-    if self._opts.read_only:
-      raise errors.CheckpointError(f"this CheckpointManager of {self._root} is read_only")
-    if self._closed:
-      raise errors.CheckpointError("this CheckpointManager is closed")
-    step = _check_step(step)
-    if dataset is not None and not (is_stateful(dataset)
-                                    or isinstance(dataset, handlers.CheckpointArgs)
-                                    or handlers.type_handler_for(dataset) is not None):
-      raise TypeError(
-          f"dataset must have get_state()/set_state() (e.g. a grain DatasetIterator), not a "
-          f"{type(dataset).__qualname__}; put other data in the state instead.")
-    if metrics is not None and self._opts.best_fn is not None:
-      _check_best_fn(self._opts.best_fn, _jsonable_metrics(metrics))
-    rb = self._rolled_back_to
-    if rb is not None and step > rb and self._already_saved(step):
-      local = True  # not "already saved": that checkpoint belongs to the abandoned run
-    else:
-      local = (not self._already_saved(step)) and (force or self.should_save(step))
-    if not self._agree("decide", bool(local)):
+    step = self._check_save_args(step, dataset, metrics)
+    if not self._agree("decide", self._wants_to_save(step, force)):
       return False
     newest = self._last_saved()
-    rb = self._rolled_back_to
-    if rb is not None and newest is not None and rb < step <= newest.step:
-      raise errors.CheckpointError(
-          f"this manager restored step {rb}, but steps up to {newest.step} exist in "
-          f"{self._root}; saving step {step} would mix the new training with the abandoned "
-          f"one. Delete the later steps first (mngr.delete(s) for s in mngr.all_steps() if "
-          f"s > {rb}) or save to a new directory.")
-    if newest is not None and step < newest.step:
-      raise errors.CheckpointError(
-          f"step {step} is older than the newest checkpoint ({newest.step}) in {self._root}. "
-          f"After going back to an earlier step, delete the later ones first "
-          f"(mngr.delete(s) for s in mngr.all_steps() if s > {step}) or save to a new "
-          "directory; otherwise the newer, abandoned steps would be the ones resumed from.")
+    save_rules.check_order(step, None if newest is None else newest.step,
+                           self._rolled_back_to, self._root)
     if state is None and dataset is None:
       raise ValueError("save needs a state (and/or dataset) to save")
     self._rolled_back_to = None  # the new run's first save: later steps are its own
     parts = tsp.split(state) if state is not None else {}
     if dataset is not None:
       parts[DATASET] = dataset
-    stored = _jsonable_metrics(metrics)
-    info = policies.StepInfo(step, float(self._clock()), None if stored is None else {
-        k: _restore_metric(v) for k, v in stored.items()})
+    stored = metrics_codec.encode(metrics)
+    info = policies.StepInfo(step, float(self._clock()), metrics_codec.decode(stored))
+    self._start_save(info, stored, parts, custom_metadata)
+    return True
+
+  def _check_writable(self) -> None:
+    if self._opts.read_only:
+      raise errors.CheckpointError(f"this CheckpointManager of {self._root} is read_only")
+
+  def _check_save_args(self, step: Any, dataset: Any, metrics: Any) -> int:
+    """The checks that need no other process; returns the step as an int."""
+    self._check_writable()
+    if self._closed:
+      raise errors.CheckpointError("this CheckpointManager is closed")
+    step = save_rules.check_step(step)
+    save_rules.check_dataset(dataset)
+    if metrics is not None and self._opts.best_fn is not None:
+      metrics_codec.check_best_fn(self._opts.best_fn, metrics)
+    return step
+
+  def _wants_to_save(self, step: int, force: bool) -> bool:
+    """This process's decision on saving ``step``, before the processes agree on one."""
+    rb = self._rolled_back_to
+    if rb is not None and step > rb and self._already_saved(step):
+      return True  # not "already saved": that checkpoint belongs to the abandoned run
+    return bool((not self._already_saved(step)) and (force or self.should_save(step)))
+
+  def _start_save(self, info: policies.StepInfo, stored_metrics: dict | None,
+                  parts: dict[str, Any], custom_metadata: dict | None) -> None:
+    """Starts writing the step (in the background with ``enable_async``); the retention
+    policies run once it is committed."""
     with self._save_lock:
       self.wait_until_finished()  # at most one save in flight
       if self._dir_lock is not None:
         self._dir_lock.touch()
-      extra = {"manager": {"step": step, "time": info.time, "metrics": stored}}
-      final, finish = checkpointables.start_save(
-          self._step_path(step), checkpointables.parts_from(parts), overwrite=False,
-          custom_metadata=custom_metadata, is_async=self._opts.enable_async,
-          fsync=self._opts.fsync, barrier_timeout_s=self._opts.barrier_timeout_s,
-          manifest_extra=extra)
+      record = {"step": info.step, "time": info.time, "metrics": stored_metrics}
+      final, finish = step_io.start_save(
+          self._step_path(info.step), parts, record, custom_metadata=custom_metadata,
+          is_async=self._opts.enable_async, fsync=self._opts.fsync,
+          barrier_timeout_s=self._opts.barrier_timeout_s)
 
       def finish_and_retain() -> None:
         finish()
         with self._lock:
-          self._infos[step] = info
+          self._infos[info.step] = info
         self._apply_retention()
 
       if self._opts.enable_async:
         with self._lock:
           self._pending_info = info
-        self._pending = background.start_background(finish_and_retain, os.fspath(final))
+        self._pending = background.start_background(finish_and_retain, final)
       else:
         finish_and_retain()
-    return True
 
   def _apply_retention(self) -> None:
     with self._lock:
@@ -506,8 +328,7 @@ class CheckpointManager:
 
   def delete(self, step: int) -> None:
     """Deletes the checkpoint of ``step`` (the directory is never seen half-deleted)."""
-    if self._opts.read_only:
-      raise errors.CheckpointError(f"this CheckpointManager of {self._root} is read_only")
+    self._check_writable()
     self.wait_until_finished()
     if self._primary:
       step_dirs.remove(self._step_path(step))
@@ -552,12 +373,12 @@ class CheckpointManager:
           raise
     raise AssertionError("unreachable")
 
-  def _restore(self, step: int, abstract_state: Any, dataset: Any, only: Any) -> Any:
+  def _restore(self, step: int, abstract_state: Any, dataset: Any,
+               only: str | Sequence[str] | None) -> Any:
     latest = self.latest_step()
     self._rolled_back_to = step if latest is not None and step < latest else None
     path = self._step_path(step)
-    _, manifest = checkpointables.committed(path)  # the part list only: no part is opened
-    entries = manifest["checkpointables"]
+    entries = step_io.part_names(path)  # the part list only: no part is opened
     saved = [n for n in entries if n != DATASET]
     layout_ts = tsp.PARAMS in saved
     if only is None and layout_ts and abstract_state is not None and not tsp.is_train_state(
@@ -579,7 +400,7 @@ class CheckpointManager:
       if DATASET not in entries:
         raise errors.StructureMismatchError(f"step {step} was saved without a dataset")
       req[DATASET] = dataset
-    out = checkpointables.load_checkpointables(path, req)
+    out = step_io.load(path, req)
     out.pop(DATASET, None)
     if isinstance(only, str):
       return out[only]
@@ -587,14 +408,14 @@ class CheckpointManager:
       return out
     return tsp.merge(abstract_state if layout_ts else None, out)
 
-  def metadata(self, step: int | None = None) -> checkpointables.CheckpointMetadata:
+  def metadata(self, step: int | None = None) -> step_io.CheckpointMetadata:
     """:func:`flax_ckpt.metadata` of a step (default: the latest): parts, custom metadata."""
     self.wait_until_finished()
     if step is None:
       step = self.latest_step()
       if step is None:
         raise errors.CheckpointNotFoundError(f"no committed checkpoint in {self._root}")
-    return checkpointables.checkpoint_metadata(self._step_path(step))
+    return step_io.metadata(self._step_path(step))
 
   # --- lifecycle ---------------------------------------------------------------------
 
@@ -611,7 +432,8 @@ class CheckpointManager:
   def __enter__(self) -> CheckpointManager:
     return self
 
-  def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+  def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+               tb: TracebackType | None) -> None:
     if exc is None:
       self.close()
       return
@@ -625,70 +447,3 @@ class CheckpointManager:
   def directory(self) -> str:
     return self._root
 
-
-def checkpoints_iterator(directory: paths.PathLike, *, timeout: float | None = None,
-                         poll_interval_s: float = 1.0, start_after: int | None = None,
-                         step_prefix: str | None = None,
-                         step_format_fixed_length: int | None = None,
-                         clock: Callable[[], float] = time.monotonic):
-  """Yields the steps of newly committed checkpoints in ``directory``, for an eval job.
-
-  Each committed step newer than the last one yielded (and than ``start_after``) is
-  yielded once, in order; a save in progress is never yielded before it commits. Stops
-  after ``timeout`` seconds without a new checkpoint (None: waits forever).
-
-  Example:
-    >>> import numpy as np, flax_ckpt, tempfile
-    >>> d = tempfile.mkdtemp()
-    >>> with flax_ckpt.CheckpointManager(d, enable_async=False) as m:
-    ...   _ = m.save(1, {'w': np.ones(2)}); _ = m.save(2, {'w': np.ones(2)})
-    >>> list(flax_ckpt.checkpoints_iterator(d, timeout=0))
-    [1, 2]
-  """
-  root = os.fspath(paths.to_path(directory))
-  naming = step_dirs.StepNaming(step_prefix, step_format_fixed_length)
-  last = -1 if start_after is None else start_after
-  idle_since = clock()
-  while True:
-    new = [s for s in step_dirs.committed_steps(root, naming) if s > last]
-    for s in new:
-      if not os.path.exists(os.path.join(root, naming.name(s), COMMIT_MARKER)):
-        continue  # deleted by the writer's retention since the listing
-      last = s
-      yield s
-    if new:
-      idle_since = clock()
-      continue
-    if timeout is not None and clock() - idle_since >= timeout:
-      return
-    time.sleep(poll_interval_s if timeout is None else
-               max(0.0, min(poll_interval_s, timeout - (clock() - idle_since))))
-
-
-def wait_for_new_checkpoint(directory: paths.PathLike, last_step: int | None = None, *,
-                            timeout: float | None = None, poll_interval_s: float = 1.0,
-                            step_prefix: str | None = None,
-                            step_format_fixed_length: int | None = None) -> int | None:
-  """Waits until a checkpoint newer than ``last_step`` is committed; returns its step.
-
-  Returns the newest committed step after ``last_step`` (None: any), or None after
-  ``timeout`` seconds without one.
-
-  Example:
-    >>> import numpy as np, flax_ckpt, tempfile
-    >>> d = tempfile.mkdtemp()
-    >>> flax_ckpt.wait_for_new_checkpoint(d, timeout=0) is None
-    True
-  """
-  root = os.fspath(paths.to_path(directory))
-  naming = step_dirs.StepNaming(step_prefix, step_format_fixed_length)
-  start = time.monotonic()
-  while True:
-    steps = [s for s in step_dirs.committed_steps(root, naming)
-             if last_step is None or s > last_step]
-    if steps:
-      return steps[-1]
-    if timeout is not None and time.monotonic() - start >= timeout:
-      return None
-    time.sleep(poll_interval_s if timeout is None else
-               max(0.0, min(poll_interval_s, timeout - (time.monotonic() - start))))

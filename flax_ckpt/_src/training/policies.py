@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,10 +116,18 @@ class PreemptionPolicy:
 class AnySavePolicy:
   """Saves when any of ``policies`` says so."""
 
-  policies: Sequence[Any]
+  policies: Sequence[SaveDecisionPolicy]
 
   def should_save(self, context: DecisionContext) -> bool:
     return any(p.should_save(context) for p in self.policies)
+
+
+def is_step_determined(policy: SaveDecisionPolicy) -> bool:
+  """Whether ``policy`` decides by the step alone (no clock, no custom rule), so every
+  process reaches the same decision without asking process 0."""
+  if isinstance(policy, AnySavePolicy):
+    return all(is_step_determined(p) for p in policy.policies)
+  return isinstance(policy, (FixedIntervalPolicy, SpecificStepsPolicy, PreemptionPolicy))
 
 
 # --- preservation ------------------------------------------------------------------------
@@ -214,7 +222,7 @@ class BestN:
 class AnyPreservationPolicy:
   """Keeps a checkpoint if any of ``policies`` keeps it."""
 
-  policies: Sequence[Any]
+  policies: Sequence[PreservationPolicy]
 
   def keep(self, checkpoints: Sequence[StepInfo]) -> set[int]:
     out: set[int] = set()

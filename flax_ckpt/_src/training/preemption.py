@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
+from types import FrameType
 from typing import Any
+
+from flax_ckpt._src.io import multihost
 
 
 class SigtermWatcher:
@@ -17,7 +21,7 @@ class SigtermWatcher:
 
   def __init__(self):
     self._event = threading.Event()
-    self._previous: Any = None
+    self._previous: Callable[[int, FrameType | None], Any] | int | None = None
     self._installed = False
 
   def install(self) -> bool:
@@ -28,11 +32,15 @@ class SigtermWatcher:
     self._installed = True
     return True
 
-  def _on_sigterm(self, signum: int, frame: Any) -> None:
+  def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
     self._event.set()
     prev = self._previous
     if callable(prev) and prev not in (signal.SIG_DFL, signal.SIG_IGN):
       prev(signum, frame)
+
+  @property
+  def installed(self) -> bool:
+    return self._installed
 
   @property
   def triggered(self) -> bool:
@@ -63,7 +71,10 @@ def acquire_watcher() -> SigtermWatcher:
   with _shared_lock:
     if _shared is None or _users == 0:
       _shared = SigtermWatcher()
-    if not _shared._installed and not distributed_runtime():
+    # jax.distributed installs its own (C-level, invisible to Python) SIGTERM handler that
+    # feeds the preemption sync point; flax_ckpt must then leave SIGTERM alone and ask the
+    # sync point (see ``reached``).
+    if not _shared.installed and not multihost.distributed_initialized():
       _shared.install()  # (no-op off the main thread: a later main-thread user installs it)
     _users += 1
     return _shared
@@ -79,18 +90,12 @@ def release_watcher(w: SigtermWatcher) -> None:
       w.uninstall()
 
 
-def distributed_runtime() -> bool:
-  """Whether ``jax.distributed`` is initialized in this process.
-
-  It installs its own (C-level, invisible to Python) SIGTERM handler that feeds the
-  preemption sync point; flax_ckpt must then leave SIGTERM alone and ask the sync point.
-  """
-  try:
-    from jax._src import distributed
-
-    return distributed.global_state.client is not None
-  except Exception:  # noqa: BLE001
-    return False
+def reached(step: int, watcher: SigtermWatcher) -> bool:
+  """Whether the job is being preempted: after SIGTERM (single process), or at JAX's
+  multi-host preemption sync point (all processes agree on the step)."""
+  if multihost.distributed_initialized():  # then JAX owns SIGTERM (see acquire_watcher)
+    return jax_sync_point_reached(step)
+  return watcher.triggered
 
 
 def jax_sync_point_reached(step: int) -> bool:

@@ -43,6 +43,11 @@ def is_leftover(name: str) -> bool:
   return TMP_TAG in name or OLD_TAG in name
 
 
+def is_committed(path: str) -> bool:
+  """Whether the step directory ``path`` holds a committed checkpoint (now)."""
+  return os.path.exists(os.path.join(path, COMMIT_MARKER))
+
+
 def committed_steps(root: str, naming: StepNaming) -> list[int]:
   """Steps with a committed checkpoint under ``root``, ascending."""
   try:
@@ -54,7 +59,7 @@ def committed_steps(root: str, naming: StepNaming) -> list[int]:
     if is_leftover(e):
       continue
     s = naming.step_of(e)
-    if s is not None and os.path.exists(os.path.join(root, e, COMMIT_MARKER)):
+    if s is not None and is_committed(os.path.join(root, e)):
       steps.append(s)
   return sorted(set(steps))
 

@@ -1,0 +1,63 @@
+"""Writing and reading one step's checkpoint: the manager's only calls into the engine.
+
+A step is a checkpoint of named parts (``params``, ``opt_state``, ``extra``, ``state``,
+``dataset``) whose manifest also holds the manager's record of the step: its number, the
+manager's clock at the save, and the metrics (see :mod:`metrics_codec`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from flax_ckpt._src.engine import checkpointables
+from flax_ckpt._src.engine.checkpointables import CheckpointMetadata
+from flax_ckpt._src.format import COMMIT_MARKER
+from flax_ckpt._src.io import paths
+
+__all__ = ["CheckpointMetadata", "load", "metadata", "part_names", "read_record", "start_save"]
+
+
+def start_save(path: str, parts: Mapping[str, Any], record: dict, *,
+               custom_metadata: dict | None, is_async: bool, fsync: bool,
+               barrier_timeout_s: float | None) -> tuple[str, Callable[[], None]]:
+  """Snapshots ``parts`` for the step directory ``path``; returns it and ``finish()``.
+
+  ``finish()`` writes the parts and commits the checkpoint, with ``record`` (the
+  manager's record of the step) in its manifest. A step is never overwritten.
+  """
+  final, finish = checkpointables.start_save(
+      path, checkpointables.parts_from(parts), overwrite=False,
+      custom_metadata=custom_metadata, is_async=is_async, fsync=fsync,
+      barrier_timeout_s=barrier_timeout_s, manifest_extra={"manager": record})
+  return os.fspath(final), finish
+
+
+def read_record(path: str) -> dict | None:
+  """The manager's record of the committed step at ``path``; None when unreadable.
+
+  A checkpoint saved without a manager has no record: its ``time`` is the manifest's
+  ``created_at``.
+  """
+  try:
+    manifest = paths.read_json(os.path.join(path, COMMIT_MARKER))
+  except (OSError, ValueError):
+    return None
+  return {"time": manifest.get("created_at", 0.0), **(manifest.get("manager") or {})}
+
+
+def part_names(path: str) -> list[str]:
+  """The parts of the committed step at ``path``, from its manifest (no part is opened)."""
+  _, manifest = checkpointables.committed(path)
+  return list(manifest["checkpointables"])
+
+
+def load(path: str, requests: Mapping[str, Any]) -> dict[str, Any]:
+  """Loads the named parts (``{name: template or None}``) of the step at ``path``."""
+  return checkpointables.load_checkpointables(path, requests)
+
+
+def metadata(path: str) -> CheckpointMetadata:
+  """:func:`flax_ckpt.metadata` of the step at ``path``."""
+  return checkpointables.checkpoint_metadata(path)
