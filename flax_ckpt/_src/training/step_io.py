@@ -11,10 +11,14 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from flax_ckpt._src.engine import checkpointables
-from flax_ckpt._src.engine.checkpointables import CheckpointMetadata
-from flax_ckpt._src.format import COMMIT_MARKER
-from flax_ckpt._src.io import paths
+from flax_ckpt._src import errors
+from flax_ckpt._src.engine.loading import (
+    CheckpointMetadata,
+    checkpoint_metadata,
+    load_parts,
+    read_committed,
+)
+from flax_ckpt._src.engine.saving import PendingSave, SaveOptions, parts_from
 
 __all__ = ["CheckpointMetadata", "load", "metadata", "part_names", "read_record", "start_save"]
 
@@ -27,11 +31,10 @@ def start_save(path: str, parts: Mapping[str, Any], record: dict, *,
   ``finish()`` writes the parts and commits the checkpoint, with ``record`` (the
   manager's record of the step) in its manifest. A step is never overwritten.
   """
-  final, finish = checkpointables.start_save(
-      path, checkpointables.parts_from(parts), overwrite=False,
-      custom_metadata=custom_metadata, is_async=is_async, fsync=fsync,
-      barrier_timeout_s=barrier_timeout_s, manifest_extra={"manager": record})
-  return os.fspath(final), finish
+  save = PendingSave.start(path, parts_from(parts), SaveOptions(
+      overwrite=False, custom_metadata=custom_metadata, is_async=is_async, fsync=fsync,
+      barrier_timeout_s=barrier_timeout_s, manager=record))
+  return os.fspath(save.final), save.commit
 
 
 def read_record(path: str) -> dict | None:
@@ -41,23 +44,22 @@ def read_record(path: str) -> dict | None:
   ``created_at``.
   """
   try:
-    manifest = paths.read_json(os.path.join(path, COMMIT_MARKER))
-  except (OSError, ValueError):
+    manifest = read_committed(path, lambda ckpt: ckpt.manifest)
+  except (OSError, errors.CheckpointError):
     return None
-  return {"time": manifest.get("created_at", 0.0), **(manifest.get("manager") or {})}
+  return {"time": manifest.created_at or 0.0, **(manifest.manager or {})}
 
 
 def part_names(path: str) -> list[str]:
   """The parts of the committed step at ``path``, from its manifest (no part is opened)."""
-  _, manifest = checkpointables.committed(path)
-  return list(manifest["checkpointables"])
+  return read_committed(path, lambda ckpt: list(ckpt.manifest.parts))
 
 
 def load(path: str, requests: Mapping[str, Any]) -> dict[str, Any]:
   """Loads the named parts (``{name: template or None}``) of the step at ``path``."""
-  return checkpointables.load_checkpointables(path, requests)
+  return load_parts(path, requests)
 
 
 def metadata(path: str) -> CheckpointMetadata:
   """:func:`flax_ckpt.metadata` of the step at ``path``."""
-  return checkpointables.checkpoint_metadata(path)
+  return checkpoint_metadata(path)
