@@ -48,8 +48,14 @@ class RegistrationError(errors.CheckpointError, ValueError):
   """A registration conflicts with an earlier one, or a needed registration is missing."""
 
 
+# What a handler's save / restore take: CheckpointHandler[MySave, MyRestore] (a plain
+# ``CheckpointHandler`` subclass takes any CheckpointArgs).
+_SaveArgsT = TypeVar("_SaveArgsT", bound="CheckpointArgs", contravariant=True)
+_RestoreArgsT = TypeVar("_RestoreArgsT", bound="CheckpointArgs", contravariant=True)
+
+
 @runtime_checkable
-class CheckpointHandler(Protocol):
+class CheckpointHandler(Protocol[_SaveArgsT, _RestoreArgsT]):
   """Saves and restores one object in a directory, driven by :class:`CheckpointArgs`.
 
   Subclass it (or write a class with the same methods) and bind your args classes to it
@@ -77,11 +83,11 @@ class CheckpointHandler(Protocol):
   """
 
   @abc.abstractmethod
-  def save(self, directory: epath.Path, args: CheckpointArgs) -> None:
+  def save(self, directory: epath.Path, args: _SaveArgsT) -> None:
     """Writes the object described by ``args`` into ``directory`` (which exists)."""
 
   @abc.abstractmethod
-  def restore(self, directory: epath.Path, args: CheckpointArgs | None = None) -> Any:
+  def restore(self, directory: epath.Path, args: _RestoreArgsT | None = None) -> Any:
     """Reads the object back from ``directory``."""
 
   def metadata(self, directory: epath.Path) -> Any:
@@ -93,7 +99,8 @@ class CheckpointHandler(Protocol):
 
 
 @runtime_checkable
-class AsyncCheckpointHandler(CheckpointHandler, Protocol):
+class AsyncCheckpointHandler(CheckpointHandler[_SaveArgsT, _RestoreArgsT],
+                             Protocol[_SaveArgsT, _RestoreArgsT]):
   """A handler whose save continues in the background.
 
   ``async_save`` (a coroutine function or a plain function) copies whatever the caller may
@@ -119,7 +126,7 @@ class AsyncCheckpointHandler(CheckpointHandler, Protocol):
   """
 
   @abc.abstractmethod
-  def async_save(self, directory: epath.Path, args: CheckpointArgs) -> Any:
+  def async_save(self, directory: epath.Path, args: _SaveArgsT) -> Any:
     """Starts saving; returns a list of futures the caller waits for before committing."""
 
 
@@ -262,11 +269,12 @@ def register_with_handler(handler_cls: type, for_save: bool = False,
     raise TypeError(f"register_with_handler expects a handler class, got {handler_cls!r}")
 
   def decorator(cls: _A) -> _A:
+    registered = cls  # returned as given (the check below narrows ``cls``)
     if not (inspect.isclass(cls) and issubclass(cls, CheckpointArgs)):
       raise TypeError(f"{cls!r} must subclass flax_ckpt.args.CheckpointArgs to be registered "
                       "with a handler")
     _DEFAULT.bind_args(cls, handler_cls, for_save=for_save, for_restore=for_restore)
-    return cls
+    return registered
 
   return decorator
 

@@ -116,7 +116,7 @@ class _TreeFinish:
     self._write.abort()
 
 
-class PyTreeCheckpointHandler(CheckpointHandler):
+class PyTreeCheckpointHandler(CheckpointHandler[PyTreeSave, PyTreeRestore]):
   """Saves a PyTree in flax_ckpt's packed format (see docs/format.md).
 
   Example:

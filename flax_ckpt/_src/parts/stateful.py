@@ -133,7 +133,7 @@ class StatefulMetadata:
   formats: tuple[str, ...]
 
 
-class StatefulCheckpointHandler(CheckpointHandler):
+class StatefulCheckpointHandler(CheckpointHandler[StatefulSave, StatefulRestore]):
   """Saves ``get_state()`` per process; restores with ``set_state()``.
 
   Example:

@@ -440,8 +440,9 @@ class CheckpointManager:
     try:
       self.close()
     except Exception as e:  # noqa: BLE001 - the block's own error wins
-      if hasattr(exc, "add_note"):
-        exc.add_note(f"flax_ckpt: the pending save failed too: {type(e).__name__}: {e}")
+      add_note = getattr(exc, "add_note", None)  # Python >= 3.11
+      if add_note:
+        add_note(f"flax_ckpt: the pending save failed too: {type(e).__name__}: {e}")
 
   @property
   def directory(self) -> str:

@@ -8,6 +8,7 @@ checkpoint is always kept by the manager, whatever the policies say.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
@@ -87,7 +88,11 @@ class SpecificStepsPolicy:
   steps: Sequence[int]
 
   def __post_init__(self):
-    object.__setattr__(self, "_set", frozenset(int(s) for s in self.steps))
+    _ = self._set  # bad steps fail here, at construction
+
+  @functools.cached_property
+  def _set(self) -> frozenset[int]:  # not a field: dataclasses.fields/asdict stay as they are
+    return frozenset(int(s) for s in self.steps)
 
   def should_save(self, context: DecisionContext) -> bool:
     return context.step in self._set
