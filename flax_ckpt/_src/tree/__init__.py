@@ -1,0 +1,4 @@
+"""Layer 3: PyTree structure.
+
+The structure codec, the class registry, Optax/Flax classes, restore templates.
+"""
