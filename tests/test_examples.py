@@ -30,6 +30,8 @@ import pytest
 
 import flax_ckpt
 
+pytestmark = pytest.mark.slow  # subprocesses; `-m 'not slow'` skips them
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 _TMP_TAG = ".flax_ckpt-tmp-"
 

@@ -31,6 +31,8 @@ import pytest
 
 import flax_ckpt
 
+pytestmark = pytest.mark.slow  # subprocesses; `-m 'not slow'` skips them
+
 _LOOP = pathlib.Path(__file__).resolve().parent / "_train_loop.py"
 _TMP_TAG = ".flax_ckpt-tmp-"
 _OLD_TAG = ".flax_ckpt-old-"

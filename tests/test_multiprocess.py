@@ -15,6 +15,8 @@ from jax.sharding import PartitionSpec as P
 
 import flax_ckpt
 
+pytestmark = pytest.mark.slow  # subprocesses; `-m 'not slow'` skips them
+
 WORKER = os.path.join(os.path.dirname(__file__), "_mp_worker.py")
 
 
