@@ -45,10 +45,10 @@ class UnregisteredClassWarning(UserWarning):
 _NOT_JSON = object()
 
 
-def encode_aux(v: Any) -> Any:
-  """``v`` as tagged JSON, or ``_NOT_JSON`` when it has no faithful encoding."""
+def encode_aux(value: Any) -> Any:
+  """``value`` as tagged JSON, or ``_NOT_JSON`` when it has no faithful encoding."""
   try:
-    return jsontags.encode(v)
+    return jsontags.encode(value)
   except jsontags.Unencodable:
     return _NOT_JSON
 
@@ -62,15 +62,16 @@ def _encode_node_aux(aux: Any) -> tuple[Any, list[str]]:
   A mapping (or a tuple of ``(str, value)`` pairs, as metadata is often kept) loses only
   its non-JSON entries; any other aux data is kept whole or not at all.
   """
-  if type(aux) is dict and all(type(k) is str for k in aux):
-    kept = [(k, encode_aux(x)) for k, x in aux.items()]
-    dropped = [k for k, x in kept if x is _NOT_JSON]
-    return {"d": [[k, x] for k, x in kept if x is not _NOT_JSON]}, dropped
+  if type(aux) is dict and all(type(key) is str for key in aux):
+    kept = [(key, encode_aux(value)) for key, value in aux.items()]
+    dropped = [key for key, encoded in kept if encoded is _NOT_JSON]
+    return {"d": [[key, encoded] for key, encoded in kept if encoded is not _NOT_JSON]}, dropped
   if (type(aux) is tuple and aux
       and all(type(p) is tuple and len(p) == 2 and type(p[0]) is str for p in aux)):
-    pairs = [(k, encode_aux(x)) for k, x in aux]
-    dropped = [k for k, x in pairs if x is _NOT_JSON]
-    return {"t": [{"t": [k, x]} for k, x in pairs if x is not _NOT_JSON]}, dropped
+    pairs = [(key, encode_aux(value)) for key, value in aux]
+    dropped = [key for key, encoded in pairs if encoded is _NOT_JSON]
+    return {"t": [{"t": [key, encoded]} for key, encoded in pairs
+                  if encoded is not _NOT_JSON]}, dropped
   return encode_aux(aux), []
 
 
