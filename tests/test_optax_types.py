@@ -189,13 +189,13 @@ def test_discovery_covers_the_usual_optimizers():
 
 def test_every_optax_state_class_is_known():
   """Each NamedTuple optax defines loads back as itself (checked on an instance of each)."""
-  from flax_ckpt._src.tree import library_types, treespec
+  from flax_ckpt._src.tree import class_registry, library_types
 
   classes = library_types._optax_public_classes()
   assert optax.EmptyState in classes and optax.MaskedNode in classes
   assert optax.contrib.ScheduleFreeState in classes
   for cls in classes:
-    assert treespec.is_registered_class(cls) or library_types.resolve_class(cls), cls
+    assert class_registry.is_registered_class(cls) or library_types.resolve_class(cls), cls
 
 
 def test_public_names_are_stored(ckpt_dir):

@@ -29,30 +29,30 @@ class Unencodable(Exception):
 
 def encode(v: Any, where: str = "value") -> Any:
   """``v`` as tagged JSON; raises :class:`Unencodable` naming the offending path."""
-  t = type(v)
-  if v is None or t in (bool, str):
+  cls = type(v)
+  if v is None or cls in (bool, str):
     return v
-  if t is int:
+  if cls is int:
     return v if abs(v) < 2**53 else {"i": hex(v)}
-  if t is float:
+  if cls is float:
     return v if math.isfinite(v) else {"f": repr(v)}
-  if t is list or t is tuple:
-    return {"l" if t is list else "t": [encode(x, f"{where}[{i}]") for i, x in enumerate(v)]}
-  if t is dict:
+  if cls is list or cls is tuple:
+    return {"l" if cls is list else "t": [encode(x, f"{where}[{i}]") for i, x in enumerate(v)]}
+  if cls is dict:
     return {"d": [[encode(k, f"{where} key {k!r}"), encode(x, f"{where}[{k!r}]")]
                   for k, x in v.items()]}
-  if t in (bytes, bytearray):
+  if cls in (bytes, bytearray):
     return {"b": base64.b64encode(bytes(v)).decode("ascii")}
   if isinstance(v, np.generic) and not isinstance(v, np.void):
     return {"np": [dtypes.dtype_name(v.dtype), encode(v.item(), where)]}
-  if t is np.ndarray and v.dtype.kind in "biufc":
+  if cls is np.ndarray and v.dtype.kind in "biufc":
     data = dtypes.little_endian(np.ascontiguousarray(v)).tobytes()
     return {"a": [dtypes.dtype_name(v.dtype), list(v.shape),
                   base64.b64encode(data).decode("ascii")]}
   jax = sys.modules.get("jax")
   if jax is not None and isinstance(v, jax.sharding.PartitionSpec):
     return {"P": [encode(x, f"{where}[{i}]") for i, x in enumerate(v)]}
-  raise Unencodable(f"{where} is a {t.__module__}.{t.__qualname__}")
+  raise Unencodable(f"{where} is a {cls.__module__}.{cls.__qualname__}")
 
 
 def decode(v: Any) -> Any:
@@ -75,9 +75,9 @@ def decode(v: Any) -> Any:
   if tag == "np":
     return dtypes.dtype_from_name(body[0]).type(decode(body[1]))
   if tag == "a":
-    dt = dtypes.dtype_from_name(body[0])
-    raw = np.frombuffer(base64.b64decode(body[2]), dt.newbyteorder("<"))
-    return raw.astype(dt).reshape(body[1])
+    dtype = dtypes.dtype_from_name(body[0])
+    raw = np.frombuffer(base64.b64decode(body[2]), dtype.newbyteorder("<"))
+    return raw.astype(dtype).reshape(body[1])
   if tag == "P":
     import jax
 

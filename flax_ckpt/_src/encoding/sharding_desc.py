@@ -14,11 +14,11 @@ def describe(sharding: Any) -> dict | None:
   if isinstance(sharding, jax.sharding.NamedSharding):
     mesh = sharding.mesh
     spec = []
-    for p in sharding.spec:
-      if p is None or isinstance(p, str):
-        spec.append(p)
+    for axes in sharding.spec:
+      if axes is None or isinstance(axes, str):
+        spec.append(axes)
       else:
-        spec.append(list(p))
+        spec.append(list(axes))
     return {
         "type": "NamedSharding",
         "mesh_shape": [int(mesh.shape[a]) for a in mesh.axis_names],

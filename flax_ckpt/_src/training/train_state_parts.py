@@ -22,6 +22,8 @@ from typing import Any
 
 import jax
 
+from flax_ckpt._src.tree.library_types import nnx as _nnx
+
 PARAMS, OPT_STATE, EXTRA, STATE = "params", "opt_state", "extra", "state"
 MODEL_REST = "model_state"  # an nnx model's non-Param state (batch stats, RNG counters, ...)
 _REQUIRED = ("params", "opt_state", "step")
@@ -40,16 +42,6 @@ def _data_fields(x: Any) -> list[str] | None:
       return None
     names.append(kp[0].name)
   return names
-
-
-def _nnx():
-  import sys
-
-  if "flax.nnx" not in sys.modules:
-    return None
-  from flax import nnx
-
-  return nnx
 
 
 def is_nnx_train_state(x: Any) -> bool:

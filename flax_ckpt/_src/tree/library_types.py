@@ -26,8 +26,10 @@ import collections
 import inspect
 import sys
 import threading
+from types import ModuleType
 
-from flax_ckpt._src.tree import treespec
+from flax_ckpt._src.tree import class_registry
+from flax_ckpt._src.tree.class_registry import default_class_name, register_known
 
 _lock = threading.RLock()
 _optax_done = False
@@ -79,7 +81,7 @@ def _optax_public_classes() -> dict[type, list[str]]:
 def _stable_name(cls: type, names: list[str]) -> str:
   """The public name to store: the shortest one spelled like the class itself."""
   if not names:
-    return treespec.default_class_name(cls)
+    return default_class_name(cls)
   same = [n for n in names if n.rsplit(".", 1)[1] == cls.__name__]
   return min(same or names, key=lambda n: (n.count("."), n))
 
@@ -92,8 +94,7 @@ def _register_optax() -> None:
     _optax_done = True
     for cls, names in _optax_public_classes().items():
       stable = _stable_name(cls, names)
-      treespec.register_known(cls, stable,
-                              aliases=[*names, treespec.default_class_name(cls)])
+      register_known(cls, stable, aliases=[*names, default_class_name(cls)])
 
 
 def _register_flax() -> None:
@@ -105,60 +106,64 @@ def _register_flax() -> None:
     from flax.core import frozen_dict
     from flax.training import train_state
 
-    treespec.register_known(frozen_dict.FrozenDict, "flax.core.FrozenDict",
-                            aliases=[treespec.default_class_name(frozen_dict.FrozenDict)],
-                            from_aux=True)
-    treespec.register_known(train_state.TrainState, "flax.training.train_state.TrainState")
-    nnx = _nnx()
-    if nnx is not None:
-      treespec.register_known(nnx.State, "flax.nnx.State",
-                              aliases=[treespec.default_class_name(nnx.State)], from_aux=True)
+    register_known(frozen_dict.FrozenDict, "flax.core.FrozenDict",
+                   aliases=[default_class_name(frozen_dict.FrozenDict)], from_aux=True)
+    register_known(train_state.TrainState, "flax.training.train_state.TrainState")
+    flax_nnx = nnx(import_it=True)
+    if flax_nnx is not None:
+      register_known(flax_nnx.State, "flax.nnx.State",
+                     aliases=[default_class_name(flax_nnx.State)], from_aux=True)
 
 
-def _nnx():
+def nnx(*, import_it: bool = False) -> ModuleType | None:
+  """The ``flax.nnx`` module; None if flax has none, or (unless ``import_it``) if it is not
+  imported yet.
+
+  No value can be an nnx object before flax.nnx is imported, so nothing needs to import it
+  to recognise one; importing it (with flax) takes seconds, which saving or loading a tree
+  without nnx must not pay.
+  """
+  if not import_it and "flax.nnx" not in sys.modules:
+    return None
   try:
-    from flax import nnx
+    from flax import nnx as flax_nnx
   except ImportError:  # pragma: no cover - flax without nnx
     return None
-  return nnx
+  return flax_nnx
 
 
 def _variable_classes() -> list[type]:
-  nnx = _nnx()
-  if nnx is None:
+  flax_nnx = nnx()
+  if flax_nnx is None:
     return []
-  out, todo = [], collections.deque([nnx.Variable])
+  found, todo = [], collections.deque([flax_nnx.Variable])
   while todo:  # breadth first, siblings in definition order
-    c = todo.popleft()
-    out.append(c)
-    todo.extend(c.__subclasses__())
-  return out
+    cls = todo.popleft()
+    found.append(cls)
+    todo.extend(cls.__subclasses__())
+  return found
 
 
 def _register_variable(cls: type) -> None:
-  treespec.register_known(cls, treespec.default_class_name(cls), from_aux=True, newest=True)
+  register_known(cls, default_class_name(cls), from_aux=True, newest=True)
 
 
 def _is_variable_class(cls: type) -> bool:
-  if "flax.nnx" not in sys.modules:
-    return False
-  nnx = _nnx()
-  return nnx is not None and inspect.isclass(cls) and issubclass(cls, nnx.Variable)
+  flax_nnx = nnx()
+  return flax_nnx is not None and inspect.isclass(cls) and issubclass(cls, flax_nnx.Variable)
 
 
 def resolve_class(cls: type) -> bool:
   """Registers ``cls`` if it is one of the known library classes; True if it now is."""
-  mod = getattr(cls, "__module__", "") or ""
-  if mod.startswith("optax"):
+  module = getattr(cls, "__module__", "") or ""
+  if module.startswith("optax"):
     _register_optax()
-  elif mod.startswith("flax"):
+  elif module.startswith("flax"):
     _register_flax()
-  if "flax.nnx" in sys.modules:
-    nnx = _nnx()
-    if nnx is not None and inspect.isclass(cls) and issubclass(cls, nnx.Variable):
-      with _lock:
-        _register_variable(cls)
-  return treespec.is_registered_class(cls)
+  if _is_variable_class(cls):
+    with _lock:
+      _register_variable(cls)
+  return class_registry.is_registered_class(cls)
 
 
 def resolve_name(name: str) -> bool:
@@ -167,16 +172,22 @@ def resolve_name(name: str) -> bool:
     _register_optax()
   elif name.startswith("flax."):
     _register_flax()
-  if name.startswith("flax.") or "flax.nnx" in sys.modules:
-    with _lock:
-      same = [c for c in _variable_classes() if treespec.default_class_name(c) == name]
-      if same and not treespec.is_registered_class(same[-1]):
-        _register_variable(same[-1])  # a class defined again: the newest definition
-  return treespec.entry_known(name)
+  # (flax.nnx is imported by now if the name starts with "flax.": _register_flax did it)
+  with _lock:
+    same = [cls for cls in _variable_classes() if default_class_name(cls) == name]
+    if same:
+      _register_variable(same[-1])  # a class defined again: the newest definition
+  return class_registry.global_registry().knows_name(name)
+
+
+def resolve(key: type | str) -> bool:
+  """The class registry's resolver: a class met when saving, or a name met when loading."""
+  return resolve_name(key) if isinstance(key, str) else resolve_class(key)
 
 
 def register_resolvers() -> None:
   """Lets the class registry find Optax/Flax classes (called once, by registration.py)."""
-  treespec.register_known(collections.OrderedDict, "collections.OrderedDict", from_aux=True)
-  treespec.add_resolvers(resolve_class, resolve_name)
-  treespec.add_aux_family(_is_variable_class)
+  register_known(collections.OrderedDict, "collections.OrderedDict", from_aux=True)
+  registry = class_registry.global_registry()
+  registry.add_resolver(resolve)
+  registry.add_aux_family(_is_variable_class)

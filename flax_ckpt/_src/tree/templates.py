@@ -8,6 +8,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from flax_ckpt._src.tree import library_types
+
 SpecTree = Any  # a PartitionSpec, a tree (prefix) of them, or a callable (path, leaf) -> spec
 
 
@@ -45,16 +47,16 @@ def _own_spec(leaf: Any, rules: Any) -> PartitionSpec:
 
 def _nnx_specs(tree: Any, rules: Any) -> Any:
   """Specs from nnx Variable metadata (``out_sharding`` / ``sharding_names``), else None."""
-  try:
-    from flax import nnx
-  except ImportError:  # pragma: no cover
+  flax_nnx = library_types.nnx()
+  if flax_nnx is None:  # then the tree holds no nnx Variable
     return None
-  is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+  is_var = lambda x: isinstance(x, flax_nnx.Variable)  # noqa: E731
   found = []
 
   def spec_of(v):
-    md = v.get_metadata() if hasattr(v, "get_metadata") else {}
-    names = md.get("out_sharding") or md.get("sharding_names") or md.get("sharding")
+    metadata = v.get_metadata() if hasattr(v, "get_metadata") else {}
+    names = (metadata.get("out_sharding") or metadata.get("sharding_names")
+             or metadata.get("sharding"))
     if names is None or isinstance(names, jax.sharding.Sharding):
       return _own_spec(v.get_value() if hasattr(v, "get_value") else v.value, rules)
     found.append(True)
