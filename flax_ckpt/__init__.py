@@ -55,9 +55,9 @@ from flax_ckpt._src.training.manager import CheckpointManager as CheckpointManag
 from flax_ckpt._src.training.manager import CheckpointManagerOptions as CheckpointManagerOptions
 from flax_ckpt._src.training.manager import checkpoints_iterator as checkpoints_iterator
 from flax_ckpt._src.training.manager import wait_for_new_checkpoint as wait_for_new_checkpoint
+from flax_ckpt._src.tree.class_registry import register_class as register_class
 from flax_ckpt._src.tree.templates import abstract_with_sharding as abstract_with_sharding
 from flax_ckpt._src.tree.treespec import UnregisteredClassWarning as UnregisteredClassWarning
-from flax_ckpt._src.tree.treespec import register_class as register_class
 
 # The function, bound over the submodule of the same name (which stays in sys.modules for
 # ``from flax_ckpt.metadata import Metadata``); see flax_ckpt/metadata.py.
