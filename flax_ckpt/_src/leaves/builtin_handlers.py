@@ -310,7 +310,7 @@ class _ReadPlan:
         else:
           reqs = [(c["o"] + r * row + lo, view[(r - r0) * row + lo:(r - r0) * row + hi])
                   for r in range(r0, r1)]
-        storage.read_into(path, reqs, self.files)
+        storage.backend_for(path).read_into(path, reqs, self.files)
         src = scratch[:(r1 - r0) * row].view(dtype).reshape((r1 - r0, *ch[1:]))
         for out, a_chunk, a_dest, sub in items:
           s0, s1 = max(r0, a_chunk[0]), min(r1, a_chunk[0] + sub[0])
@@ -324,7 +324,8 @@ class _ReadPlan:
 
   def execute(self) -> None:
     for p, reqs in self.requests.items():
-      storage.read_into(os.path.join(self.state_dir, data_file(p)), reqs, self.files)
+      path = os.path.join(self.state_dir, data_file(p))
+      storage.backend_for(path).read_into(path, reqs, self.files)
     self.requests.clear()
     if self.staged:
       self._run_staged()

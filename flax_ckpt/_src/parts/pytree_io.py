@@ -97,7 +97,7 @@ def prepare_save(cp_dir: epath.Path, plan: SavePlan, *, is_async: bool,
   primary = process_index == 0
   os.makedirs(cp_dir, exist_ok=True)
   ts_ctx = th._LazyTsContext()
-  io = _SaveIO(storage.open_writer(os.path.join(
+  io = _SaveIO(storage.backend_for(cp_dir).open_writer(os.path.join(
       cp_dir, data_file(process_index)), direct=is_async),
       process_index, primary_local)
   naming = th.LeafNaming([p for p, _ in leaves], treespec.path_str, _leaf_dirnames)
