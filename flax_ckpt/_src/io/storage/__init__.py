@@ -26,6 +26,9 @@ from flax_ckpt._src.io.storage.backend import (
     BACKENDS as BACKENDS,
 )
 from flax_ckpt._src.io.storage.backend import (
+    CheckpointDir as CheckpointDir,
+)
+from flax_ckpt._src.io.storage.backend import (
     DataWriter as DataWriter,
 )
 from flax_ckpt._src.io.storage.backend import (
