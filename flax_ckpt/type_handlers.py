@@ -21,13 +21,13 @@ import warnings as _warnings
 
 from flax_ckpt._src.leaves.builtin_handlers import ArrayHandler as ArrayHandler
 from flax_ckpt._src.leaves.builtin_handlers import ScalarHandler as ScalarHandler
+from flax_ckpt._src.leaves.registry import get_type_handler as get_type_handler
+from flax_ckpt._src.leaves.registry import has_type_handler as has_type_handler
+from flax_ckpt._src.leaves.registry import register_type_handler as register_type_handler
 from flax_ckpt._src.leaves.type_handlers import ParamInfo as ParamInfo
 from flax_ckpt._src.leaves.type_handlers import RestoreArgs as RestoreArgs
 from flax_ckpt._src.leaves.type_handlers import SaveArgs as SaveArgs
 from flax_ckpt._src.leaves.type_handlers import TypeHandler as TypeHandler
-from flax_ckpt._src.leaves.type_handlers import get_type_handler as get_type_handler
-from flax_ckpt._src.leaves.type_handlers import has_type_handler as has_type_handler
-from flax_ckpt._src.leaves.type_handlers import register_type_handler as register_type_handler
 
 # isort: split
 # Kept for compatibility, not in __all__: their home is flax_ckpt.metadata_types.

@@ -10,6 +10,7 @@ import pytest
 
 import flax_ckpt
 from flax_ckpt._src.io import storage
+from flax_ckpt._src.io.storage import direct, posix
 
 
 def _tree(seed=0):
@@ -54,11 +55,11 @@ def test_async_save_uses_direct_io_and_round_trips(tmp_path):
 
 
 def _writer_round_trip(path, arrays):
-  w = storage.DataWriter(str(path), direct=True)
+  w = direct.DirectWriter(str(path))
   placed = [w.add(a) for a in arrays]
   w.write(fsync=True)
   views = [memoryview(storage.aligned_empty(n)) for _, n in placed]
-  storage.read_into(str(path), [(off, v) for (off, _), v in zip(placed, views)])
+  posix.read_into(str(path), [(off, v) for (off, _), v in zip(placed, views)])
   for a, v in zip(arrays, views):
     assert bytes(v) == storage.as_bytes_view(a).tobytes()
   return w, placed

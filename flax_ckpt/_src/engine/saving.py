@@ -208,7 +208,7 @@ class PendingSave:
 
   def _validate(self) -> None:
     """Everything that can fail before the disk is touched."""
-    storage.backend_name()  # a bad FLAX_CKPT_STORAGE fails before anything is written
+    storage.backend_for(self.final)  # a bad FLAX_CKPT_STORAGE fails before anything is written
     paths.check_destination(self.final, self.options.overwrite, self.options.overwrite_flag)
     check_custom_metadata(self.options.custom_metadata)
     self._claim = _CLAIMS.claim(self.final, self.options.overwrite)

@@ -15,6 +15,8 @@ import traceback
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from flax_ckpt._src import env
+
 
 @contextlib.contextmanager
 def no_gc():
@@ -32,7 +34,7 @@ def no_gc():
       gc.enable()
 
 
-NICE_ENV = "FLAX_CKPT_BACKGROUND_NICE"
+NICE_ENV = env.BACKGROUND_NICE
 
 
 def lower_thread_priority() -> None:
@@ -43,7 +45,7 @@ def lower_thread_priority() -> None:
   Linux only (threads have their own nice value there); elsewhere a no-op.
   """
   try:
-    delta = int(os.environ.get(NICE_ENV, "10"))
+    delta = env.background_nice()
   except ValueError:
     delta = 10
   if delta <= 0 or not hasattr(os, "setpriority") or sys.platform != "linux":
@@ -217,14 +219,6 @@ def start_background(fn: Callable[[], Any], description: str) -> AsyncResponse:
     _pending.append(resp)
   threading.Thread(target=target, name=f"flax_ckpt_save:{description}", daemon=False).start()
   return resp
-
-
-def wait_all_pending() -> None:
-  """Waits for every background save of this process (raises the first failure)."""
-  with _pending_lock:
-    pending = list(_pending)
-  for r in pending:
-    r.result()
 
 
 @atexit.register

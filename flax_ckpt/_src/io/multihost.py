@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
 import threading
 from typing import Any
 
 import jax
 
-from flax_ckpt._src import errors
+from flax_ckpt._src import env, errors
 
 DEFAULT_TIMEOUT_S = 300.0
-TIMEOUT_ENV = "FLAX_CKPT_BARRIER_TIMEOUT_S"
+TIMEOUT_ENV = env.BARRIER_TIMEOUT_S
 
 _counter = itertools.count()
 _counter_lock = threading.Lock()
@@ -37,7 +36,7 @@ def timeout_s(timeout: float | None = None) -> float:
   """The barrier timeout: ``timeout``, else ``$FLAX_CKPT_BARRIER_TIMEOUT_S``, else 300 s."""
   if timeout is not None:
     return float(timeout)
-  return float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+  return env.barrier_timeout_s(DEFAULT_TIMEOUT_S)
 
 
 def path_digest(path: str, length: int = 16) -> str:

@@ -265,3 +265,8 @@ def require_committed(path: epath.Path) -> dict:
   if not isinstance(manifest, dict) or manifest.get("format") != "flax_ckpt":
     raise errors.FormatError(f"{marker} is not a flax_ckpt commit marker.")
   return manifest
+
+
+def remove_quietly(p: Any) -> None:
+  """Removes a directory tree, ignoring errors (cleanup on a path already failing)."""
+  shutil.rmtree(os.fspath(p), ignore_errors=True)

@@ -1,7 +1,11 @@
-"""The leaf ``TypeHandler`` extension point: protocol, per-leaf info, args and metadata.
+"""The leaf ``TypeHandler`` contract: protocol, per-leaf info, per-call context, args and
+metadata. The registry of handlers is ``registry.py``; the built-in handlers are
+``arrays.py`` and ``scalars.py``.
 
 Handlers are batched: all leaves handled by one handler go to one ``serialize`` /
-``deserialize`` / ``metadata`` call per save or load.
+``deserialize`` / ``metadata`` call per save or load. Each gets one :class:`ParamInfo` per
+leaf (Orbax v1's ``SerializationParam``) whose ``context`` is shared by all leaves of the
+call (Orbax v1's ``SerializationContext``).
 """
 
 from __future__ import annotations
@@ -11,11 +15,11 @@ import threading
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
-import numpy as np
 from etils import epath
 
 from flax_ckpt._src.format import LEAVES_DIR
 from flax_ckpt._src.io import storage
+from flax_ckpt._src.tree import treespec
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -105,7 +109,9 @@ class RestoreArgs:
 ArrayRestoreArgs = RestoreArgs
 
 
-class _LazyTsContext:
+class LazyTsContext:
+  """A ``tensorstore.Context`` made on first use (most saves and loads never need one)."""
+
   def __init__(self):
     self._ctx = None
     self._lock = threading.Lock()
@@ -137,6 +143,56 @@ class LeafNaming:
     return self._dirnames[i]
 
 
+@dataclasses.dataclass(kw_only=True)
+class LeafContext:
+  """What all leaves of one save or load share (Orbax v1's ``SerializationContext``).
+
+  Attributes:
+    parent_dir: the directory of the PyTree being saved or loaded.
+    backend: the storage backend of this save or load (``io/storage``).
+    naming: the leaves' names and directory names.
+    tensorstore: the lazily made ``tensorstore.Context`` of this call.
+  """
+
+  parent_dir: epath.Path
+  backend: Any
+  naming: LeafNaming
+  tensorstore: LazyTsContext = dataclasses.field(default_factory=LazyTsContext)
+
+  @property
+  def ts_context(self):
+    """A ``tensorstore.Context`` shared by all leaves of this save or load."""
+    return self.tensorstore.get()
+
+
+@dataclasses.dataclass(kw_only=True)
+class SaveContext(LeafContext):
+  """The shared part of a save.
+
+  Attributes:
+    writer: the packed data file of this process (``storage.DataWriter``).
+    process_index: this process's index.
+    primary_local: leaf indexes process 0 writes as process-local (jax arrays held whole
+      by each process).
+  """
+
+  writer: Any
+  process_index: int = 0
+  primary_local: frozenset = frozenset()
+
+
+@dataclasses.dataclass(kw_only=True)
+class LoadContext(LeafContext):
+  """The shared part of a load.
+
+  Attributes:
+    files: the checkpointable directory opened for this load (``storage.CheckpointFiles``),
+      through which the data files are read; None to open them by path.
+  """
+
+  files: Any = None
+
+
 @dataclasses.dataclass
 class ParamInfo:
   """What a TypeHandler is told about one leaf.
@@ -150,6 +206,9 @@ class ParamInfo:
     is_async: True when the save returns before writing, so ``serialize`` must copy any
       mutable data before it returns.
     chunks: for built-in array handlers: chunk records of this leaf (see docs/format.md).
+    index: the leaf's position among the tree's leaves.
+    context: what all leaves of this save or load share (:class:`SaveContext` or
+      :class:`LoadContext`); None for an info made by hand.
     name: (property) the key path as a string, e.g. ``['opt_state'][0].mu``.
     path: (property) a directory this leaf may write its own files into; create it with
       ``info.path.mkdir(exist_ok=True)`` (its parent exists).
@@ -164,19 +223,20 @@ class ParamInfo:
   record: dict = dataclasses.field(default_factory=dict)
   is_async: bool = False
   chunks: list = dataclasses.field(default_factory=list)
-  _index: int = dataclasses.field(default=0, repr=False)
-  _naming: Any = dataclasses.field(default=None, repr=False)
-  _ts_context: Any = dataclasses.field(default=None, repr=False)
-  _io: Any = dataclasses.field(default=None, repr=False)
-  _files: Any = dataclasses.field(default=None, repr=False)  # storage.CheckpointFiles on load
+  index: int = dataclasses.field(default=0, repr=False)
+  context: SaveContext | LoadContext | None = dataclasses.field(default=None, repr=False)
 
   @property
   def name(self) -> str:
-    return self._naming.name(self._index)
+    if self.context is None:
+      return treespec.path_str(self.keypath)
+    return self.context.naming.name(self.index)
 
   @property
   def dirname(self) -> str:
-    return self._naming.dirname(self._index)
+    if self.context is None:
+      raise ValueError(f"ParamInfo of {self.name}: no directory outside a save or load")
+    return self.context.naming.dirname(self.index)
 
   @property
   def path(self) -> epath.Path:
@@ -186,12 +246,14 @@ class ParamInfo:
   @property
   def kvstore_spec(self) -> dict:
     """The tensorstore kvstore spec of this leaf's own directory (see ``path``)."""
-    return storage.kvstore_spec(self.path)
+    if self.context is None:
+      return storage.kvstore_spec(self.path)
+    return self.context.backend.kvstore_spec(self.path)
 
   @property
   def ts_context(self):
     """A ``tensorstore.Context`` shared by all leaves of this save or load."""
-    return self._ts_context.get() if self._ts_context is not None else None
+    return self.context.ts_context if self.context is not None else None
 
 
 @runtime_checkable
@@ -224,106 +286,3 @@ class TypeHandler(Protocol):
     """One metadata object per info, without reading array data."""
     ...
 
-
-_LOCK = threading.RLock()
-_BY_TYPE: dict[type, TypeHandler] = {}
-_ORDER: list[type] = []  # registration order, for isinstance lookups (newest first)
-_BY_TYPESTR: dict[str, TypeHandler] = {}
-_BUILTIN_TYPES: set[type] = set()
-
-
-def register_type_handler(ty: type, handler: TypeHandler, override: bool = False) -> None:
-  """Registers ``handler`` for leaves of type ``ty`` (and its subclasses).
-
-  Args:
-    ty: the leaf type.
-    handler: an object implementing :class:`TypeHandler`.
-    override: replace an existing registration for ``ty``; without it a second
-      registration is an error.
-
-  Example:
-    >>> import flax_ckpt
-    >>> class Celsius(float): ...
-    >>> class CelsiusHandler(flax_ckpt.ScalarHandler):
-    ...   def typestr(self): return 'Celsius'
-    >>> flax_ckpt.register_type_handler(Celsius, CelsiusHandler(Celsius), override=True)
-  """
-  if not isinstance(ty, type):
-    raise TypeError(f"register_type_handler expects a type, got {ty!r}")
-  for m in ("typestr", "serialize", "deserialize", "metadata"):
-    if not callable(getattr(handler, m, None)):
-      raise TypeError(f"{handler!r} is not a TypeHandler: it has no {m}() method")
-  with _LOCK:
-    if ty in _BY_TYPE and not override:
-      raise ValueError(
-          f"a TypeHandler is already registered for {ty.__module__}.{ty.__qualname__} "
-          f"({_BY_TYPE[ty]!r}); pass override=True to replace it."
-      )
-    _BY_TYPE[ty] = handler
-    if ty in _ORDER:
-      _ORDER.remove(ty)
-    _ORDER.append(ty)
-    _BY_TYPESTR[handler.typestr()] = handler
-
-
-def _register_builtin(ty: type, handler: TypeHandler) -> None:
-  register_type_handler(ty, handler, override=True)
-  _BUILTIN_TYPES.add(ty)
-
-
-def has_type_handler(ty: type) -> bool:
-  """Whether leaves of type ``ty`` can be saved (a handler is registered for it or a base)."""
-  with _LOCK:
-    return _lookup(ty) is not None
-
-
-def _lookup(ty: type) -> TypeHandler | None:
-  # the most specific registered class in the MRO wins (np.float64 -> np.generic, not
-  # float); then virtual bases such as jax.Array, newest registration first
-  for t in ty.__mro__:
-    h = _BY_TYPE.get(t)
-    if h is not None:
-      return h
-  for t in reversed(_ORDER):
-    if issubclass(ty, t):
-      return _BY_TYPE[t]
-  return None
-
-
-def get_type_handler(ty: type) -> TypeHandler:
-  """The handler used for leaves of type ``ty``; raises ValueError if there is none."""
-  with _LOCK:
-    h = _lookup(ty)
-  if h is None:
-    raise ValueError(f"no TypeHandler registered for {ty.__module__}.{ty.__qualname__}")
-  return h
-
-
-_SPECIAL: list = []  # (predicate, handler) checked before type lookup (e.g. PRNG keys)
-
-
-def handler_for_value(x: Any) -> TypeHandler | None:
-  for pred, h in _SPECIAL:
-    if pred(x):
-      return h
-  with _LOCK:
-    return _lookup(type(x))
-
-
-def handler_for_typestr(typestr: str) -> TypeHandler | None:
-  with _LOCK:
-    return _BY_TYPESTR.get(typestr)
-
-
-def custom_types() -> frozenset:
-  """Types registered by users (not built in)."""
-  with _LOCK:
-    return frozenset(t for t in _BY_TYPE if t not in _BUILTIN_TYPES)
-
-
-def is_builtin(handler: TypeHandler) -> bool:
-  return getattr(handler, "_flax_ckpt_builtin", False)
-
-
-def np_dtype_or_none(dtype: Any) -> np.dtype | None:
-  return None if dtype is None else np.dtype(dtype)

@@ -10,12 +10,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import shutil
-from collections.abc import Callable
 from typing import Any
 
 import jax
-import numpy as np
 from etils import epath
 
 from flax_ckpt._src import errors
@@ -29,16 +26,11 @@ from flax_ckpt._src.format import (
   load_json_bytes,
 )
 from flax_ckpt._src.io import background, paths, storage
-from flax_ckpt._src.leaves import builtin_handlers
+from flax_ckpt._src.io.paths import remove_quietly as remove_quietly  # the engine's old path
+from flax_ckpt._src.leaves import registry
 from flax_ckpt._src.leaves import type_handlers as th
+from flax_ckpt._src.parts.pytree_template import LoadPlan, as_saved_args, conform, match_template
 from flax_ckpt._src.tree import treespec
-
-
-@dataclasses.dataclass
-class _SaveIO:
-  writer: Any  # storage.DataWriter or storage.KvStoreDataWriter
-  process_index: int = 0
-  primary_local: frozenset = frozenset()  # leaf ids process 0 writes as process-local
 
 
 def _leaf_dirnames(names: list[str]) -> list[str]:
@@ -55,6 +47,10 @@ def _leaf_dirnames(names: list[str]) -> list[str]:
   return out
 
 
+def _naming(keypaths: list) -> th.LeafNaming:
+  return th.LeafNaming(keypaths, treespec.path_str, _leaf_dirnames)
+
+
 @dataclasses.dataclass
 class SavePlan:
   root: dict
@@ -64,7 +60,7 @@ class SavePlan:
 
 def _note(e: BaseException, doing: str, handler: Any, keypaths: list) -> None:
   """Adds the leaf paths a failing handler was working on to its exception (type kept)."""
-  if th.is_builtin(handler) or not hasattr(e, "add_note"):
+  if registry.is_builtin(handler) or not hasattr(e, "add_note"):
     return
   names = [treespec.path_str(p) for p in keypaths[:10]]
   more = f" and {len(keypaths) - 10} more" if len(keypaths) > 10 else ""
@@ -75,7 +71,7 @@ def _note(e: BaseException, doing: str, handler: Any, keypaths: list) -> None:
 def plan_save(tree: Any) -> SavePlan:
   """Walks and validates ``tree`` (raises UnsupportedLeafError before anything is written)."""
   treespec.forget_misses()
-  return SavePlan(*treespec.encode(tree, th.handler_for_value))
+  return SavePlan(*treespec.encode(tree, registry.handler_for_value))
 
 
 def local_array_ids(plan: SavePlan) -> list[int]:
@@ -85,93 +81,112 @@ def local_array_ids(plan: SavePlan) -> list[int]:
 
 
 def prepare_save(cp_dir: epath.Path, plan: SavePlan, *, is_async: bool,
-                 process_index: int = 0,
-                 primary_local: frozenset = frozenset()) -> Callable[[bool], None]:
-  """Snapshots the planned tree and returns ``finish(fsync)`` that writes it.
+                 process_index: int = 0, primary_local: frozenset = frozenset()) -> TreeWrite:
+  """Snapshots the planned tree and returns the :class:`TreeWrite` that writes it.
 
   Everything that reads the caller's values happens before this returns; ``finish`` only
   touches snapshots. Each process writes its own data file and chunk index; only process 0
   writes the tree metadata and runs custom handlers (which write per-leaf files).
   """
-  root, leaves, handlers = plan.root, plan.leaves, plan.handlers
-  primary = process_index == 0
   os.makedirs(cp_dir, exist_ok=True)
-  ts_ctx = th._LazyTsContext()
-  io = _SaveIO(storage.open_writer(os.path.join(
-      cp_dir, data_file(process_index)), direct=is_async),
-      process_index, primary_local)
-  naming = th.LeafNaming([p for p, _ in leaves], treespec.path_str, _leaf_dirnames)
-  leaves_dir = cp_dir / LEAVES_DIR
-  if primary and any(not th.is_builtin(h) for h in handlers):
-    os.makedirs(leaves_dir, exist_ok=True)
-  infos = [
-      th.ParamInfo(keypath=leaves[i][0], parent_dir=cp_dir, is_async=is_async,
-                   _index=i, _naming=naming, _ts_context=ts_ctx, _io=io)
-      for i in range(len(leaves))
-  ]
-  groups: dict[int, tuple[Any, list[int]]] = {}
-  for i, h in enumerate(handlers):
-    if primary or th.is_builtin(h):
-      groups.setdefault(id(h), (h, []))[1].append(i)
-
-  async def serialize_all():
-    futs = []
-    for h, idx in groups.values():
-      try:
-        r = await h.serialize([leaves[i][1] for i in idx], [infos[i] for i in idx], None)
-      except Exception as e:
-        _note(e, "saving", h, [leaves[i][0] for i in idx])
-        raise
-      futs.extend(r or [])
-    return futs
-
+  backend = storage.backend_for(cp_dir)
+  ctx = th.SaveContext(
+      parent_dir=cp_dir, backend=backend, naming=_naming([p for p, _ in plan.leaves]),
+      writer=backend.open_writer(os.path.join(cp_dir, data_file(process_index)),
+                                 direct=is_async),
+      process_index=process_index, primary_local=primary_local)
+  primary = process_index == 0
+  if primary and any(not registry.is_builtin(h) for h in plan.handlers):
+    os.makedirs(cp_dir / LEAVES_DIR, exist_ok=True)
+  infos = [th.ParamInfo(keypath=plan.leaves[i][0], parent_dir=cp_dir, is_async=is_async,
+                        index=i, context=ctx)
+           for i in range(len(plan.leaves))]
   try:
-    futures = background.run_coro(serialize_all())
+    futures = background.run_coro(_serialize_all(plan, infos, primary))
   except BaseException:
-    io.writer.close()
+    ctx.writer.close()
     raise
-  typestrs = [h.typestr() for h in handlers]
+  return TreeWrite(plan, ctx, infos, futures)
 
-  def finish(fsync: bool) -> None:
+
+async def _serialize_all(plan: SavePlan, infos: list[th.ParamInfo], primary: bool) -> list:
+  """Runs each handler once on its leaves (custom handlers on process 0 only)."""
+  groups: dict[int, tuple[Any, list[int]]] = {}
+  for i, h in enumerate(plan.handlers):
+    if primary or registry.is_builtin(h):
+      groups.setdefault(id(h), (h, []))[1].append(i)
+  futs = []
+  for h, idx in groups.values():
     try:
-      background.wait_futures(futures)
-    except BaseException:
-      io.writer.close()
+      r = await h.serialize([plan.leaves[i][1] for i in idx], [infos[i] for i in idx], None)
+    except Exception as e:
+      _note(e, "saving", h, [plan.leaves[i][0] for i in idx])
       raise
-    for info in infos:
-      info._io = None  # release the snapshot buffers held by chunk bookkeeping
-    chunks = {str(i): info.chunks for i, info in enumerate(infos) if info.chunks}
-    paths.write_json(cp_dir / chunks_file(process_index),
-                     {"process_index": process_index,
-                      "data_file": data_file(process_index),
+    futs.extend(r or [])
+  return futs
+
+
+class TreeWrite:
+  """The writing half of a tree save: :meth:`finish` (``fsync``) or :meth:`abort`.
+
+  Calling it is ``finish``, so code holding it as ``finish = prepare_save(...)`` with
+  ``finish(fsync)`` and ``finish.abort()`` keeps working.
+  """
+
+  def __init__(self, plan: SavePlan, ctx: th.SaveContext, infos: list[th.ParamInfo],
+               futures: list):
+    self._plan = plan
+    self._ctx = ctx
+    self._infos = infos
+    self._futures = futures
+    self._typestrs = [h.typestr() for h in plan.handlers]
+
+  def __call__(self, fsync: bool) -> None:
+    self.finish(fsync)
+
+  def finish(self, fsync: bool) -> None:
+    """Waits for the handlers, then writes the chunk index, tree and data file."""
+    ctx, cp_dir = self._ctx, self._ctx.parent_dir
+    try:
+      background.wait_futures(self._futures)
+    except BaseException:
+      ctx.writer.close()
+      raise
+    chunks = {str(i): info.chunks for i, info in enumerate(self._infos) if info.chunks}
+    paths.write_json(cp_dir / chunks_file(ctx.process_index),
+                     {"process_index": ctx.process_index,
+                      "data_file": data_file(ctx.process_index),
                       "chunks": chunks}, fsync=fsync)
-    if not primary:
-      io.writer.write(fsync=fsync)
+    if ctx.process_index != 0:
+      ctx.writer.write(fsync=fsync)
       if fsync:
         paths.fsync_path(cp_dir)  # this process's directory entries, before the barrier
       return
-    records = [
-        {"path": [list(e) for e in leaves[i][0]], "typestr": typestrs[i],
-         "record": infos[i].record}
-        for i in range(len(leaves))
-    ]
-    paths.write_json(cp_dir / TREE_FILE,
-                     {"version": TREE_VERSION, "root": root, "leaves": records}, fsync=fsync)
-    io.writer.write(fsync=fsync)  # data was streaming out meanwhile; wait for it here
+    self._write_tree(fsync)
+    ctx.writer.write(fsync=fsync)  # data was streaming out meanwhile; wait for it here
     if fsync:
+      leaves_dir = cp_dir / LEAVES_DIR
       if os.path.isdir(leaves_dir):  # files written by custom handlers
         paths.fsync_tree(leaves_dir)
       paths.fsync_path(cp_dir)
 
-  def abort() -> None:
+  def _write_tree(self, fsync: bool) -> None:
+    leaves = self._plan.leaves
+    records = [
+        {"path": [list(e) for e in leaves[i][0]], "typestr": self._typestrs[i],
+         "record": self._infos[i].record}
+        for i in range(len(leaves))
+    ]
+    paths.write_json(self._ctx.parent_dir / TREE_FILE,
+                     {"version": TREE_VERSION, "root": self._plan.root, "leaves": records},
+                     fsync=fsync)
+
+  def abort(self) -> None:
     """Stops background writes of a save that will not be finished."""
     try:
-      io.writer.close()
+      self._ctx.writer.close()
     except Exception:  # noqa: BLE001,S110 - already failing; stopping is all that matters
       pass
-
-  finish.abort = abort  # type: ignore[attr-defined]
-  return finish
 
 
 @dataclasses.dataclass
@@ -180,18 +195,19 @@ class _SavedTree:
   root: dict
   leaves: list[dict]
   chunks: dict[int, list[dict]]
-  files: storage.CheckpointFiles | None = None
+  files: storage.CheckpointDir | None = None
+  backend: storage.StorageBackend | None = None
 
   def close(self) -> None:
     if self.files is not None:
       self.files.close()
 
 
-
 def read_saved_tree(cp_dir: epath.Path) -> _SavedTree:
   """Reads the tree and chunk indexes; the data files stay reachable through ``files``."""
+  backend = storage.backend_for(cp_dir)
   try:
-    files = storage.CheckpointFiles(os.fspath(cp_dir))
+    files = backend.open_dir(os.fspath(cp_dir))
   except FileNotFoundError as e:
     raise errors.CheckpointReplacedError(f"{cp_dir} disappeared while loading") from e
   try:
@@ -219,20 +235,18 @@ def read_saved_tree(cp_dir: epath.Path) -> _SavedTree:
   if files.is_gone():  # replaced while we listed: the index may be incomplete
     files.close()
     raise errors.CheckpointReplacedError(f"{cp_dir} was replaced while loading")
-  return _SavedTree(cp_dir, tree["root"], tree["leaves"], chunks, files)
+  return _SavedTree(cp_dir, tree["root"], tree["leaves"], chunks, files, backend)
 
 
 def _infos_for(saved: _SavedTree, ids: list[int]) -> list[th.ParamInfo]:
-  naming = th.LeafNaming([leaf["path"] for leaf in saved.leaves], treespec.path_str,
-                         _leaf_dirnames)
-  ctx = th._LazyTsContext()
+  ctx = th.LoadContext(parent_dir=saved.cp_dir, backend=saved.backend, files=saved.files,
+                       naming=_naming([leaf["path"] for leaf in saved.leaves]))
   out = []
   for i in ids:
     leaf = saved.leaves[i]
     out.append(th.ParamInfo(
         keypath=leaf["path"], parent_dir=saved.cp_dir, record=leaf["record"],
-        chunks=saved.chunks.get(i, []), _index=i, _naming=naming, _ts_context=ctx,
-        _files=saved.files))
+        chunks=saved.chunks.get(i, []), index=i, context=ctx))
   return out
 
 
@@ -240,7 +254,7 @@ def _handlers_for(saved: _SavedTree, ids: list[int]) -> list[Any]:
   out, missing = [], []
   for i in ids:
     ts_ = saved.leaves[i]["typestr"]
-    h = th.handler_for_typestr(ts_)
+    h = registry.handler_for_typestr(ts_)
     if h is None:
       missing.append(f"{treespec.path_str(saved.leaves[i]['path'])} (typestr {ts_!r})")
     out.append(h)
@@ -284,105 +298,6 @@ def _run_grouped(method: str, saved: _SavedTree, ids: list[int],
   return background.run_coro(run_all())
 
 
-
-def _args_from_template(t: Any) -> th.RestoreArgs:
-  if t is None:
-    return th.RestoreArgs()
-  if isinstance(t, (jax.ShapeDtypeStruct, jax.Array)):
-    is_key = jax.dtypes.issubdtype(t.dtype, jax.dtypes.prng_key)
-    sharding = getattr(t, "sharding", None)
-    if isinstance(t, jax.Array) and not getattr(t, "committed", True):
-      # An uncommitted template array (made without a device or sharding, e.g. a fresh
-      # ``nnx.Rngs`` key) comes back uncommitted too, so jit may still move it next to
-      # sharded operands as it could move the template.
-      sharding = None
-    return th.RestoreArgs(restore_type=jax.Array, dtype=None if is_key else np.dtype(t.dtype),
-                          sharding=sharding, shape=tuple(t.shape),
-                          weak_type=bool(getattr(t, "weak_type", False)))
-  if isinstance(t, np.ndarray):
-    return th.RestoreArgs(restore_type=np.ndarray, dtype=t.dtype, shape=tuple(t.shape))
-  if isinstance(t, np.generic):
-    return th.RestoreArgs(restore_type=np.generic, dtype=t.dtype, shape=())
-  if type(t) in (int, float, bool, complex):
-    return th.RestoreArgs(restore_type=type(t), shape=())
-  return th.RestoreArgs()
-
-
-_NUMERIC = {"jax.Array", "np.ndarray", "np.generic", "int", "float", "bool", "complex"}
-
-
-def _kind_conflict(t: Any, typestr: str, impl: str | None = None) -> str | None:
-  """Why template leaf ``t`` cannot receive a leaf saved as ``typestr`` (None if it can)."""
-  if t is None:
-    return None
-  if isinstance(t, (jax.ShapeDtypeStruct, jax.Array, np.ndarray, np.generic)):
-    if jax.dtypes.issubdtype(t.dtype, jax.dtypes.prng_key):
-      if typestr == "jax.PRNGKey" and (impl is None or
-                                       builtin_handlers.key_dtype(impl) == t.dtype):
-        return None
-      want = f"a typed PRNG key of {t.dtype}" + (f" (saved: key<{impl}>)" if impl else "")
-    else:
-      if typestr in _NUMERIC:
-        return None
-      want = f"an array of {t.dtype}"
-  elif type(t) in (int, float, bool, complex):
-    if typestr in _NUMERIC:
-      return None
-    want = f"a Python {type(t).__name__}"
-  elif type(t) in (str, bytes):
-    if typestr == type(t).__name__:
-      return None
-    want = f"a {type(t).__name__}"
-  else:
-    return None
-  return (f"the checkpoint holds a {typestr} leaf, the template asks for {want} (use None "
-          "in the template to load it as saved)")
-
-
-def _saved_shape(leaf: dict) -> tuple[int, ...] | None:
-  rec = leaf["record"]
-  if "key_shape" in rec:
-    return tuple(rec["key_shape"])
-  if "shape" in rec:
-    return tuple(rec["shape"])
-  if leaf["typestr"] in ("int", "float", "bool", "complex", "np.generic"):
-    return ()
-  return None
-
-
-def _host_as(v: Any, dtype: Any) -> np.ndarray:
-  """``v`` as a numpy array of ``dtype`` with ``astype`` semantics (ints wrap)."""
-  host = np.asarray(v)
-  return host if dtype is None or host.dtype == dtype else host.astype(dtype)
-
-
-def _conform(v: Any, a: th.RestoreArgs) -> Any:
-  """Converts a loaded scalar/array to the template leaf's type when they differ."""
-  rt = a.restore_type
-  if rt is None:
-    return v
-  if rt is jax.Array and not isinstance(v, jax.Array):
-    host = _host_as(v, a.dtype)
-    return jax.device_put(host, a.sharding) if a.sharding is not None else jax.device_put(host)
-  if rt is np.ndarray and not isinstance(v, np.ndarray):
-    return _host_as(v, a.dtype)
-  if rt is np.generic and not isinstance(v, np.generic):
-    return _host_as(v, a.dtype)[()]
-  if rt in (int, float, bool, complex) and type(v) is not rt:
-    return rt(np.asarray(v).item())
-  return v
-
-
-def _as_saved_args(saved: _SavedTree, ids: list[int],
-                   restore_type: Any) -> list[th.RestoreArgs] | None:
-  """Args for leaves loaded without a template leaf: as saved, or arrays as ``restore_type``."""
-  if restore_type is None:
-    return None
-  return [th.RestoreArgs(restore_type=restore_type)
-          if saved.leaves[i]["typestr"] in ("jax.Array", "np.ndarray") else th.RestoreArgs()
-          for i in ids]
-
-
 def load(cp_dir: epath.Path, abstract: Any, *, partial: bool,
          restore_type: Any = None) -> Any:
   saved = read_saved_tree(cp_dir)
@@ -405,89 +320,39 @@ def _load(saved: _SavedTree, cp_dir: epath.Path, abstract: Any, *, partial: bool
           restore_type: Any) -> Any:
   if abstract is None:
     ids = list(range(len(saved.leaves)))
-    values = _run_grouped("deserialize", saved, ids, _as_saved_args(saved, ids, restore_type))
+    values = _run_grouped("deserialize", saved, ids, as_saved_args(saved, ids, restore_type))
     return treespec.decode(saved.root, values, warned=set())
+  plan = match_template(saved, abstract, partial, restore_type)
+  return _read(saved, plan, restore_type)
 
-  # JAX already treats arrays, ShapeDtypeStructs and unregistered classes as leaves; also
-  # stop at None and at user types with a TypeHandler that happen to be PyTree nodes.
-  custom = th.custom_types()
-  abstract = treespec.expand_plain_dataclasses(abstract)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(
-      abstract, is_leaf=lambda x: x is None or (bool(custom) and type(x) in custom))
-  by_key = {treespec.match_key(leaf["path"]): i for i, leaf in enumerate(saved.leaves)}
-  ids, missing, problems = [], [], []
-  subtrees: dict[int, tuple[dict, list[int]]] = {}  # position in flat -> (node, leaf ids)
-  for pos, (kp, t) in enumerate(flat):
-    path = treespec.path_from_jax(kp)
-    i = by_key.get(treespec.match_key(path))
-    if i is None and t is None:  # None stands for a whole saved subtree: load it as saved
-      node = treespec.find_node(saved.root, path)
-      if node is not None and node["t"] != "leaf":
-        subtrees[pos] = (node, treespec.leaf_ids(node))
-        ids.append(-1)
-        continue
-    if i is None:
-      missing.append(treespec.path_str(path))
-      continue
-    ids.append(i)
-  extra = []
-  if not partial:
-    used = set(ids).union(*(set(sub[1]) for sub in subtrees.values()))
-    extra = [treespec.path_str(leaf["path"]) for i, leaf in enumerate(saved.leaves)
-             if i not in used]
-  if missing or extra:
-    msg = ["the template does not match the checkpoint at " + os.fspath(cp_dir) + ":"]
-    if missing:
-      msg.append(f"  in the template but not in the checkpoint: {', '.join(missing)}")
-    if extra:
-      msg.append(f"  in the checkpoint but not in the template: {', '.join(extra)} "
-                 "(pass partial=True to load only the template's leaves)")
-    raise errors.StructureMismatchError("\n".join(msg))
-  args = [_args_from_template(t) for _, t in flat]
-  if restore_type is not None:  # None template leaves: arrays as restore_type
-    for j, ((_, t), i) in enumerate(zip(flat, ids)):
-      if t is None and i >= 0:
-        args[j] = _as_saved_args(saved, [i], restore_type)[0]
-  for i, (_, t) in zip(ids, flat):
-    if i < 0:
-      continue
-    why = _kind_conflict(t, saved.leaves[i]["typestr"], saved.leaves[i]["record"].get("impl"))
-    if why:
-      problems.append(f"{treespec.path_str(saved.leaves[i]['path'])}: {why}")
-  for i, a in zip(ids, args):
-    if i < 0:
-      continue
-    s = _saved_shape(saved.leaves[i])
-    if a.shape is not None and s is not None and tuple(a.shape) != s:
-      problems.append(f"{treespec.path_str(saved.leaves[i]['path'])}: checkpoint shape {s}, "
-                      f"template shape {tuple(a.shape)}")
-  if problems:
-    raise errors.StructureMismatchError(
-        "the template does not fit the checkpoint's leaves (fix the template, or load "
-        "without one / call flax_ckpt.metadata to see what was saved):\n  "
-        + "\n  ".join(problems))
+
+def _read(saved: _SavedTree, plan: LoadPlan, restore_type: Any) -> Any:
+  """Reads the matched leaves (and whole subtrees) and rebuilds the template's structure."""
+  ids = plan.ids
   read_ids = [i for i in ids if i >= 0]
-  read_args = [a for i, a in zip(ids, args) if i >= 0]
-  sub_ids = sorted(set().union(*(set(sub[1]) for sub in subtrees.values())))
+  read_args = [a for i, a in zip(ids, plan.args) if i >= 0]
+  sub_ids = sorted(set().union(*(set(sub[1]) for sub in plan.subtrees.values())))
   got = _run_grouped("deserialize", saved, read_ids + sub_ids,
-                     read_args + (_as_saved_args(saved, sub_ids, restore_type)
+                     read_args + (as_saved_args(saved, sub_ids, restore_type)
                                   or [th.RestoreArgs()] * len(sub_ids)))
   by_id = dict(zip(sub_ids, got[len(read_ids):]))
-  def conform(v: Any, a: th.RestoreArgs, i: int) -> Any:
+
+  def conformed(v: Any, a: th.RestoreArgs, i: int) -> Any:
     try:
-      return _conform(v, a)
+      return conform(v, a)
     except (TypeError, ValueError, OverflowError) as e:
       raise errors.StructureMismatchError(
           f"{treespec.path_str(saved.leaves[i]['path'])}: cannot convert the saved value to "
           f"the template's type ({type(e).__name__}: {e}); fix the template leaf or use None "
           "to load it as saved.") from e
 
-  loaded = iter(conform(v, a, i) for v, a, i in zip(got[:len(read_ids)], read_args,
+  loaded = iter(conformed(v, a, i) for v, a, i in zip(got[:len(read_ids)], read_args,
                                                       read_ids))
   warned: set[str] = set()
-  values = [treespec.decode(subtrees[pos][0], by_id, warned) if i < 0 else next(loaded)
+  values = [treespec.decode(plan.subtrees[pos][0], by_id, warned) if i < 0 else next(loaded)
             for pos, i in enumerate(ids)]
-  return treespec.collapse_plain_dataclasses(jax.tree_util.tree_unflatten(treedef, values))
+  return treespec.collapse_plain_dataclasses(
+      jax.tree_util.tree_unflatten(plan.treedef, values))
 
 
 def metadata_tree(cp_dir: epath.Path) -> Any:
@@ -495,7 +360,7 @@ def metadata_tree(cp_dir: epath.Path) -> Any:
   treespec.forget_misses()
   saved.close()  # metadata reads no data file
   ids = list(range(len(saved.leaves)))
-  handlers = [th.handler_for_typestr(saved.leaves[i]["typestr"]) for i in ids]
+  handlers = [registry.handler_for_typestr(saved.leaves[i]["typestr"]) for i in ids]
   known = [i for i in ids if handlers[i] is not None]
   vals: list[Any] = [None] * len(ids)
   for i, v in zip(known, _run_grouped("metadata", saved, known, None)):
@@ -506,6 +371,3 @@ def metadata_tree(cp_dir: epath.Path) -> Any:
       vals[i] = th.Metadata(name=infos[i].name, directory=infos[i].path)
   return treespec.decode(saved.root, vals, warned=None)
 
-
-def remove_quietly(p: Any) -> None:
-  shutil.rmtree(os.fspath(p), ignore_errors=True)

@@ -1,0 +1,57 @@
+"""Every ``FLAX_CKPT_*`` environment variable, read and documented in one place.
+
+Each knob is read at call time, not at import, so a process (or a test, with
+``monkeypatch.setenv``) may change it between saves.
+
+* ``FLAX_CKPT_STORAGE``: the storage backend for local paths, ``posix`` (the default) or
+  ``tensorstore`` (a tensorstore kvstore; costs one extra copy of the data on save).
+* ``FLAX_CKPT_DIRECT_IO``: ``0`` turns off direct I/O (``O_DIRECT``) for background saves.
+* ``FLAX_CKPT_BARRIER_TIMEOUT_S``: seconds a multi-host save waits for the other processes
+  (300 by default).
+* ``FLAX_CKPT_BACKGROUND_NICE``: how much background checkpoint threads lower their CPU
+  priority (10 by default; 0 or less leaves it).
+* ``FLAX_CKPT_STAGING_BYTES``: host memory a load may use beyond its results, for tiny strided
+  reads when resharding (64 MiB by default).
+"""
+
+from __future__ import annotations
+
+import os
+
+STORAGE = "FLAX_CKPT_STORAGE"
+DIRECT_IO = "FLAX_CKPT_DIRECT_IO"
+BARRIER_TIMEOUT_S = "FLAX_CKPT_BARRIER_TIMEOUT_S"
+BACKGROUND_NICE = "FLAX_CKPT_BACKGROUND_NICE"
+STAGING_BYTES = "FLAX_CKPT_STAGING_BYTES"
+
+DEFAULT_STORAGE = "posix"
+DEFAULT_BACKGROUND_NICE = 10
+DEFAULT_STAGING_BYTES = 64 << 20
+
+
+def storage() -> str:
+  """The backend name asked for (``$FLAX_CKPT_STORAGE``, unset or empty: ``posix``).
+
+  Not validated here: the storage layer checks it against the backends it has.
+  """
+  return os.environ.get(STORAGE, "") or DEFAULT_STORAGE
+
+
+def direct_io() -> bool:
+  """Whether direct I/O may be used (``$FLAX_CKPT_DIRECT_IO`` is not ``0``)."""
+  return os.environ.get(DIRECT_IO, "1") != "0"
+
+
+def barrier_timeout_s(default: float) -> float:
+  """``$FLAX_CKPT_BARRIER_TIMEOUT_S`` as a float, else ``default``."""
+  return float(os.environ.get(BARRIER_TIMEOUT_S, default))
+
+
+def background_nice() -> int:
+  """``$FLAX_CKPT_BACKGROUND_NICE`` as an int, else 10; raises ValueError if it is no int."""
+  return int(os.environ.get(BACKGROUND_NICE, str(DEFAULT_BACKGROUND_NICE)))
+
+
+def staging_bytes() -> int:
+  """``$FLAX_CKPT_STAGING_BYTES`` as an int, else 64 MiB."""
+  return int(os.environ.get(STAGING_BYTES, DEFAULT_STAGING_BYTES))

@@ -1,0 +1,70 @@
+"""The storage layer for packed data files: many arrays' bytes in one file per process.
+
+Backends are objects (:class:`StorageBackend`), chosen once per save or load by
+:func:`backend_for`:
+
+* ``posix.py``: buffered ``pwritev`` writer, coalescing ``preadv`` reader, and
+  :class:`CheckpointFiles` (a directory-fd reader that one overwrite cannot tear);
+* ``direct.py``: the O_DIRECT writer for background saves;
+* ``kvstore.py``: the tensorstore kvstore backend (the way object stores will slot in).
+
+The module-level functions below resolve the backend per call; they are kept for callers
+that do one operation (validation, one read).
+
+See docs/format.md for the file layout.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from flax_ckpt._src.io.storage.backend import (
+    BACKEND_ENV as BACKEND_ENV,
+)
+from flax_ckpt._src.io.storage.backend import (
+    BACKENDS as BACKENDS,
+)
+from flax_ckpt._src.io.storage.backend import (
+    CheckpointDir as CheckpointDir,
+)
+from flax_ckpt._src.io.storage.backend import (
+    DataWriter as DataWriter,
+)
+from flax_ckpt._src.io.storage.backend import (
+    StorageBackend as StorageBackend,
+)
+from flax_ckpt._src.io.storage.backend import (
+    backend_for as backend_for,
+)
+from flax_ckpt._src.io.storage.backend import (
+    backend_name as backend_name,
+)
+from flax_ckpt._src.io.storage.buffers import (
+    ALIGN as ALIGN,
+)
+from flax_ckpt._src.io.storage.buffers import (
+    READ_STATS as READ_STATS,
+)
+from flax_ckpt._src.io.storage.buffers import (
+    aligned_empty as aligned_empty,
+)
+from flax_ckpt._src.io.storage.buffers import (
+    as_bytes_view as as_bytes_view,
+)
+from flax_ckpt._src.io.storage.direct import DirectWriter as DirectWriter
+from flax_ckpt._src.io.storage.kvstore import kvstore_spec as kvstore_spec
+from flax_ckpt._src.io.storage.posix import BufferedWriter as BufferedWriter
+from flax_ckpt._src.io.storage.posix import CheckpointFiles as CheckpointFiles
+
+
+def read_into(path: str, requests: Sequence[tuple[int, memoryview]],
+              files: CheckpointFiles | None = None) -> None:
+  """Fills each (file offset, writable byte view) request from the file at ``path``,
+  on the backend :func:`backend_for` picks for it."""
+  backend_for(path).read_into(path, requests, files)
+
+
+def open_writer(path: str, *, ts_context=None, direct: bool = False) -> DataWriter:
+  """A data-file writer for ``path`` on the backend :func:`backend_for` picks for it."""
+  return backend_for(os.fspath(path)).open_writer(path, direct=direct, ts_context=ts_context)

@@ -1,0 +1,80 @@
+"""What every storage backend shares: aligned buffers, offset packing, iovec bookkeeping."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+ALIGN = 64  # every buffer starts at a multiple of this in the data file (and in memory)
+IOV_MAX = 1024
+MAX_CALL_BYTES = 1 << 30  # Linux caps one read/write at ~2 GiB
+
+
+def aligned_empty(nbytes: int) -> np.ndarray:
+  """A new uint8 buffer of ``nbytes`` whose data pointer is 64-byte aligned."""
+  raw = np.empty(nbytes + ALIGN, np.uint8)
+  off = (-raw.ctypes.data) % ALIGN
+  return raw[off:off + nbytes]
+
+
+def as_bytes_view(arr: np.ndarray) -> memoryview:
+  """A flat byte view of a C-contiguous array of any dtype (ml_dtypes included)."""
+  if not arr.flags.c_contiguous:
+    raise ValueError("internal: buffer must be C-contiguous")
+  try:
+    return memoryview(arr).cast("B")
+  except (ValueError, TypeError):  # dtypes the buffer protocol cannot describe
+    return memoryview(arr.reshape(-1).view(np.uint8))
+
+
+def flat_bytes(view: memoryview) -> memoryview:
+  """``view`` as a 1-d view of unsigned bytes (no copy)."""
+  return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+class Packer:
+  """Assigns each added buffer its 64-byte aligned offset in the data file."""
+
+  def __init__(self):
+    self.size = 0
+
+  def place(self, arr: np.ndarray) -> tuple[int, memoryview]:
+    """Returns (offset, byte view) for ``arr``: the next 64-byte aligned offset."""
+    view = as_bytes_view(arr)
+    self.size += (-self.size) % ALIGN
+    offset = self.size
+    self.size += view.nbytes
+    return offset, view
+
+
+def advance(views: list[memoryview], n: int) -> None:
+  """Drops the first ``n`` bytes (done by one ``pwritev``/``preadv``) from ``views``."""
+  while n and views:
+    if views[0].nbytes <= n:
+      n -= views[0].nbytes
+      views.pop(0)
+    else:
+      views[0] = views[0][n:]
+      n = 0
+
+
+class ReadStats:
+  """Counts bytes and system calls of reads.
+
+  Test instrumentation: tests read :data:`READ_STATS` to check that partial and resharded
+  loads read only the bytes they need. Counting costs one locked add per system call.
+  """
+
+  def __init__(self):
+    self.bytes = 0
+    self.calls = 0
+    self._lock = threading.Lock()
+
+  def add(self, nbytes: int) -> None:
+    with self._lock:
+      self.bytes += nbytes
+      self.calls += 1
+
+
+READ_STATS = ReadStats()

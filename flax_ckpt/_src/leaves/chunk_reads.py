@@ -1,0 +1,218 @@
+"""Read-plan geometry: which bytes of which saved chunks fill a destination box.
+
+Pure numpy plus one storage backend to read through, so it can be unit-tested alone. A
+chunk record (docs/format.md) is ``{"s": start, "h": shape, "o": file offset, "n": nbytes,
+"p": process index of the data file}``; a box is a (start, shape) region of the array.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from flax_ckpt._src import env
+from flax_ckpt._src.format import data_file
+from flax_ckpt._src.io import storage
+
+_MIN_RUN = 512  # contiguous runs shorter than this are staged instead of read one by one
+
+
+def staging_bytes() -> int:
+  """Host memory a load may use beyond its results (``$FLAX_CKPT_STAGING_BYTES``, 64 MiB)."""
+  return env.staging_bytes()
+
+
+def _contiguous(box_shape: Sequence[int], full: Sequence[int]) -> bool:
+  """Whether a box of shape ``box_shape`` is one contiguous run inside C-order ``full``."""
+  k = 0
+  while k < len(box_shape) and box_shape[k] == 1:
+    k += 1
+  return all(box_shape[j] == full[j] for j in range(k + 1, len(box_shape)))
+
+
+def _flat(idx: Sequence[int], shape: Sequence[int]) -> int:
+  f = 0
+  for i, n in zip(idx, shape):
+    f = f * n + i
+  return f
+
+
+def _flat_off(idx: Sequence[int], strides: Sequence[int]) -> int:
+  return sum(i * st for i, st in zip(idx, strides))
+
+
+def _strides(shape: Sequence[int]) -> list[int]:
+  out, acc = [], 1
+  for n in reversed(shape):
+    out.append(acc)
+    acc *= n
+  return out[::-1]
+
+
+def chunks_tile(chunks: list[dict], shape: Sequence[int]) -> bool:
+  """Whether the chunk boxes lie inside ``shape``, do not overlap, and cover it.
+
+  Example:
+    >>> chunks_tile([{"s": [0], "h": [2]}, {"s": [2], "h": [2]}], (4,))
+    True
+    >>> chunks_tile([{"s": [0], "h": [3]}, {"s": [2], "h": [1]}], (4,))
+    False
+  """
+  if sum(math.prod(c["h"]) for c in chunks) != math.prod(shape):
+    return False
+  if len(chunks) < 2:  # one chunk: the whole array (0-d arrays may have a [1] chunk)
+    return all(not any(c["s"]) and (list(c["h"]) == list(shape) or not shape)
+               for c in chunks)
+  lo = np.array([c["s"] for c in chunks], np.int64).reshape(len(chunks), len(shape))
+  hi = lo + np.array([c["h"] for c in chunks], np.int64).reshape(len(chunks), len(shape))
+  if (lo < 0).any() or (hi > np.asarray(shape, np.int64)).any():
+    return False
+  # boxes i != j overlap when they intersect in every dimension
+  inter = (lo[:, None, :] < hi[None, :, :]) & (lo[None, :, :] < hi[:, None, :])
+  overlap = inter.all(axis=2)
+  np.fill_diagonal(overlap, False)
+  return not overlap.any()  # no overlaps + total volume == array volume: exact cover
+
+
+class ReadPlan:
+  """Collects reads for many destination boxes, then executes them in one pass.
+
+  Every byte goes straight from the data file into its destination buffer when the part of a
+  saved chunk a box needs is one contiguous run, or a set of runs of at least ``_MIN_RUN``
+  bytes (resharding: e.g. columns of row-sharded chunks). Only tiny strided runs go through a
+  scratch buffer, filled slab by slab within :func:`staging_bytes`, so a load never holds
+  more than its results plus that budget.
+  """
+
+  def __init__(self, state_dir: str, files: Any = None, backend: Any = None):
+    self.state_dir = state_dir
+    self.files = files
+    self.backend = backend if backend is not None else storage.backend_for(state_dir)
+    self.requests: dict[int, list[tuple[int, memoryview]]] = {}
+    self.staged: list[tuple[dict, np.ndarray, list[int], list[int], list[int]]] = []
+
+  def box(self, chunks: list[dict], dtype: np.dtype, start: Sequence[int],
+          shape: Sequence[int]) -> np.ndarray:
+    """A host buffer of ``shape`` at ``start`` that will hold the saved values."""
+    item = dtype.itemsize
+    nbytes = math.prod(shape) * item
+    dest = storage.aligned_empty(nbytes)
+    out = dest.view(dtype).reshape(tuple(shape))
+    if len(chunks) == 1 and chunks[0]["n"] == nbytes and not any(start) and (
+        chunks[0]["h"] == list(shape)):  # the common case: one chunk is the whole box
+      if nbytes:
+        self.requests.setdefault(chunks[0]["p"], []).append((chunks[0]["o"], memoryview(dest)))
+      return out
+    dest_view = memoryview(dest)
+    stop = [a + n for a, n in zip(start, shape)]
+    for chunk in chunks:
+      chunk_start, chunk_shape = chunk["s"], chunk["h"]
+      lo = [max(a, b) for a, b in zip(start, chunk_start)]
+      hi = [min(a, b + n) for a, b, n in zip(stop, chunk_start, chunk_shape)]
+      overlap = [h - low for low, h in zip(lo, hi)]
+      if any(n <= 0 for n in overlap):
+        continue
+      at_chunk = [x - s for x, s in zip(lo, chunk_start)]  # overlap's corner in the chunk
+      at_dest = [x - s for x, s in zip(lo, start)]  # and in the box
+      if _contiguous(overlap, chunk_shape) and _contiguous(overlap, shape):
+        n = math.prod(overlap) * item
+        file_off = chunk["o"] + _flat(at_chunk, chunk_shape) * item
+        dest_off = _flat(at_dest, shape) * item
+        self.requests.setdefault(chunk["p"], []).append(
+            (file_off, dest_view[dest_off:dest_off + n]))
+      else:
+        self._strided(chunk, item, overlap, at_chunk, at_dest, list(shape), dest_view, out)
+    return out
+
+  def _strided(self, chunk: dict, item: int, overlap: list[int], at_chunk: list[int],
+               at_dest: list[int], shape: list[int], dest_view: memoryview,
+               out: np.ndarray) -> None:
+    """Reads a box that is not one contiguous run of the chunk as several runs."""
+    chunk_shape = chunk["h"]
+    k = len(overlap) - 1  # runs span dims k.. (the dims after k are whole in chunk and box)
+    while k > 0 and overlap[k] == chunk_shape[k] == shape[k]:
+      k -= 1
+    run = math.prod(overlap[k:]) * item
+    if run < _MIN_RUN:
+      self.staged.append((chunk, out, at_chunk, at_dest, overlap))
+      return
+    chunk_strides, dest_strides = _strides(chunk_shape), _strides(shape)
+    file0 = chunk["o"] + item * sum(a * s for a, s in zip(at_chunk, chunk_strides))
+    dest0 = item * sum(a * s for a, s in zip(at_dest, dest_strides))
+    if k:
+      idx = np.indices(overlap[:k]).reshape(k, -1).astype(np.int64)
+      file_offs = (file0 + item * (idx * np.asarray(chunk_strides[:k], np.int64)[:, None])
+                   .sum(0)).tolist()
+      dest_offs = (dest0 + item * (idx * np.asarray(dest_strides[:k], np.int64)[:, None])
+                   .sum(0)).tolist()
+    else:
+      file_offs, dest_offs = [file0], [dest0]
+    reqs = self.requests.setdefault(chunk["p"], [])
+    for f, d in zip(file_offs, dest_offs):
+      reqs.append((f, dest_view[d:d + run]))
+
+  def _run_staged(self) -> None:
+    """Serves tiny strided runs through one scratch buffer, a slab of chunk rows at a time.
+
+    Items are grouped by chunk, so each chunk row is read once for all boxes that need it,
+    and of each row only the span from the first to the last byte any of them needs.
+    """
+    budget = staging_bytes()
+    by_chunk: dict[tuple[int, int], list] = {}
+    for chunk, out, at_chunk, at_dest, overlap in self.staged:
+      by_chunk.setdefault((chunk["p"], chunk["o"]), [chunk, []])[1].append(
+          (out, at_chunk, at_dest, overlap))
+    scratch = None
+    for chunk, items in by_chunk.values():
+      scratch = self._staged_chunk(chunk, items, budget, scratch)
+
+  def _staged_chunk(self, chunk: dict, items: list, budget: int,
+                    scratch: np.ndarray | None) -> np.ndarray | None:
+    """Serves the staged items of one chunk; returns the (maybe grown) scratch buffer."""
+    chunk_shape = chunk["h"]
+    dtype = items[0][0].dtype
+    item = dtype.itemsize
+    row = math.prod(chunk_shape[1:]) * item  # bytes of one index of dim 0 of the chunk
+    inner = _strides(chunk_shape[1:])
+    lo = min(_flat_off(a[1:], inner) for _, a, _, _ in items) * item
+    hi = max(_flat_off([x + n - 1 for x, n in zip(a[1:], ov[1:])], inner) + 1
+             for _, a, _, ov in items) * item
+    first = min(a[0] for _, a, _, _ in items)
+    last = max(a[0] + ov[0] for _, a, _, ov in items)
+    per = max(1, budget // max(row, 1))
+    path = os.path.join(self.state_dir, data_file(chunk["p"]))
+    for r0 in range(first, last, per):
+      r1 = min(last, r0 + per)
+      if scratch is None or scratch.nbytes < (r1 - r0) * row:
+        scratch = storage.aligned_empty(max(min(budget, (last - first) * row), row))
+      view = memoryview(scratch)
+      if lo == 0 and hi == row:  # whole rows: one contiguous read for the slab
+        reqs = [(chunk["o"] + r0 * row, view[:(r1 - r0) * row])]
+      else:
+        reqs = [(chunk["o"] + r * row + lo, view[(r - r0) * row + lo:(r - r0) * row + hi])
+                for r in range(r0, r1)]
+      self.backend.read_into(path, reqs, self.files)
+      src = scratch[:(r1 - r0) * row].view(dtype).reshape((r1 - r0, *chunk_shape[1:]))
+      for out, at_chunk, at_dest, overlap in items:
+        s0, s1 = max(r0, at_chunk[0]), min(r1, at_chunk[0] + overlap[0])
+        if s0 >= s1:
+          continue
+        d0 = at_dest[0] + (s0 - at_chunk[0])
+        out[(slice(d0, d0 + s1 - s0),
+             *(slice(a, a + n) for a, n in zip(at_dest[1:], overlap[1:])))] = src[
+            (slice(s0 - r0, s1 - r0), *(slice(a, a + n) for a, n in zip(at_chunk[1:],
+                                                                        overlap[1:])))]
+    return scratch
+
+  def execute(self) -> None:
+    for p, reqs in self.requests.items():
+      path = os.path.join(self.state_dir, data_file(p))
+      self.backend.read_into(path, reqs, self.files)
+    self.requests.clear()
+    if self.staged:
+      self._run_staged()
+      self.staged.clear()

@@ -1,0 +1,214 @@
+"""How a load's template maps onto a saved tree: matching, the checks that list every
+problem before anything is read, per-leaf RestoreArgs, and converting loaded values to the
+template's types. ``saved`` is ``pytree_io``'s saved tree (``root``, ``leaves``, ``cp_dir``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from flax_ckpt._src import errors
+from flax_ckpt._src.leaves import registry
+from flax_ckpt._src.leaves import type_handlers as th
+from flax_ckpt._src.leaves.arrays import key_dtype
+from flax_ckpt._src.tree import treespec
+
+
+def _args_from_template(t: Any) -> th.RestoreArgs:
+  if t is None:
+    return th.RestoreArgs()
+  if isinstance(t, (jax.ShapeDtypeStruct, jax.Array)):
+    is_key = jax.dtypes.issubdtype(t.dtype, jax.dtypes.prng_key)
+    sharding = getattr(t, "sharding", None)
+    if isinstance(t, jax.Array) and not getattr(t, "committed", True):
+      # An uncommitted template array (made without a device or sharding, e.g. a fresh
+      # ``nnx.Rngs`` key) comes back uncommitted too, so jit may still move it next to
+      # sharded operands as it could move the template.
+      sharding = None
+    return th.RestoreArgs(restore_type=jax.Array, dtype=None if is_key else np.dtype(t.dtype),
+                          sharding=sharding, shape=tuple(t.shape),
+                          weak_type=bool(getattr(t, "weak_type", False)))
+  if isinstance(t, np.ndarray):
+    return th.RestoreArgs(restore_type=np.ndarray, dtype=t.dtype, shape=tuple(t.shape))
+  if isinstance(t, np.generic):
+    return th.RestoreArgs(restore_type=np.generic, dtype=t.dtype, shape=())
+  if type(t) in (int, float, bool, complex):
+    return th.RestoreArgs(restore_type=type(t), shape=())
+  return th.RestoreArgs()
+
+
+_NUMERIC = {"jax.Array", "np.ndarray", "np.generic", "int", "float", "bool", "complex"}
+
+
+def _kind_conflict(t: Any, typestr: str, impl: str | None = None) -> str | None:
+  """Why template leaf ``t`` cannot receive a leaf saved as ``typestr`` (None if it can)."""
+  if t is None:
+    return None
+  if isinstance(t, (jax.ShapeDtypeStruct, jax.Array, np.ndarray, np.generic)):
+    if jax.dtypes.issubdtype(t.dtype, jax.dtypes.prng_key):
+      if typestr == "jax.PRNGKey" and (impl is None or
+                                       key_dtype(impl) == t.dtype):
+        return None
+      want = f"a typed PRNG key of {t.dtype}" + (f" (saved: key<{impl}>)" if impl else "")
+    else:
+      if typestr in _NUMERIC:
+        return None
+      want = f"an array of {t.dtype}"
+  elif type(t) in (int, float, bool, complex):
+    if typestr in _NUMERIC:
+      return None
+    want = f"a Python {type(t).__name__}"
+  elif type(t) in (str, bytes):
+    if typestr == type(t).__name__:
+      return None
+    want = f"a {type(t).__name__}"
+  else:
+    return None
+  return (f"the checkpoint holds a {typestr} leaf, the template asks for {want} (use None "
+          "in the template to load it as saved)")
+
+
+def _saved_shape(leaf: dict) -> tuple[int, ...] | None:
+  rec = leaf["record"]
+  if "key_shape" in rec:
+    return tuple(rec["key_shape"])
+  if "shape" in rec:
+    return tuple(rec["shape"])
+  if leaf["typestr"] in ("int", "float", "bool", "complex", "np.generic"):
+    return ()
+  return None
+
+
+def _host_as(v: Any, dtype: Any) -> np.ndarray:
+  """``v`` as a numpy array of ``dtype`` with ``astype`` semantics (ints wrap)."""
+  host = np.asarray(v)
+  return host if dtype is None or host.dtype == dtype else host.astype(dtype)
+
+
+def conform(v: Any, a: th.RestoreArgs) -> Any:
+  """Converts a loaded scalar/array to the template leaf's type when they differ."""
+  rt = a.restore_type
+  if rt is None:
+    return v
+  if rt is jax.Array and not isinstance(v, jax.Array):
+    host = _host_as(v, a.dtype)
+    return jax.device_put(host, a.sharding) if a.sharding is not None else jax.device_put(host)
+  if rt is np.ndarray and not isinstance(v, np.ndarray):
+    return _host_as(v, a.dtype)
+  if rt is np.generic and not isinstance(v, np.generic):
+    return _host_as(v, a.dtype)[()]
+  if rt in (int, float, bool, complex) and type(v) is not rt:
+    return rt(np.asarray(v).item())
+  return v
+
+
+def as_saved_args(saved: Any, ids: list[int],
+                  restore_type: Any) -> list[th.RestoreArgs] | None:
+  """Args for leaves loaded without a template leaf: as saved, or arrays as ``restore_type``."""
+  if restore_type is None:
+    return None
+  return [th.RestoreArgs(restore_type=restore_type)
+          if saved.leaves[i]["typestr"] in ("jax.Array", "np.ndarray") else th.RestoreArgs()
+          for i in ids]
+
+
+@dataclasses.dataclass
+class LoadPlan:
+  """How a template maps onto a saved tree.
+
+  Attributes:
+    flat: the template's (key path, leaf) pairs; ``treedef`` rebuilds it.
+    ids: per template leaf, the saved leaf id, or -1 where a None leaf stands for a whole
+      saved subtree (``subtrees[position]`` then holds its node and leaf ids).
+    args: per template leaf, the RestoreArgs derived from it.
+  """
+
+  flat: list
+  treedef: Any
+  ids: list[int]
+  subtrees: dict[int, tuple[dict, list[int]]]
+  args: list[th.RestoreArgs]
+
+
+def match_template(saved: Any, abstract: Any, partial: bool,
+                    restore_type: Any) -> LoadPlan:
+  """Matches the template's leaves to the saved ones; raises StructureMismatchError (with
+  every problem listed) before reading anything."""
+  # JAX already treats arrays, ShapeDtypeStructs and unregistered classes as leaves; also
+  # stop at None and at user types with a TypeHandler that happen to be PyTree nodes.
+  custom = registry.custom_types()
+  abstract = treespec.expand_plain_dataclasses(abstract)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(
+      abstract, is_leaf=lambda x: x is None or (bool(custom) and type(x) in custom))
+  ids, subtrees = _match_leaves(saved, flat, partial)
+  args = [_args_from_template(t) for _, t in flat]
+  if restore_type is not None:  # None template leaves: arrays as restore_type
+    for j, ((_, t), i) in enumerate(zip(flat, ids)):
+      if t is None and i >= 0:
+        args[j] = as_saved_args(saved, [i], restore_type)[0]
+  plan = LoadPlan(flat, treedef, ids, subtrees, args)
+  _check_fit(saved, plan)
+  return plan
+
+
+def _match_leaves(saved: Any, flat: list, partial: bool
+                  ) -> tuple[list[int], dict[int, tuple[dict, list[int]]]]:
+  """The saved leaf id of each template leaf (-1: a whole saved subtree, see LoadPlan)."""
+  by_key = {treespec.match_key(leaf["path"]): i for i, leaf in enumerate(saved.leaves)}
+  ids, missing = [], []
+  subtrees: dict[int, tuple[dict, list[int]]] = {}  # position in flat -> (node, leaf ids)
+  for pos, (kp, t) in enumerate(flat):
+    path = treespec.path_from_jax(kp)
+    i = by_key.get(treespec.match_key(path))
+    if i is None and t is None:  # None stands for a whole saved subtree: load it as saved
+      node = treespec.find_node(saved.root, path)
+      if node is not None and node["t"] != "leaf":
+        subtrees[pos] = (node, treespec.leaf_ids(node))
+        ids.append(-1)
+        continue
+    if i is None:
+      missing.append(treespec.path_str(path))
+      continue
+    ids.append(i)
+  extra = []
+  if not partial:
+    used = set(ids).union(*(set(sub[1]) for sub in subtrees.values()))
+    extra = [treespec.path_str(leaf["path"]) for i, leaf in enumerate(saved.leaves)
+             if i not in used]
+  if missing or extra:
+    msg = ["the template does not match the checkpoint at " + os.fspath(saved.cp_dir) + ":"]
+    if missing:
+      msg.append(f"  in the template but not in the checkpoint: {', '.join(missing)}")
+    if extra:
+      msg.append(f"  in the checkpoint but not in the template: {', '.join(extra)} "
+                 "(pass partial=True to load only the template's leaves)")
+    raise errors.StructureMismatchError("\n".join(msg))
+  return ids, subtrees
+
+
+def _check_fit(saved: Any, plan: LoadPlan) -> None:
+  """Each template leaf must be able to receive its saved leaf (kind and shape)."""
+  problems = []
+  for i, (_, t) in zip(plan.ids, plan.flat):
+    if i < 0:
+      continue
+    why = _kind_conflict(t, saved.leaves[i]["typestr"], saved.leaves[i]["record"].get("impl"))
+    if why:
+      problems.append(f"{treespec.path_str(saved.leaves[i]['path'])}: {why}")
+  for i, a in zip(plan.ids, plan.args):
+    if i < 0:
+      continue
+    s = _saved_shape(saved.leaves[i])
+    if a.shape is not None and s is not None and tuple(a.shape) != s:
+      problems.append(f"{treespec.path_str(saved.leaves[i]['path'])}: checkpoint shape {s}, "
+                      f"template shape {tuple(a.shape)}")
+  if problems:
+    raise errors.StructureMismatchError(
+        "the template does not fit the checkpoint's leaves (fix the template, or load "
+        "without one / call flax_ckpt.metadata to see what was saved):\n  "
+        + "\n  ".join(problems))
