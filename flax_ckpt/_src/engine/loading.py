@@ -90,7 +90,7 @@ def _explain_missing(final: epath.Path) -> errors.CheckpointError:
       "Load an earlier checkpoint instead.")
 
 
-def _manifest(root: storage.CheckpointFiles, final: epath.Path) -> Manifest | None:
+def _manifest(root: storage.CheckpointDir, final: epath.Path) -> Manifest | None:
   """The manifest read through ``root``; None when the checkpoint went away meanwhile."""
   try:
     raw = root.read_bytes(COMMIT_MARKER)
@@ -110,10 +110,11 @@ def read_committed(path: paths.PathLike, read: Callable[[CommittedCheckpoint], _
     CheckpointReplacedError: overwritten on every one of several attempts.
   """
   final = paths.to_path(path)
+  backend = storage.backend_for(final)
   for attempt in range(_ATTEMPTS):
     last = attempt == _ATTEMPTS - 1
     try:
-      root = storage.CheckpointFiles(os.fspath(final))
+      root = backend.open_dir(os.fspath(final))
     except (FileNotFoundError, NotADirectoryError):
       if not os.path.isdir(os.fspath(final)):
         raise _explain_missing(final) from None

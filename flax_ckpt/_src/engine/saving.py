@@ -37,7 +37,6 @@ from flax_ckpt._src.format import (
     Manifest,
 )
 from flax_ckpt._src.io import multihost, paths, storage
-from flax_ckpt._src.parts import pytree_io
 from flax_ckpt._src.parts.protocol import PartFinish, PartWriter, part_kinds
 
 
@@ -288,7 +287,7 @@ class PendingSave:
         pass
     if self.primary:
       if self.tmp is not None:
-        pytree_io.remove_quietly(self.tmp)
+        paths.remove_quietly(self.tmp)
       paths.remove_created(self._created)
     if release:
       self._close_parts()

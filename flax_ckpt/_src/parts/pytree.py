@@ -95,7 +95,7 @@ class PyTreeWriter:
           epath.Path(directory), self._plan, is_async=is_async,
           process_index=multihost.process_index(), primary_local=frozenset(shared or ()))
     self._plan = self._item = None  # the snapshot lives in ``write`` now
-    return _TreeFinish(write)
+    return _NoGcFinish(write)
 
   def entry(self) -> PartEntry:
     return PartEntry(KIND_PYTREE)
@@ -104,13 +104,15 @@ class PyTreeWriter:
     pass
 
 
-class _TreeFinish:
-  def __init__(self, write: Any):
+class _NoGcFinish:
+  """The tree's write, finished with the garbage collector paused (many small objects)."""
+
+  def __init__(self, write: pytree_io.TreeWrite):
     self._write = write
 
   def finish(self, fsync: bool) -> None:
     with background.no_gc():
-      self._write(fsync)
+      self._write.finish(fsync)
 
   def abort(self) -> None:
     self._write.abort()

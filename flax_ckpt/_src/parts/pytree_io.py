@@ -26,11 +26,10 @@ from flax_ckpt._src.format import (
   load_json_bytes,
 )
 from flax_ckpt._src.io import background, paths, storage
-from flax_ckpt._src.io.paths import remove_quietly as remove_quietly  # the engine's old path
 from flax_ckpt._src.leaves import registry
 from flax_ckpt._src.leaves import type_handlers as th
 from flax_ckpt._src.parts.pytree_template import LoadPlan, as_saved_args, conform, match_template
-from flax_ckpt._src.tree import treespec
+from flax_ckpt._src.tree import class_registry, plain_dataclasses, treespec
 
 
 def _leaf_dirnames(names: list[str]) -> list[str]:
@@ -70,7 +69,7 @@ def _note(e: BaseException, doing: str, handler: Any, keypaths: list) -> None:
 
 def plan_save(tree: Any) -> SavePlan:
   """Walks and validates ``tree`` (raises UnsupportedLeafError before anything is written)."""
-  treespec.forget_misses()
+  class_registry.forget_misses()
   return SavePlan(*treespec.encode(tree, registry.handler_for_value))
 
 
@@ -129,8 +128,6 @@ async def _serialize_all(plan: SavePlan, infos: list[th.ParamInfo], primary: boo
 class TreeWrite:
   """The writing half of a tree save: :meth:`finish` (``fsync``) or :meth:`abort`.
 
-  Calling it is ``finish``, so code holding it as ``finish = prepare_save(...)`` with
-  ``finish(fsync)`` and ``finish.abort()`` keeps working.
   """
 
   def __init__(self, plan: SavePlan, ctx: th.SaveContext, infos: list[th.ParamInfo],
@@ -140,9 +137,6 @@ class TreeWrite:
     self._infos = infos
     self._futures = futures
     self._typestrs = [h.typestr() for h in plan.handlers]
-
-  def __call__(self, fsync: bool) -> None:
-    self.finish(fsync)
 
   def finish(self, fsync: bool) -> None:
     """Waits for the handlers, then writes the chunk index, tree and data file."""
@@ -301,7 +295,7 @@ def _run_grouped(method: str, saved: _SavedTree, ids: list[int],
 def load(cp_dir: epath.Path, abstract: Any, *, partial: bool,
          restore_type: Any = None) -> Any:
   saved = read_saved_tree(cp_dir)
-  treespec.forget_misses()
+  class_registry.forget_misses()
   try:
     return _load(saved, cp_dir, abstract, partial=partial, restore_type=restore_type)
   except (FileNotFoundError, errors.FormatError) as e:
@@ -351,13 +345,13 @@ def _read(saved: _SavedTree, plan: LoadPlan, restore_type: Any) -> Any:
   warned: set[str] = set()
   values = [treespec.decode(plan.subtrees[pos][0], by_id, warned) if i < 0 else next(loaded)
             for pos, i in enumerate(ids)]
-  return treespec.collapse_plain_dataclasses(
+  return plain_dataclasses.collapse_plain_dataclasses(
       jax.tree_util.tree_unflatten(plan.treedef, values))
 
 
 def metadata_tree(cp_dir: epath.Path) -> Any:
   saved = read_saved_tree(cp_dir)
-  treespec.forget_misses()
+  class_registry.forget_misses()
   saved.close()  # metadata reads no data file
   ids = list(range(len(saved.leaves)))
   handlers = [registry.handler_for_typestr(saved.leaves[i]["typestr"]) for i in ids]

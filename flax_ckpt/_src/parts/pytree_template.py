@@ -16,7 +16,7 @@ from flax_ckpt._src import errors
 from flax_ckpt._src.leaves import registry
 from flax_ckpt._src.leaves import type_handlers as th
 from flax_ckpt._src.leaves.arrays import key_dtype
-from flax_ckpt._src.tree import treespec
+from flax_ckpt._src.tree import plain_dataclasses, treespec
 
 
 def _args_from_template(t: Any) -> th.RestoreArgs:
@@ -142,7 +142,7 @@ def match_template(saved: Any, abstract: Any, partial: bool,
   # JAX already treats arrays, ShapeDtypeStructs and unregistered classes as leaves; also
   # stop at None and at user types with a TypeHandler that happen to be PyTree nodes.
   custom = registry.custom_types()
-  abstract = treespec.expand_plain_dataclasses(abstract)
+  abstract = plain_dataclasses.expand_plain_dataclasses(abstract)
   flat, treedef = jax.tree_util.tree_flatten_with_path(
       abstract, is_leaf=lambda x: x is None or (bool(custom) and type(x) in custom))
   ids, subtrees = _match_leaves(saved, flat, partial)

@@ -17,17 +17,6 @@ import jax
 from flax_ckpt._src import errors
 from flax_ckpt._src.encoding import jsontags
 from flax_ckpt._src.tree.class_registry import ClassRegistry, global_registry
-
-# Kept importable from here for callers written before the split (flax_ckpt/__init__.py,
-# parts/pytree_io.py); their homes are class_registry.py and plain_dataclasses.py.
-from flax_ckpt._src.tree.class_registry import forget_misses as forget_misses
-from flax_ckpt._src.tree.class_registry import register_class as register_class
-from flax_ckpt._src.tree.plain_dataclasses import (
-    collapse_plain_dataclasses as collapse_plain_dataclasses,
-)
-from flax_ckpt._src.tree.plain_dataclasses import (
-    expand_plain_dataclasses as expand_plain_dataclasses,
-)
 from flax_ckpt._src.tree.plain_dataclasses import plain_dataclass_children, restore_dataclass
 
 # A path element on disk: [kind, key] with kind "d" (dict key), "a" (attribute),

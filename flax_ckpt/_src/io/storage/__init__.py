@@ -19,39 +19,17 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from flax_ckpt._src.io.storage.backend import (
-    BACKEND_ENV as BACKEND_ENV,
-)
-from flax_ckpt._src.io.storage.backend import (
-    BACKENDS as BACKENDS,
-)
-from flax_ckpt._src.io.storage.backend import (
-    CheckpointDir as CheckpointDir,
-)
-from flax_ckpt._src.io.storage.backend import (
-    DataWriter as DataWriter,
-)
-from flax_ckpt._src.io.storage.backend import (
-    StorageBackend as StorageBackend,
-)
-from flax_ckpt._src.io.storage.backend import (
-    backend_for as backend_for,
-)
-from flax_ckpt._src.io.storage.backend import (
-    backend_name as backend_name,
-)
-from flax_ckpt._src.io.storage.buffers import (
-    ALIGN as ALIGN,
-)
-from flax_ckpt._src.io.storage.buffers import (
-    READ_STATS as READ_STATS,
-)
-from flax_ckpt._src.io.storage.buffers import (
-    aligned_empty as aligned_empty,
-)
-from flax_ckpt._src.io.storage.buffers import (
-    as_bytes_view as as_bytes_view,
-)
+from flax_ckpt._src.io.storage.backend import BACKEND_ENV as BACKEND_ENV
+from flax_ckpt._src.io.storage.backend import BACKENDS as BACKENDS
+from flax_ckpt._src.io.storage.backend import CheckpointDir as CheckpointDir
+from flax_ckpt._src.io.storage.backend import DataWriter as DataWriter
+from flax_ckpt._src.io.storage.backend import StorageBackend as StorageBackend
+from flax_ckpt._src.io.storage.backend import backend_for as backend_for
+from flax_ckpt._src.io.storage.backend import backend_name as backend_name
+from flax_ckpt._src.io.storage.buffers import ALIGN as ALIGN
+from flax_ckpt._src.io.storage.buffers import READ_STATS as READ_STATS
+from flax_ckpt._src.io.storage.buffers import aligned_empty as aligned_empty
+from flax_ckpt._src.io.storage.buffers import as_bytes_view as as_bytes_view
 from flax_ckpt._src.io.storage.direct import DirectWriter as DirectWriter
 from flax_ckpt._src.io.storage.kvstore import kvstore_spec as kvstore_spec
 from flax_ckpt._src.io.storage.posix import BufferedWriter as BufferedWriter
