@@ -155,25 +155,7 @@ def load(path: paths.PathLike, abstract_state: Any = None, *, partial: bool = Fa
 
 
 def metadata(path: paths.PathLike) -> CheckpointMetadata:
-  """Describes a checkpoint without reading any array bytes.
-
-  Args:
-    path: the checkpoint directory.
-
-  Returns:
-    A :class:`CheckpointMetadata`: ``checkpointables`` lists the parts and their kinds
-    (``pytree``, ``stateful``, ``handler``), ``parts`` holds each part's metadata, and
-    ``tree`` mirrors the ``state`` part (what :func:`save` writes) with one metadata object
-    per leaf (shape, dtype, type, size in bytes, saved sharding); ``md[key]`` indexes it.
-
-  Example:
-    >>> import numpy as np, flax_ckpt, tempfile, os
-    >>> path = os.path.join(tempfile.mkdtemp(), 'ckpt')
-    >>> flax_ckpt.save(path, {'w': np.zeros((2, 3), np.float32)}, custom_metadata={'lr': 0.1})
-    >>> md = flax_ckpt.metadata(path)
-    >>> md['w'].shape, md.custom_metadata
-    ((2, 3), {'lr': 0.1})
-  """
+  """:func:`flax_ckpt.metadata` (documented there, in ``flax_ckpt/metadata.py``)."""
   return checkpoint_metadata(path)
 
 

@@ -21,7 +21,7 @@ from typing import Any, Union
 from etils import epath
 
 from flax_ckpt._src import errors
-from flax_ckpt._src.format import COMMIT_MARKER, OLD_TAG, TMP_TAG, dump_json_bytes, load_json_bytes
+from flax_ckpt._src.format import OLD_TAG, TMP_TAG, dump_json_bytes, load_json_bytes
 
 PathLike = Union[str, os.PathLike, epath.Path]  # noqa: UP007 - runtime alias
 
@@ -231,40 +231,6 @@ def commit(tmp: epath.Path, final: epath.Path, *, overwrite: bool, fsync: bool) 
     raise
   if fsync:
     fsync_path(parent)
-
-
-def require_committed(path: epath.Path) -> dict:
-  """Reads the commit marker of ``path``; raises a clear error when it is not a checkpoint."""
-  p = os.fspath(path)
-  if not os.path.exists(p):
-    parent, name = os.path.split(p)
-    olds = []
-    if os.path.isdir(parent):
-      olds = [e for e in os.listdir(parent) if e.startswith(f"{name}{OLD_TAG}")]
-    hint = (
-        f" {os.path.join(parent, olds[0])} exists: either a checkpoint being deleted right "
-        "now, or, if no process is deleting it, the previous version left by a crash "
-        "between the two renames of an overwrite (check that it has a _CHECKPOINT marker "
-        "and loads, then rename it back)."
-        if olds else ""
-    )
-    raise errors.CheckpointNotFoundError(f"no checkpoint at {p}.{hint}")
-  if not os.path.isdir(p):
-    raise errors.CheckpointNotFoundError(f"{p} is a file, not a checkpoint directory.")
-  marker = os.path.join(p, COMMIT_MARKER)
-  if not os.path.exists(marker):
-    raise errors.IncompleteCheckpointError(
-        f"{p} is not a committed flax_ckpt checkpoint (no {COMMIT_MARKER} marker): the save "
-        "that wrote it did not finish, or the directory was made by something else. "
-        "Load an earlier checkpoint instead."
-    )
-  try:
-    manifest = read_json(marker)
-  except (OSError, ValueError) as e:
-    raise errors.FormatError(f"{marker} is unreadable ({e}); the checkpoint is damaged.") from e
-  if not isinstance(manifest, dict) or manifest.get("format") != "flax_ckpt":
-    raise errors.FormatError(f"{marker} is not a flax_ckpt commit marker.")
-  return manifest
 
 
 def remove_quietly(p: Any) -> None:
