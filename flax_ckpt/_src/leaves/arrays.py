@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from flax_ckpt._src import errors
@@ -298,7 +299,7 @@ def _aligned_copy(a: np.ndarray) -> np.ndarray:
 
 
 def is_prng_key(x: Any) -> bool:
-  return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+  return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 @functools.cache
