@@ -105,6 +105,6 @@ def merge(template: Any, parts: Mapping[str, Any]) -> Any:
     out.update({k: v for k, v in fields.items() if k not in (PARAMS, OPT_STATE)})
     return out
   if isinstance(template, Mapping):
-    return (type(template)(fields)  # pyright: ignore[reportCallIssue]  # Mapping subclasses take a dict
+    return (type(template)(fields)  # pyright: ignore[reportCallIssue]  # subclasses take a dict
             if type(template) is not dict else fields)
   return dataclasses.replace(template, **fields)
