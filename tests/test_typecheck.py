@@ -90,15 +90,16 @@ def _basedpyright() -> str:
 
 
 def test_package_type_checks(tmp_path):
-  # Errors listed in the baseline are known (see pyproject.toml); a copy keeps basedpyright
-  # from rewriting the committed file when some of them are gone.
-  baseline = tmp_path / "baseline.json"
-  shutil.copy(ROOT / ".basedpyright" / "baseline.json", baseline)
-  r = subprocess.run([_basedpyright(), "--baselinefile", str(baseline)], cwd=ROOT,
+  # Zero errors, with no baseline of known ones: a baseline file that does not exist keeps
+  # basedpyright from reading (or honouring) a .basedpyright/baseline.json written later.
+  no_baseline = tmp_path / "no-baseline.json"
+  r = subprocess.run([_basedpyright(), "--baselinefile", str(no_baseline)], cwd=ROOT,
                      capture_output=True, text=True, timeout=600)
-  assert r.returncode == 0, (
-      r.stdout + r.stderr + "\nFix these. If they are old errors that only moved (a file "
-      "renamed or split), run `basedpyright --writebaseline` and review the baseline's diff.")
+  assert r.returncode == 0 and "0 errors" in r.stdout, (
+      r.stdout + r.stderr + "\nFix these errors in the code (pyproject.toml `[tool.basedpyright]` "
+      "says how). Where the checker or a library's stubs are wrong, use the narrowest fix: a "
+      "`typing.cast`, an `assert x is not None` the code already guarantees, or a line-level "
+      "`# pyright: ignore[ruleName]  # why`; no baseline and no rule turned off globally.")
 
 
 def _as_installed(tmp_path: pathlib.Path, code: str) -> subprocess.CompletedProcess:

@@ -51,7 +51,8 @@ def encode(v: Any, where: str = "value") -> Any:
                   base64.b64encode(data).decode("ascii")]}
   jax = sys.modules.get("jax")
   if jax is not None and isinstance(v, jax.sharding.PartitionSpec):
-    return {"P": [encode(x, f"{where}[{i}]") for i, x in enumerate(v)]}
+    return {"P": [encode(x, f"{where}[{i}]")
+                  for i, x in enumerate(v)]}  # pyright: ignore[reportArgumentType]  # a tuple
   raise Unencodable(f"{where} is a {cls.__module__}.{cls.__qualname__}")
 
 

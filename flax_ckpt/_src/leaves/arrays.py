@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from flax_ckpt._src import errors
@@ -153,7 +154,8 @@ class ArrayHandler(BuiltinHandler):
 
 def _array_metadata(info: th.ParamInfo) -> th.ArrayMetadata:
   r = info.record
-  typ = {"jax": "jax.Array", "numpy": "np.ndarray"}.get(r.get("kind"), r.get("kind", ""))
+  typestrs: dict[Any, Any] = {"jax": "jax.Array", "numpy": "np.ndarray"}
+  typ = typestrs.get(r.get("kind"), r.get("kind", ""))
   return th.ArrayMetadata(
       name=info.name, directory=None, shape=tuple(r["shape"]),
       dtype=dtypes.dtype_from_name(r["dtype"]), type=typ, nbytes=r["nbytes"],
@@ -245,7 +247,8 @@ def _plan_array(plan: ReadPlan, info: th.ParamInfo, arg: th.RestoreArgs | None,
 def load_arrays(infos: Sequence[th.ParamInfo], args: Sequence[th.RestoreArgs] | None,
                 default_kind: str) -> list[Any]:
   """Reads array leaves described by ``infos``; batches all reads and device puts."""
-  default_dev = (None if jax.config.jax_default_device is not None
+  config: Any = jax.config  # its stubs do not declare options such as jax_default_device
+  default_dev = (None if config.jax_default_device is not None
                  else jax.local_devices()[0])
 
   def finish(pending: tuple) -> Any:
@@ -283,7 +286,8 @@ def _weakly_typed(x: jax.Array) -> jax.Array:
   try:
     from jax._src.lax import lax as _lax
 
-    return _lax._convert_element_type(x, x.dtype, weak_type=True)
+    return _lax._convert_element_type(  # pyright: ignore[reportReturnType]  # an Array for one
+        x, x.dtype, weak_type=True)
   except Exception:  # noqa: BLE001 - a jax without it: strongly typed, same values
     return x
 
@@ -298,7 +302,7 @@ def _aligned_copy(a: np.ndarray) -> np.ndarray:
 
 
 def is_prng_key(x: Any) -> bool:
-  return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+  return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 @functools.cache

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -73,7 +73,7 @@ def chunks_tile(chunks: list[dict], shape: Sequence[int]) -> bool:
     return False
   # boxes i != j overlap when they intersect in every dimension
   inter = (lo[:, None, :] < hi[None, :, :]) & (lo[None, :, :] < hi[:, None, :])
-  overlap = inter.all(axis=2)
+  overlap = cast(np.ndarray, inter.all(axis=2))  # an array: ``inter`` is 3-d
   np.fill_diagonal(overlap, False)
   return not overlap.any()  # no overlaps + total volume == array volume: exact cover
 
@@ -105,9 +105,10 @@ class ReadPlan:
     if len(chunks) == 1 and chunks[0]["n"] == nbytes and not any(start) and (
         chunks[0]["h"] == list(shape)):  # the common case: one chunk is the whole box
       if nbytes:
-        self.requests.setdefault(chunks[0]["p"], []).append((chunks[0]["o"], memoryview(dest)))
+        whole = memoryview(dest)  # pyright: ignore[reportArgumentType]  # Buffer is typed on 3.12+
+        self.requests.setdefault(chunks[0]["p"], []).append((chunks[0]["o"], whole))
       return out
-    dest_view = memoryview(dest)
+    dest_view = memoryview(dest)  # pyright: ignore[reportArgumentType]  # Buffer is typed on 3.12+
     stop = [a + n for a, n in zip(start, shape)]
     for chunk in chunks:
       chunk_start, chunk_shape = chunk["s"], chunk["h"]
@@ -189,7 +190,7 @@ class ReadPlan:
       r1 = min(last, r0 + per)
       if scratch is None or scratch.nbytes < (r1 - r0) * row:
         scratch = storage.aligned_empty(max(min(budget, (last - first) * row), row))
-      view = memoryview(scratch)
+      view = memoryview(scratch)  # pyright: ignore[reportArgumentType]  # Buffer is typed on 3.12+
       if lo == 0 and hi == row:  # whole rows: one contiguous read for the slab
         reqs = [(chunk["o"] + r0 * row, view[:(r1 - r0) * row])]
       else:

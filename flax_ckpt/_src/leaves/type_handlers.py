@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from etils import epath
@@ -128,7 +128,8 @@ class LazyTsContext:
 class LeafNaming:
   """Names and directory names of all leaves of one tree, computed only when asked for."""
 
-  def __init__(self, keypaths: Sequence[tuple], path_str, dirnames_fn):
+  def __init__(self, keypaths: Sequence[tuple], path_str,
+               dirnames_fn: Callable[[list[str]], list[str]]):
     self._keypaths = keypaths
     self._path_str = path_str
     self._dirnames_fn = dirnames_fn

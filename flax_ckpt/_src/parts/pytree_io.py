@@ -63,8 +63,9 @@ def _note(e: BaseException, doing: str, handler: Any, keypaths: list) -> None:
     return
   names = [treespec.path_str(p) for p in keypaths[:10]]
   more = f" and {len(keypaths) - 10} more" if len(keypaths) > 10 else ""
-  e.add_note(f"flax_ckpt: TypeHandler {handler!r} failed while {doing} leaves "
-             f"{', '.join(names)}{more}.")
+  e.add_note(  # pyright: ignore[reportAttributeAccessIssue]  # Python >= 3.11, hasattr-checked
+      f"flax_ckpt: TypeHandler {handler!r} failed while {doing} leaves "
+      f"{', '.join(names)}{more}.")
 
 
 def plan_save(tree: Any) -> SavePlan:

@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from flax_ckpt._src import errors
@@ -23,7 +24,7 @@ def _args_from_template(t: Any) -> th.RestoreArgs:
   if t is None:
     return th.RestoreArgs()
   if isinstance(t, (jax.ShapeDtypeStruct, jax.Array)):
-    is_key = jax.dtypes.issubdtype(t.dtype, jax.dtypes.prng_key)
+    is_key = jnp.issubdtype(t.dtype, jax.dtypes.prng_key)
     sharding = getattr(t, "sharding", None)
     if isinstance(t, jax.Array) and not getattr(t, "committed", True):
       # An uncommitted template array (made without a device or sharding, e.g. a fresh
@@ -50,7 +51,7 @@ def _kind_conflict(t: Any, typestr: str, impl: str | None = None) -> str | None:
   if t is None:
     return None
   if isinstance(t, (jax.ShapeDtypeStruct, jax.Array, np.ndarray, np.generic)):
-    if jax.dtypes.issubdtype(t.dtype, jax.dtypes.prng_key):
+    if jnp.issubdtype(t.dtype, jax.dtypes.prng_key):
       if typestr == "jax.PRNGKey" and (impl is None or
                                        key_dtype(impl) == t.dtype):
         return None
@@ -150,7 +151,9 @@ def match_template(saved: Any, abstract: Any, partial: bool,
   if restore_type is not None:  # None template leaves: arrays as restore_type
     for j, ((_, t), i) in enumerate(zip(flat, ids)):
       if t is None and i >= 0:
-        args[j] = as_saved_args(saved, [i], restore_type)[0]
+        saved_args = as_saved_args(saved, [i], restore_type)
+        assert saved_args is not None  # restore_type is not None
+        args[j] = saved_args[0]
   plan = LoadPlan(flat, treedef, ids, subtrees, args)
   _check_fit(saved, plan)
   return plan

@@ -66,6 +66,7 @@ def split(state: Any) -> dict[str, Any]:
     return {STATE: state}
   if is_nnx_train_state(state):
     nnx = _nnx()
+    assert nnx is not None  # is_nnx_train_state found flax.nnx loaded
     model = state["model"]
     rest = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
     rest[MODEL_REST] = nnx.state(model, nnx.Not(nnx.Param))
@@ -75,6 +76,7 @@ def split(state: Any) -> dict[str, Any]:
     rest = {k: v for k, v in state.items() if k not in (PARAMS, OPT_STATE)}
     return {PARAMS: state[PARAMS], OPT_STATE: state[OPT_STATE], EXTRA: rest}
   names = _data_fields(state)
+  assert names is not None  # is_train_state: a dataclass with the required data fields
   rest = {k: getattr(state, k) for k in names if k not in (PARAMS, OPT_STATE)}
   return {PARAMS: state.params, OPT_STATE: state.opt_state, EXTRA: rest}
 
@@ -91,6 +93,7 @@ def merge(template: Any, parts: Mapping[str, Any]) -> Any:
     return fields
   if is_nnx_train_state(template):
     nnx = _nnx()
+    assert nnx is not None  # is_nnx_train_state found flax.nnx loaded
     out = dict(template)
     model_rest = fields.pop(MODEL_REST, None)
     if PARAMS in parts:
@@ -102,5 +105,6 @@ def merge(template: Any, parts: Mapping[str, Any]) -> Any:
     out.update({k: v for k, v in fields.items() if k not in (PARAMS, OPT_STATE)})
     return out
   if isinstance(template, Mapping):
-    return type(template)(fields) if type(template) is not dict else fields
+    return (type(template)(fields)  # pyright: ignore[reportCallIssue]  # subclasses take a dict
+            if type(template) is not dict else fields)
   return dataclasses.replace(template, **fields)

@@ -27,7 +27,7 @@ def restore_dataclass(cls: type, fields: dict) -> Any:
   try:
     obj = cls(**{k: v for k, v in fields.items() if k in init})
   except Exception:  # noqa: BLE001 - a constructor that needs more than the saved fields
-    obj = cls.__new__(cls)
+    obj = cls.__new__(cls)  # pyright: ignore[reportCallIssue]  # stubs see type.__new__, not cls's
     init = set()
   for name, value in fields.items():
     if name not in init:

@@ -28,12 +28,15 @@ def _is_array_like(x: Any) -> bool:
 def _box_spec(box: Any, rules: Any) -> PartitionSpec:
   """The PartitionSpec of a Flax ``Partitioned`` / ``LogicallyPartitioned`` box."""
   import flax.linen as nn
+  from flax.linen import spmd
 
   names = getattr(box, "names", None)
   if names is None:
     return PartitionSpec()
   if isinstance(box, nn.LogicallyPartitioned) or rules is not None:
-    return nn.logical_to_mesh_axes(names, rules if rules is not None else box.rules)
+    spec = spmd.logical_to_mesh_axes(names, rules if rules is not None else box.rules)
+    assert spec is not None  # it returns None only for names=None
+    return spec
   return PartitionSpec(*names)
 
 
@@ -61,8 +64,8 @@ def _nnx_specs(tree: Any, rules: Any) -> Any:
       return _own_spec(v.get_value() if hasattr(v, "get_value") else v.value, rules)
     found.append(True)
     if rules is not None:
-      import flax.linen as nn
-      return nn.logical_to_mesh_axes(tuple(names), rules)
+      from flax.linen import spmd
+      return spmd.logical_to_mesh_axes(tuple(names), rules)
     return PartitionSpec(*names)
 
   specs = jax.tree_util.tree_map(lambda x: spec_of(x) if is_var(x) else None, tree,

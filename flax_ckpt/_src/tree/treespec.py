@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -317,7 +317,8 @@ def find_node(root: dict, path: Sequence[Sequence[Any]]) -> dict | None:
   return node
 
 
-def decode(node: dict, leaf_values: Sequence[Any], warned: set[str] | None) -> Any:
+def decode(node: dict, leaf_values: Sequence[Any] | Mapping[int, Any],
+           warned: set[str] | None) -> Any:
   """Rebuilds the saved structure around ``leaf_values`` (indexed by leaf id)."""
   kind = node["t"]
   if kind == "leaf":

@@ -23,9 +23,11 @@ def as_bytes_view(arr: np.ndarray) -> memoryview:
   if not arr.flags.c_contiguous:
     raise ValueError("internal: buffer must be C-contiguous")
   try:
-    return memoryview(arr).cast("B")
+    view = memoryview(arr)  # pyright: ignore[reportArgumentType]  # Buffer is typed on 3.12+
+    return view.cast("B")
   except (ValueError, TypeError):  # dtypes the buffer protocol cannot describe
-    return memoryview(arr.reshape(-1).view(np.uint8))
+    flat = arr.reshape(-1).view(np.uint8)
+    return memoryview(flat)  # pyright: ignore[reportArgumentType]  # Buffer is typed on 3.12+
 
 
 def flat_bytes(view: memoryview) -> memoryview:

@@ -76,6 +76,7 @@ class DirectWriter(BufferedWriter):
 
   def _stage_bytes(self, src: memoryview) -> None:
     """Copies ``src`` into the bounce buffer, writing out each time it fills up."""
+    assert self._bounce is not None  # _stage allocated it
     buf = memoryview(self._bounce)
     i = 0
     while i < src.nbytes:
@@ -87,6 +88,7 @@ class DirectWriter(BufferedWriter):
         self._flush_blocks()
 
   def _stage_zeros(self, count: int) -> None:
+    assert self._bounce is not None  # _stage allocated it
     buf = memoryview(self._bounce)
     while count > 0:
       n = min(count, BOUNCE - self._fill)
@@ -142,6 +144,7 @@ class DirectWriter(BufferedWriter):
   def _pwrite_direct(self, view: memoryview, offset: int) -> None:
     """Writes block-aligned ``view`` at ``offset``; falls back to buffered writes if the
     filesystem refuses direct I/O midway (the bytes are the same either way)."""
+    assert self._fd is not None  # opened by _flush before any batch is written
     while view:
       try:
         n = os.pwrite(self._fd, view, offset)

@@ -65,7 +65,7 @@ class KvStoreDataWriter(Packer):
         blob[off:off + view.nbytes] = view
       directory, key = os.path.split(self.path)
       kv = _open_kvstore(directory, sync=fsync, ts_context=self._ts_context)
-      kv.write(key, blob).result()
+      kv.write(key, blob).result()  # pyright: ignore[reportArgumentType]  # takes bytes-like
     finally:
       self.close()
 
@@ -92,5 +92,5 @@ def read_into(path: str, requests: Sequence[tuple[int, memoryview]]) -> None:
     if problem is not None:
       raise OSError(f"{path}: checkpoint data file is missing or truncated ({problem}); "
                     "the checkpoint is damaged, load an earlier one.")
-    view[:] = r.value
+    view[:] = r.value  # pyright: ignore[reportPossiblyUnboundVariable]  # else raised above
     READ_STATS.add(view.nbytes)

@@ -77,11 +77,13 @@ class BufferedWriter(Packer):
       self._queue = queue.SimpleQueue()
       self._thread = threading.Thread(target=self._run, name="flax_ckpt_write", daemon=True)
       self._thread.start()
+    assert self._queue is not None  # created with the thread
     self._queue.put(self._batch)
     self._batch, self._batch_bytes = [], 0
 
   def _run(self) -> None:
     background.lower_thread_priority()
+    assert self._queue is not None  # created before the thread that runs this
     while True:
       batch = self._queue.get()
       if batch is None:
@@ -102,6 +104,7 @@ class BufferedWriter(Packer):
         iov.append(_ZEROS[: off - pos] if off - pos <= ALIGN else bytes(off - pos))
       iov.append(view)
       pos = off + view.nbytes
+    assert self._fd is not None  # opened by _flush before the writer thread starts
     _pwritev_all(self._fd, iov, start)
 
   def _open(self) -> int:
@@ -112,6 +115,7 @@ class BufferedWriter(Packer):
 
   def _join(self) -> None:
     if self._thread is not None:
+      assert self._queue is not None  # created with the thread
       self._queue.put(None)
       self._thread.join()
       self._thread = None
