@@ -384,3 +384,29 @@ def test_failing_pending_save_at_exit_is_reported(ckpt_dir):
   assert os.fspath(path) in err, err
   assert not os.path.lexists(path)
   assert _siblings(path) == []
+
+
+def test_a_pending_background_save_holds_no_reference_to_the_callers_arrays(ckpt_dir):
+  """What a background save writes lives in its own snapshot: once save_async returned, the
+  caller's arrays can be freed even while the save is still writing (no host memory held
+  twice for the length of the save)."""
+  import gc
+  import weakref
+
+  gate = threading.Event()
+  flax_ckpt.register_type_handler(_Box, _GatedHandler(gate), override=True)
+  try:
+    w = np.random.default_rng(0).random(1 << 16)
+    ref = weakref.ref(w)
+    r = flax_ckpt.save_async(ckpt_dir / "ckpt", {"w": w, "box": _Box(1)})
+    del w
+    gc.collect()
+    freed_while_pending = ref() is None and not r.done()
+    gate.set()
+    r.result(timeout=60)
+  finally:
+    gate.set()
+    flax_ckpt.register_type_handler(_Box, _BoxHandler(), override=True)
+  assert freed_while_pending
+  np.testing.assert_array_equal(flax_ckpt.load(ckpt_dir / "ckpt")["w"],
+                                np.random.default_rng(0).random(1 << 16))

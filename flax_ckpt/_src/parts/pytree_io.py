@@ -129,15 +129,18 @@ async def _serialize_all(plan: SavePlan, infos: list[th.ParamInfo], primary: boo
 class TreeWrite:
   """The writing half of a tree save: :meth:`finish` (``fsync``) or :meth:`abort`.
 
+  It keeps the structure and key paths, not the caller's values: what is written lives in
+  the writer's snapshot, so a background save does not hold the caller's arrays alive.
   """
 
   def __init__(self, plan: SavePlan, ctx: th.SaveContext, infos: list[th.ParamInfo],
                futures: list):
-    self._plan = plan
+    self._root = plan.root
+    self._keypaths = [keypath for keypath, _ in plan.leaves]
+    self._typestrs = [h.typestr() for h in plan.handlers]
     self._ctx = ctx
     self._infos = infos
     self._futures = futures
-    self._typestrs = [h.typestr() for h in plan.handlers]
 
   def finish(self, fsync: bool) -> None:
     """Waits for the handlers, then writes the chunk index, tree and data file."""
@@ -166,14 +169,12 @@ class TreeWrite:
       paths.fsync_path(cp_dir)
 
   def _write_tree(self, fsync: bool) -> None:
-    leaves = self._plan.leaves
     records = [
-        {"path": [list(e) for e in leaves[i][0]], "typestr": self._typestrs[i],
-         "record": self._infos[i].record}
-        for i in range(len(leaves))
+        {"path": [list(e) for e in keypath], "typestr": typestr, "record": info.record}
+        for keypath, typestr, info in zip(self._keypaths, self._typestrs, self._infos)
     ]
     paths.write_json(self._ctx.parent_dir / TREE_FILE,
-                     {"version": TREE_VERSION, "root": self._plan.root, "leaves": records},
+                     {"version": TREE_VERSION, "root": self._root, "leaves": records},
                      fsync=fsync)
 
   def abort(self) -> None:
