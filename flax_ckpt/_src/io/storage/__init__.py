@@ -8,16 +8,10 @@ Backends are objects (:class:`StorageBackend`), chosen once per save or load by
 * ``direct.py``: the O_DIRECT writer for background saves;
 * ``kvstore.py``: the tensorstore kvstore backend (the way object stores will slot in).
 
-The module-level functions below resolve the backend per call; they are kept for callers
-that do one operation (validation, one read).
-
 See docs/format.md for the file layout.
 """
 
 from __future__ import annotations
-
-import os
-from collections.abc import Sequence
 
 from flax_ckpt._src.io.storage.backend import BACKEND_ENV as BACKEND_ENV
 from flax_ckpt._src.io.storage.backend import BACKENDS as BACKENDS
@@ -35,14 +29,3 @@ from flax_ckpt._src.io.storage.kvstore import kvstore_spec as kvstore_spec
 from flax_ckpt._src.io.storage.posix import BufferedWriter as BufferedWriter
 from flax_ckpt._src.io.storage.posix import CheckpointFiles as CheckpointFiles
 
-
-def read_into(path: str, requests: Sequence[tuple[int, memoryview]],
-              files: CheckpointFiles | None = None) -> None:
-  """Fills each (file offset, writable byte view) request from the file at ``path``,
-  on the backend :func:`backend_for` picks for it."""
-  backend_for(path).read_into(path, requests, files)
-
-
-def open_writer(path: str, *, ts_context=None, direct: bool = False) -> DataWriter:
-  """A data-file writer for ``path`` on the backend :func:`backend_for` picks for it."""
-  return backend_for(os.fspath(path)).open_writer(path, direct=direct, ts_context=ts_context)
