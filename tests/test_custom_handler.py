@@ -198,3 +198,34 @@ def test_leaf_directories_are_distinct(ckpt_dir):
   for k, want in tree.items():
     np.testing.assert_array_equal(got[k].a, want.a, err_msg=k)
     np.testing.assert_array_equal(got[k].b, want.b, err_msg=k)
+
+
+def test_a_handler_sees_the_same_keypath_when_saving_and_loading(tmp_path):
+  """ParamInfo.keypath is a tuple of (kind, key) tuples on both sides (the file holds lists)."""
+  seen = {}
+
+  class Tag:
+    pass
+
+  class TagHandler:
+    def typestr(self):
+      return "test_custom_handler.Tag"
+
+    async def serialize(self, values, infos, args=None):
+      seen["save"] = [info.keypath for info in infos]
+      return []
+
+    async def deserialize(self, infos, args=None):
+      seen["load"] = [info.keypath for info in infos]
+      return [Tag() for _ in infos]
+
+    async def metadata(self, infos):
+      return [flax_ckpt.metadata_types.Metadata(name=info.name) for info in infos]
+
+  flax_ckpt.type_handlers.register_type_handler(Tag, TagHandler(), override=True)
+  flax_ckpt.save(tmp_path / "ckpt", {"a": [Tag(), {"b": Tag()}]})
+  flax_ckpt.load(tmp_path / "ckpt")
+  assert seen["save"] == seen["load"] == [(("d", "a"), ("i", 0)),
+                                          (("d", "a"), ("i", 1), ("d", "b"))]
+  assert all(isinstance(p, tuple) and all(isinstance(e, tuple) for e in p)
+             for p in seen["load"])

@@ -21,6 +21,8 @@ from flax_ckpt._src.format import (
   LEAVES_DIR,
   TREE_FILE,
   TREE_VERSION,
+  ChunkRecord,
+  LeafRecord,
   chunks_file,
   data_file,
   load_json_bytes,
@@ -189,8 +191,8 @@ class TreeWrite:
 class _SavedTree:
   cp_dir: epath.Path
   root: dict
-  leaves: list[dict]
-  chunks: dict[int, list[dict]]
+  leaves: list[LeafRecord]
+  chunks: dict[int, list[ChunkRecord]]
   files: storage.CheckpointDir | None = None
   backend: storage.StorageBackend | None = None
 
@@ -216,7 +218,7 @@ def read_saved_tree(cp_dir: epath.Path) -> _SavedTree:
       raise errors.FormatError(
           f"{cp_dir / TREE_FILE}: tree format version {tree.get('version')} is not supported "
           f"by this flax_ckpt (knows {TREE_VERSION}); upgrade flax_ckpt.")
-    chunks: dict[int, list[dict]] = {}
+    chunks: dict[int, list[ChunkRecord]] = {}
     for name in sorted(files.listdir()):
       if name.startswith(CHUNKS_PREFIX) and name.endswith(".json"):
         data = load_json_bytes(files.read_bytes(name))
@@ -241,7 +243,9 @@ def _infos_for(saved: _SavedTree, ids: list[int]) -> list[th.ParamInfo]:
   for i in ids:
     leaf = saved.leaves[i]
     out.append(th.ParamInfo(
-        keypath=leaf["path"], parent_dir=saved.cp_dir, record=leaf["record"],
+        # the same (kind, key) tuples a save gives handlers (JSON holds them as lists)
+        keypath=tuple(tuple(e) for e in leaf["path"]), parent_dir=saved.cp_dir,
+        record=leaf["record"],
         chunks=saved.chunks.get(i, []), index=i, context=ctx))
   return out
 
