@@ -47,6 +47,7 @@ from flax_ckpt._src.errors import CheckpointNotFoundError as CheckpointNotFoundE
 from flax_ckpt._src.errors import CheckpointReplacedError as CheckpointReplacedError
 from flax_ckpt._src.errors import FormatError as FormatError
 from flax_ckpt._src.errors import IncompleteCheckpointError as IncompleteCheckpointError
+from flax_ckpt._src.errors import StorageError as StorageError
 from flax_ckpt._src.errors import StructureMismatchError as StructureMismatchError
 from flax_ckpt._src.errors import UnsupportedLeafError as UnsupportedLeafError
 from flax_ckpt._src.io.background import AsyncResponse as AsyncResponse
@@ -109,6 +110,7 @@ __all__ = [
   "FormatError",
   "IncompleteCheckpointError",
   "RegistrationError",
+  "StorageError",
   "StructureMismatchError",
   "UnregisteredClassWarning",
   "UnsupportedLeafError",
