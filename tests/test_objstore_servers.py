@@ -41,6 +41,9 @@ def test_fixture_roots_and_env(s3_root, gcs_root, s3_server, gcs_server):
   assert os.environ["STORAGE_EMULATOR_HOST"] == gcs_server
   assert os.environ["AWS_ACCESS_KEY_ID"] == "testing"
   assert os.environ["AWS_REGION"] == "us-east-1"
+  # Google auth's GCE metadata probe (once per process) goes to a closed local port
+  assert os.environ["GCE_METADATA_ROOT"].startswith("127.0.0.1:")
+  assert os.environ["TENSORSTORE_GCS_HTTP_URL"] == gcs_server
   # a subprocess sees the same environment
   out = subprocess.run(
       [sys.executable, "-c",
