@@ -131,20 +131,22 @@ def spec_key(spec: dict[str, Any]) -> str:
                      os.environ.get("AWS_SESSION_TOKEN")], sort_keys=True)
 
 
-_HINTS = (
-    (("NoSuchBucket", "bucket does not exist", "The specified bucket does not exist"),
+_HINTS = (  # the first whose needle is in tensorstore's message; checked in this order
+    (("NoSuchBucket", "bucket does not exist", "NOT_FOUND"),
      "the bucket does not exist: create it, or fix the bucket name in the path"),
-    (("InvalidAccessKeyId", "SignatureDoesNotMatch", "credentials", "Credentials",
-      "UNAUTHENTICATED", "401", "ExpiredToken"),
-     "no valid credentials: for S3 set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or "
+    (("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
+      "CREDENTIALS_PROVIDER", "UNAUTHENTICATED", "http_response_code='401'"),
+     "no valid credentials: for S3 set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
      "AWS_PROFILE); for GCS run `gcloud auth application-default login` or set "
      "GOOGLE_APPLICATION_CREDENTIALS"),
-    (("AccessDenied", "PERMISSION_DENIED", "403", "Forbidden"),
+    (("AccessDenied", "PERMISSION_DENIED", "http_response_code='403'", "Forbidden"),
      "permission denied: give these credentials read and write access to the bucket"),
     (("CURL error", "Could not connect", "Couldn't connect", "Connection refused",
-      "Failed to connect", "Could not resolve", "UNAVAILABLE", "timed out"),
-     "the endpoint cannot be reached: check the network, and AWS_ENDPOINT_URL_S3 / "
-     "AWS_ENDPOINT_URL (S3) or STORAGE_EMULATOR_HOST (GCS) if you use one"),
+      "Failed to connect", "Could not resolve", "UNAVAILABLE", "DEADLINE_EXCEEDED",
+      "timed out"),
+     "the endpoint cannot be reached (after FLAX_CKPT_OBJECT_RETRIES retries): check the "
+     "network, and AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (S3) or STORAGE_EMULATOR_HOST "
+     "(GCS) if you use one"),
 )
 
 

@@ -151,7 +151,7 @@ class ObjectStoreBackend:
       raise errors.CheckpointExistsError(
           f"a checkpoint already exists at {final}; pass {flag}=True to replace it (the old "
           "one stays intact until the new one is committed) or choose a new path.")
-    objstore.list_keys(final)  # a missing bucket or bad credentials fail here, not later
+    objstore.check_bucket(final)  # a missing bucket or bad credentials fail here (S3)
 
   def cleanup_stale(self, final: str) -> list[str]:
     """Deletes the generations of dead saves under ``final`` (see :func:`_stale`)."""
@@ -215,7 +215,9 @@ class ObjectStoreBackend:
           f"{final} is not a committed flax_ckpt checkpoint (no {COMMIT_MARKER} marker): the "
           "save that wrote it did not finish, or the objects were made by something else. "
           "Load an earlier checkpoint instead.")
-    return errors.CheckpointNotFoundError(f"no checkpoint at {final}.")
+    return errors.CheckpointNotFoundError(
+        f"no checkpoint at {final} (nothing is stored under that prefix; check the bucket "
+        "and prefix names).")
 
   def abort(self, tmp: str | None, created: list[str]) -> None:
     del created

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from flax_ckpt._src.format import segment_file
+from flax_ckpt._src.format import COMMIT_MARKER, segment_file
 from flax_ckpt._src.io.storage import cloud
 from flax_ckpt._src.io.storage.buffers import READ_STATS, Packer, flat_bytes, split_segments
 
@@ -123,6 +123,16 @@ def list_keys(directory: str) -> list[str]:
   except ValueError as e:
     raise cloud.storage_error(e, directory, "list") from e
   return [k.decode("utf-8", "surrogateescape") for k in keys]
+
+
+def check_bucket(path: str) -> None:
+  """Raises StorageError when the bucket of ``path`` is missing or unreachable (S3 says so
+  on a listing; GCS lists a missing bucket as empty: its first write fails instead)."""
+  url = cloud.parse(path)
+  try:  # keys starting with <prefix>/_CHECKPOINT: one small request
+    open_store(url).list(_prefix_range(url.prefix + COMMIT_MARKER)).result()
+  except ValueError as e:
+    raise cloud.storage_error(e, path, "list") from e
 
 
 def delete_prefix(directory: str) -> None:
