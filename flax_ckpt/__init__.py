@@ -33,6 +33,7 @@ from flax_ckpt import policies as policies
 from flax_ckpt import type_handlers as type_handlers
 from flax_ckpt._src import registration as _registration
 from flax_ckpt._src.api import CheckpointMetadata as CheckpointMetadata
+from flax_ckpt._src.api import kvstore_spec as kvstore_spec
 from flax_ckpt._src.api import load as load
 from flax_ckpt._src.api import load_checkpointables as load_checkpointables
 from flax_ckpt._src.api import save as save
@@ -47,6 +48,7 @@ from flax_ckpt._src.errors import CheckpointNotFoundError as CheckpointNotFoundE
 from flax_ckpt._src.errors import CheckpointReplacedError as CheckpointReplacedError
 from flax_ckpt._src.errors import FormatError as FormatError
 from flax_ckpt._src.errors import IncompleteCheckpointError as IncompleteCheckpointError
+from flax_ckpt._src.errors import StorageError as StorageError
 from flax_ckpt._src.errors import StructureMismatchError as StructureMismatchError
 from flax_ckpt._src.errors import UnsupportedLeafError as UnsupportedLeafError
 from flax_ckpt._src.io.background import AsyncResponse as AsyncResponse
@@ -109,6 +111,7 @@ __all__ = [
   "FormatError",
   "IncompleteCheckpointError",
   "RegistrationError",
+  "StorageError",
   "StructureMismatchError",
   "UnregisteredClassWarning",
   "UnsupportedLeafError",
@@ -116,6 +119,7 @@ __all__ = [
   "args",
   "checkpoints_iterator",
   "handlers",
+  "kvstore_spec",
   "load",
   "load_checkpointables",
   "metadata",

@@ -455,3 +455,27 @@ def test_lm_two_processes_with_jax_distributed_then_evaluate_on_one_device(tmp_p
     assert r.finish() == 0, r.text[-6000:]
     assert f"Resumed from step {total} of " in r.text
     assert _logged_digest(r)[1] == total + 5
+
+
+# ------------------------------------------------------------------ object-store workdirs
+
+
+def test_linen_with_an_object_store_workdir_trains_resumes_and_evaluates(objstore_root):
+  """``--workdir s3://...`` / ``gs://...``: checkpoints and config.json in the bucket,
+  a rerun resumes from the bucket, and the evaluator reads it from there."""
+  import tensorstore as ts
+
+  workdir = f"{objstore_root}/run"
+  args = ["--config.num_train_steps=20", "--config.dense=64", "--config.warmup_steps=2",
+          "--config.log_every_steps=10", "--config.checkpoint.every_steps=10"]
+  run = _run_to_end("linen_classifier", workdir, args)
+  kind, step, digest = _logged_digest(run)
+  assert (kind, step) == ("Finished", 20)
+  kv = ts.KvStore.open(flax_ckpt.kvstore_spec(workdir)).result()
+  assert json.loads(kv.read("config.json").result().value)["example"] == "linen_classifier"
+  with flax_ckpt.CheckpointManager(f"{workdir}/checkpoints", read_only=True) as mngr:
+    assert mngr.latest_step() == 20
+  again = _run_to_end("linen_classifier", workdir, args)  # finished: resumes, trains nothing
+  assert "Starting from scratch" not in again.text
+  assert _logged_digest(again) == ("Finished", 20, digest)
+  assert _evaluate(workdir)["step"] == 20

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import signal
+import tempfile
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -137,9 +138,9 @@ def record_config(workdir: str, config: ml_collections.ConfigDict, example: str,
   """
   path = os.path.join(workdir, CONFIG_FILE)
   now = {"example": example, "config": json.loads(config.to_json())}
-  if resuming and os.path.exists(path):
-    with open(path) as f:
-      before = json.load(f)
+  recorded = _read_workdir_file(workdir, CONFIG_FILE) if resuming else None
+  if recorded is not None:
+    before = json.loads(recorded)
     if before.get("example") != example:
       raise ValueError(f"{workdir} holds a run of {before.get('example')!r}, not "
                        f"{example!r}: use another --workdir")
@@ -155,20 +156,35 @@ def record_config(workdir: str, config: ml_collections.ConfigDict, example: str,
     logging.warning("config changed since the recorded run: %s", "; ".join(diff))
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(now, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  _workdir_store(workdir).write(
+      CONFIG_FILE, json.dumps(now, indent=2, sort_keys=True).encode()).result()
+
+
+def _workdir_store(workdir: str) -> Any:
+  """The workdir as a tensorstore kvstore: a local directory, or an ``s3://``/``gs://``
+  prefix configured the way flax_ckpt opens it (one file write is atomic on both)."""
+  import tensorstore as ts
+
+  return ts.KvStore.open(flax_ckpt.kvstore_spec(workdir)).result()
+
+
+def _read_workdir_file(workdir: str, name: str) -> bytes | None:
+  r = _workdir_store(workdir).read(name).result()
+  return bytes(r.value) if r.state == "value" else None
+
+
+def is_object_store(workdir: str) -> bool:
+  """Whether ``workdir`` is an ``s3://`` or ``gs://`` URL."""
+  return workdir.startswith(("s3://", "gs://"))
 
 
 def read_config(workdir: str) -> tuple[str, ml_collections.ConfigDict]:
   """The example name and config recorded in a workdir by :func:`record_config`."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: is {workdir} the --workdir of a training run?")
-  with open(path) as f:
-    rec = json.load(f)
+  raw = _read_workdir_file(workdir, CONFIG_FILE)
+  if raw is None:
+    raise FileNotFoundError(f"{os.path.join(workdir, CONFIG_FILE)} not found: is {workdir} "
+                            "the --workdir of a training run?")
+  rec = json.loads(raw)
   return rec["example"], ml_collections.ConfigDict(rec["config"])
 
 
@@ -209,10 +225,19 @@ def flat_hparams(config: ml_collections.ConfigDict, prefix: str = "") -> dict[st
 
 
 def make_writer(workdir: str) -> Any:
-  """clu's default writer: TensorBoard summaries in ``workdir`` plus log lines (process 0)."""
+  """clu's default writer: TensorBoard summaries in ``workdir`` plus log lines (process 0).
+
+  For an ``s3://``/``gs://`` workdir the summaries go to a local directory (named in the
+  log): TensorBoard's writer cannot write to S3, nor to a GCS emulator.
+  """
   from clu import metric_writers
 
-  return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  logdir = workdir
+  if is_object_store(workdir):
+    logdir = os.path.join(tempfile.gettempdir(), "flax_ckpt_summaries",
+                          workdir.replace("://", "/"))
+    logging.info("TensorBoard summaries of %s go to %s", workdir, logdir)
+  return metric_writers.create_default_writer(logdir, just_logging=jax.process_index() > 0)
 
 
 def make_manager(workdir: str, ckpt: ml_collections.ConfigDict) -> flax_ckpt.CheckpointManager:

@@ -99,9 +99,10 @@ def main(argv: list[str]) -> None:
   if example == nnx_lm.NAME:
     _common.use_cpu_devices(max(int(np.prod(mesh_shape)), 1))  # before jax's backend starts
   ckpt_dir = os.path.join(FLAGS.workdir, _common.CHECKPOINT_DIR)
-  if not os.path.isdir(ckpt_dir):
-    raise app.UsageError(f"{ckpt_dir} does not exist: no checkpoint was saved yet")
-  mngr = flax_ckpt.CheckpointManager(ckpt_dir, read_only=True)
+  try:
+    mngr = flax_ckpt.CheckpointManager(ckpt_dir, read_only=True)
+  except flax_ckpt.CheckpointNotFoundError:
+    raise app.UsageError(f"{ckpt_dir} does not exist: no checkpoint was saved yet") from None
   steps = mngr.all_steps()
   if not steps:
     raise app.UsageError(f"no committed checkpoint in {mngr.directory} yet")

@@ -1,6 +1,7 @@
 """Quickstart: train a small Flax model, checkpoint it with flax_ckpt, and load it back.
 
   python -m train_examples.quickstart --workdir /tmp/flax_ckpt_quickstart
+  python -m train_examples.quickstart --workdir s3://my-bucket/quickstart  # or gs://
 
 Trains a linen MLP on a synthetic regression task for a few steps, saves the whole
 TrainState (params, adam state, step) synchronously and asynchronously, loads it back with
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import time
 
 import flax.linen as nn
@@ -62,9 +62,7 @@ def main(argv=None) -> None:
   ap.add_argument("--workdir", default="/tmp/flax_ckpt_quickstart")
   ap.add_argument("--steps", type=int, default=200)
   args = ap.parse_args(argv)
-  os.makedirs(args.workdir, exist_ok=True)
-  path = os.path.join(args.workdir, "ckpt")
-  shutil.rmtree(path, ignore_errors=True)
+  path = os.path.join(args.workdir, "ckpt")  # a local path, s3://bucket/x or gs://bucket/x
 
   state = create_state(jax.random.key(0))
   data = batches(0)
@@ -73,7 +71,8 @@ def main(argv=None) -> None:
   print(f"trained {int(state.step)} steps, loss {float(loss):.4f}")
 
   t = time.perf_counter()
-  flax_ckpt.save(path, state, custom_metadata={"loss": float(loss)})
+  # overwrite=True: a previous run's checkpoint stays loadable until this one commits
+  flax_ckpt.save(path, state, custom_metadata={"loss": float(loss)}, overwrite=True)
   print(f"saved {path} in {time.perf_counter() - t:.3f}s")
 
   # Without a template: the structure comes back, TrainState's static fields cannot.

@@ -15,7 +15,7 @@ from typing import Any
 from flax_ckpt._src.engine.loading import CheckpointMetadata, checkpoint_metadata, load_parts
 from flax_ckpt._src.engine.saving import PendingSave, SaveOptions, parts_from
 from flax_ckpt._src.format import DEFAULT_CHECKPOINTABLE
-from flax_ckpt._src.io import background, paths
+from flax_ckpt._src.io import background, paths, storage
 from flax_ckpt._src.parts.pytree import check_restore_type
 
 
@@ -264,3 +264,28 @@ def load_checkpointables(path: paths.PathLike,
                                                              Mapping):
     raise TypeError("abstract_checkpointables must be a dict {name: template or args} or None")
   return load_parts(path, abstract_checkpointables, partial=partial, restore_type=restore_type)
+
+
+def kvstore_spec(path: paths.PathLike) -> dict:
+  """The tensorstore kvstore spec of a checkpoint location, as flax_ckpt opens it.
+
+  For a local path a ``file`` kvstore; for ``s3://bucket/prefix`` or ``gs://bucket/prefix``
+  the ``s3``/``gcs`` kvstore configured from the clouds' usual environment (endpoint,
+  region, credentials, bounded retries; see docs/design.md, "Object storage"). Use it to
+  keep your own files next to your checkpoints on the same storage, e.g. a run's config.
+
+  Args:
+    path: a directory (``str``, ``os.PathLike`` or ``etils.epath.Path``).
+
+  Returns:
+    A JSON spec for ``tensorstore.KvStore.open``; its ``path`` ends in ``/``.
+
+  Example:
+    >>> import flax_ckpt, tensorstore as ts, tempfile
+    >>> kv = ts.KvStore.open(flax_ckpt.kvstore_spec(tempfile.mkdtemp())).result()
+    >>> _ = kv.write('config.json', b'{}').result()
+    >>> kv.read('config.json').result().value
+    b'{}'
+  """
+  final = paths.to_path(path)
+  return storage.backend_for(final).kvstore_spec(os.fspath(final))

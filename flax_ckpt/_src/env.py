@@ -12,6 +12,14 @@ Each knob is read at call time, not at import, so a process (or a test, with
   priority (10 by default; 0 or less leaves it).
 * ``FLAX_CKPT_STAGING_BYTES``: host memory a load may use beyond its results, for tiny strided
   reads when resharding (64 MiB by default).
+* ``FLAX_CKPT_OBJECT_BYTES``: object stores: the largest object a save writes; bigger data
+  files are split into segments of this size (128 MiB by default, at most 1 GiB).
+* ``FLAX_CKPT_OBJECT_RETRIES``: object stores: how often one request is retried before the
+  error is raised (10 by default: about 40 s of exponential backoff, never a hang).
+
+The object stores' own configuration is the clouds' usual environment (docs/design.md,
+"Object storage"): ``AWS_*`` for S3 and ``STORAGE_EMULATOR_HOST`` / application default
+credentials for GCS.
 """
 
 from __future__ import annotations
@@ -23,10 +31,15 @@ DIRECT_IO = "FLAX_CKPT_DIRECT_IO"
 BARRIER_TIMEOUT_S = "FLAX_CKPT_BARRIER_TIMEOUT_S"
 BACKGROUND_NICE = "FLAX_CKPT_BACKGROUND_NICE"
 STAGING_BYTES = "FLAX_CKPT_STAGING_BYTES"
+OBJECT_BYTES = "FLAX_CKPT_OBJECT_BYTES"
+OBJECT_RETRIES = "FLAX_CKPT_OBJECT_RETRIES"
 
 DEFAULT_STORAGE = "posix"
 DEFAULT_BACKGROUND_NICE = 10
 DEFAULT_STAGING_BYTES = 64 << 20
+DEFAULT_OBJECT_BYTES = 128 << 20
+MAX_OBJECT_BYTES = 1 << 30
+DEFAULT_OBJECT_RETRIES = 10
 
 
 def storage() -> str:
@@ -55,3 +68,16 @@ def background_nice() -> int:
 def staging_bytes() -> int:
   """``$FLAX_CKPT_STAGING_BYTES`` as an int, else 64 MiB."""
   return int(os.environ.get(STAGING_BYTES, DEFAULT_STAGING_BYTES))
+
+
+def object_bytes() -> int:
+  """``$FLAX_CKPT_OBJECT_BYTES`` (4 KiB to 1 GiB), else 128 MiB; ValueError outside."""
+  n = int(os.environ.get(OBJECT_BYTES, DEFAULT_OBJECT_BYTES))
+  if not 4096 <= n <= MAX_OBJECT_BYTES:
+    raise ValueError(f"{OBJECT_BYTES}={n}: use a size from 4096 to {MAX_OBJECT_BYTES} bytes")
+  return n
+
+
+def object_retries() -> int:
+  """``$FLAX_CKPT_OBJECT_RETRIES`` (0 or more), else 10."""
+  return max(0, int(os.environ.get(OBJECT_RETRIES, DEFAULT_OBJECT_RETRIES)))

@@ -34,6 +34,11 @@ class FormatError(CheckpointError, ValueError):
   """The checkpoint's metadata is unreadable or of an unknown format version."""
 
 
+class StorageError(CheckpointError, OSError):
+  """The storage refused a request or could not be reached (object stores: a missing
+  bucket, missing or wrong credentials, permission denied, an unreachable endpoint)."""
+
+
 class CheckpointReplacedError(CheckpointError):
   """The checkpoint was replaced (``overwrite=True``) while it was being read, repeatedly."""
 

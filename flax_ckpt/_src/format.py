@@ -22,7 +22,12 @@ from typing import Any, TypedDict
 from flax_ckpt._src import errors
 
 FORMAT_NAME = "flax_ckpt"
-FORMAT_VERSION = 1  # the commit marker's "version"
+FORMAT_VERSION = 2  # the newest commit marker "version" this flax_ckpt reads and writes
+# Version 1: the parts live in the checkpoint directory. Version 2 adds "generation": the
+# parts live in that subdirectory (object stores, where nothing can be renamed). A marker
+# without a generation is still written as version 1, so older readers keep reading
+# local checkpoints.
+READABLE_VERSIONS = (1, 2)
 TREE_VERSION = 1  # _TREE.json's "version"
 
 # checkpoint directory
@@ -30,6 +35,10 @@ COMMIT_MARKER = "_CHECKPOINT"  # written last; a directory without it is not a c
 TMP_TAG = ".flax_ckpt-tmp-"  # <name>.flax_ckpt-tmp-<host>-<pid>-<hex>: a save in progress
 OLD_TAG = ".flax_ckpt-old-"  # an overwritten or deleted checkpoint on its way out
 LOCK_NAME = ".flax_ckpt_owner"  # a CheckpointManager's owner lock in its root directory
+# Object stores: a save writes its parts under <checkpoint>/flax_ckpt-gen-<time>-<host>-
+# <pid>-<hex>/ and the commit marker names that generation; see "Commit protocol".
+GEN_TAG = "flax_ckpt-gen-"
+GEN_RE = re.compile(r"flax_ckpt-gen-(\d+)-([A-Za-z0-9._-]+)-(\d+)-([0-9a-f]+)")
 
 # parts
 DEFAULT_CHECKPOINTABLE = "state"  # the part flax_ckpt.save writes
@@ -137,7 +146,9 @@ class Manifest:
     created_at: UNIX time of the commit.
     process_count: how many processes wrote the checkpoint.
     manager: a CheckpointManager's ``{"step", "time", "metrics"}`` record, or None.
-    version: the format version (:data:`FORMAT_VERSION` when written by this flax_ckpt).
+    generation: the subdirectory holding the parts (object stores), or None: the
+      checkpoint directory itself.
+    version: the format version: 2 with a generation, else 1.
   """
 
   parts: dict[str, PartEntry]
@@ -145,7 +156,12 @@ class Manifest:
   created_at: float | None = None
   process_count: int = 1
   manager: dict[str, Any] | None = None
-  version: int = FORMAT_VERSION
+  generation: str | None = None
+  version: int = 0  # 0: the version this content needs (2 with a generation, else 1)
+
+  def __post_init__(self) -> None:
+    if not self.version:
+      object.__setattr__(self, "version", 2 if self.generation is not None else 1)
 
   def to_json(self) -> dict[str, Any]:
     out: dict[str, Any] = {
@@ -156,6 +172,8 @@ class Manifest:
     }
     if self.manager is not None:
       out["manager"] = self.manager
+    if self.generation is not None:
+      out["generation"] = self.generation
     return out
 
   def checkpointables(self) -> dict[str, dict[str, Any]]:
@@ -167,10 +185,16 @@ class Manifest:
     """Validates a parsed commit marker; ``where`` names the checkpoint in errors."""
     if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
       raise errors.FormatError(f"{where}/{COMMIT_MARKER} is not a flax_ckpt commit marker.")
-    if d.get("version") != FORMAT_VERSION:
+    if d.get("version") not in READABLE_VERSIONS:
       raise errors.FormatError(
           f"{where}: format version {d.get('version')} is not supported (this flax_ckpt "
-          f"reads version {FORMAT_VERSION}); upgrade flax_ckpt.")
+          f"reads versions {', '.join(map(str, READABLE_VERSIONS))}); upgrade flax_ckpt.")
+    generation = d.get("generation")
+    if generation is not None and (d["version"] < 2 or not isinstance(generation, str)
+                                   or not GEN_RE.fullmatch(generation)):
+      # a hostile marker must not point a read outside the checkpoint
+      raise errors.FormatError(f"{where}/{COMMIT_MARKER}: invalid generation "
+                               f"{generation!r}; the checkpoint is damaged.")
     parts = d.get("checkpointables")
     if not isinstance(parts, dict):
       raise errors.FormatError(f"{where}: the commit marker lists no checkpointables.")
@@ -184,7 +208,7 @@ class Manifest:
         created_at=float(created) if isinstance(created, (int, float)) else None,
         process_count=nproc if isinstance(nproc, int) else 1,
         manager=manager if isinstance(manager, dict) else None,
-        version=d["version"])
+        generation=generation, version=d["version"])
 
   @classmethod
   def from_bytes(cls, raw: bytes, *, where: str) -> Manifest:
@@ -210,12 +234,25 @@ class ChunkRecord(TypedDict):
   p: int  # the process that wrote it (which data.p<p>.bin)
 
 
-class ChunksFile(TypedDict):
-  """``_CHUNKS.p<i>.json``: where process i wrote each chunk, by leaf id (a str)."""
+class _ChunksFileOptional(TypedDict, total=False):
+  segment_bytes: int  # object stores: data.p<i>.bin is stored as segments of this size
+
+
+class ChunksFile(_ChunksFileOptional):
+  """``_CHUNKS.p<i>.json``: where process i wrote each chunk, by leaf id (a str).
+
+  With ``segment_bytes`` (object stores) the data file's bytes are the objects
+  ``data.p<i>.bin.<k>``, k = 0, 1, ..., each ``segment_bytes`` long but the last.
+  """
 
   process_index: int
   data_file: str
   chunks: dict[str, list[ChunkRecord]]
+
+
+def segment_file(name: str, k: int) -> str:
+  """``<data file>.<k>``: segment ``k`` of a data file stored in segments."""
+  return f"{name}.{k}"
 
 
 class LeafRecord(TypedDict):

@@ -29,7 +29,6 @@ from flax_ckpt._src.format import (
     COMMIT_MARKER,
     DEFAULT_CHECKPOINTABLE,
     KIND_PYTREE,
-    OLD_TAG,
     ROOT_DIR,
     Manifest,
 )
@@ -53,9 +52,12 @@ class CommittedCheckpoint:
   manifest: Manifest
 
   def part_dir(self, name: str) -> epath.Path:
-    """The directory of part ``name`` (validated: a manifest is hostile input)."""
+    """The directory of part ``name`` (validated: a manifest is hostile input), inside
+    the generation the marker names, if any (object stores)."""
     d = self.manifest.parts[name].directory(name, where=os.fspath(self.path))
-    return self.path if d == ROOT_DIR else self.path / d
+    base = self.path if self.manifest.generation is None else (
+        self.path / self.manifest.generation)
+    return base if d == ROOT_DIR else base / d
 
   def only_part(self) -> str:
     """The name of the single part (a Checkpointer's checkpoint), or a clear error."""
@@ -67,36 +69,14 @@ class CommittedCheckpoint:
     return names[0]
 
 
-def _explain_missing(final: epath.Path) -> errors.CheckpointError:
-  """The clear error for a path without a readable commit marker."""
-  p = os.fspath(final)
-  if not os.path.exists(p):
-    parent, name = os.path.split(p)
-    olds = []
-    if os.path.isdir(parent):
-      olds = [e for e in os.listdir(parent) if e.startswith(f"{name}{OLD_TAG}")]
-    hint = (
-        f" {os.path.join(parent, olds[0])} exists: either a checkpoint being deleted right "
-        "now, or, if no process is deleting it, the previous version left by a crash "
-        "between the two renames of an overwrite (check that it has a _CHECKPOINT marker "
-        "and loads, then rename it back)."
-        if olds else "")
-    return errors.CheckpointNotFoundError(f"no checkpoint at {p}.{hint}")
-  if not os.path.isdir(p):
-    return errors.CheckpointNotFoundError(f"{p} is a file, not a checkpoint directory.")
-  return errors.IncompleteCheckpointError(
-      f"{p} is not a committed flax_ckpt checkpoint (no {COMMIT_MARKER} marker): the save "
-      "that wrote it did not finish, or the directory was made by something else. "
-      "Load an earlier checkpoint instead.")
-
-
-def _manifest(root: storage.CheckpointDir, final: epath.Path) -> Manifest | None:
+def _manifest(root: storage.CheckpointDir, final: epath.Path,
+              backend: storage.StorageBackend) -> Manifest | None:
   """The manifest read through ``root``; None when the checkpoint went away meanwhile."""
   try:
     raw = root.read_bytes(COMMIT_MARKER)
   except FileNotFoundError:
     if not root.is_gone():
-      raise _explain_missing(final) from None
+      raise backend.explain_missing(os.fspath(final)) from None
     return None
   return Manifest.from_bytes(raw, where=os.fspath(final))
 
@@ -116,11 +96,11 @@ def read_committed(path: paths.PathLike, read: Callable[[CommittedCheckpoint], _
     try:
       root = backend.open_dir(os.fspath(final))
     except (FileNotFoundError, NotADirectoryError):
-      if not os.path.isdir(os.fspath(final)):
-        raise _explain_missing(final) from None
+      if not backend.is_dir(os.fspath(final)):
+        raise backend.explain_missing(os.fspath(final)) from None
       continue  # it appeared meanwhile: look again
     try:
-      manifest = _manifest(root, final)
+      manifest = _manifest(root, final, backend)
       if manifest is None:
         continue
       try:

@@ -1,10 +1,12 @@
 """The save transaction: every part written into one temporary directory, one commit.
 
 ``PendingSave.start(path, parts, options)`` validates every part, claims the destination,
-makes the temporary directory and starts each part's writer; when it returns, nothing of
-the caller's is read any more. ``commit()`` finishes the writing, waits for every process,
-writes the commit marker and renames the directory into place (``docs/format.md``,
-"Commit protocol"); ``abort()`` gives the save up. Either way the parts are closed and the
+makes the temporary directory (the storage backend's ``begin``: a sibling directory
+locally, a new generation prefix on an object store) and starts each part's writer; when
+it returns, nothing of the caller's is read any more. ``commit()`` finishes the writing,
+waits for every process and commits with the backend's protocol: the commit marker last,
+then a rename locally (``docs/format.md``, "Commit protocol"); ``abort()`` gives the save
+up. Either way the parts are closed and the
 destination released. An async save runs ``commit`` in a background thread.
 
 Example:
@@ -30,7 +32,6 @@ from etils import epath
 
 from flax_ckpt._src import errors
 from flax_ckpt._src.format import (
-    COMMIT_MARKER,
     DEFAULT_CHECKPOINTABLE,
     PART_NAME_RE,
     ROOT_DIR,
@@ -119,7 +120,7 @@ class _Claims:
     self._in_flight: dict[str, list[threading.Event]] = {}
 
   def claim(self, final: epath.Path, overwrite: bool) -> tuple[str, threading.Event, list]:
-    key = os.path.realpath(final)  # one key however the path is spelled
+    key = paths.canonical(final)  # one key however the path is spelled
     with self._lock:
       earlier = self._in_flight.get(key, [])
       if earlier and not overwrite:
@@ -148,6 +149,7 @@ class PendingSave:
 
   def __init__(self, path: Any, parts: list[Part], options: SaveOptions):
     self.final = paths.to_path(path)
+    self.backend: storage.StorageBackend = storage.backend_for(self.final)  # chosen once
     self.parts, self.options = parts, options
     self.nproc, self.pid = multihost.process_count(), multihost.process_index()
     self.primary = self.pid == 0
@@ -171,7 +173,7 @@ class PendingSave:
       raise
     try:
       if save.primary:
-        paths.cleanup_stale_tmp(save.final)
+        save.backend.cleanup_stale(os.fspath(save.final))
       save._each_part(lambda p: p.writer.plan(f"checkpointable {p.name!r}"))
       shared = save._make_tmp_dir()
       save._each_part(lambda p: save._finishes.append(
@@ -188,8 +190,7 @@ class PendingSave:
         self._finish_parts()
         multihost.barrier(f"{self.op}/written", self.timeout, "finished writing its part")
         if self.primary:
-          self._write_marker()
-          self._rename()
+          self._commit()
       except BaseException:
         self._give_up(release=False)
         raise
@@ -207,8 +208,8 @@ class PendingSave:
 
   def _validate(self) -> None:
     """Everything that can fail before the disk is touched."""
-    storage.backend_for(self.final)  # a bad FLAX_CKPT_STORAGE fails before anything is written
-    paths.check_destination(self.final, self.options.overwrite, self.options.overwrite_flag)
+    self.backend.check_destination(os.fspath(self.final), self.options.overwrite,
+                                   self.options.overwrite_flag)
     check_custom_metadata(self.options.custom_metadata)
     self._claim = _CLAIMS.claim(self.final, self.options.overwrite)
 
@@ -217,10 +218,11 @@ class PendingSave:
     each part needs them to know; every process writes its share into that directory."""
     local = {p.name: p.writer.share() for p in self.parts} if self.primary else None
     if self.primary:
-      self.tmp, self._created = paths.make_tmp_dir(self.final)
+      tmp, self._created = self.backend.begin(os.fspath(self.final))
+      self.tmp = epath.Path(tmp)
       for p in self.parts:
         if p.dir != ROOT_DIR:
-          os.mkdir(os.path.join(self.tmp, p.dir))
+          self.backend.makedirs(os.path.join(tmp, p.dir))
     if self.nproc > 1:
       info = json.loads(multihost.share(
           f"{self.op}/start", json.dumps({"tmp": os.fspath(self.tmp or ""), "local": local})
@@ -244,24 +246,20 @@ class PendingSave:
           f"process {self.pid} could not write its part of {self.final} ({e}); if process 0 "
           "failed first, its error says why. Nothing was committed.") from e
 
-  def _write_marker(self) -> None:
-    assert self.tmp is not None
+  def _commit(self) -> None:
+    """Writes the commit marker last, after earlier saves to this path (the backend's
+    commit protocol, docs/format.md)."""
+    assert self._claim is not None and self.tmp is not None
+    for t in self._claim[2]:  # earlier saves to this path commit (or fail) first
+      t.wait()
     manifest = Manifest(
         parts={p.name: dataclasses.replace(p.writer.entry(),
                                            dir=None if p.dir == p.name else p.dir)
                for p in self.parts},
         custom_metadata=self.options.custom_metadata, created_at=time.time(),
         process_count=self.nproc, manager=self.options.manager)
-    paths.write_json(self.tmp / COMMIT_MARKER, manifest.to_json(), fsync=self.options.fsync)
-    if self.options.fsync:
-      paths.fsync_path(self.tmp)
-
-  def _rename(self) -> None:
-    assert self._claim is not None and self.tmp is not None
-    for t in self._claim[2]:  # earlier saves to this path commit (or fail) first
-      t.wait()
-    paths.commit(self.tmp, self.final, overwrite=self.options.overwrite,
-                 fsync=self.options.fsync)
+    self.backend.commit(os.fspath(self.tmp), os.fspath(self.final), manifest,
+                        overwrite=self.options.overwrite, fsync=self.options.fsync)
 
   # --- failure and cleanup -----------------------------------------------------------
 
@@ -286,9 +284,7 @@ class PendingSave:
       except Exception:  # noqa: BLE001,S110 - already failing
         pass
     if self.primary:
-      if self.tmp is not None:
-        paths.remove_quietly(self.tmp)
-      paths.remove_created(self._created)
+      self.backend.abort(None if self.tmp is None else os.fspath(self.tmp), self._created)
     if release:
       self._close_parts()
       self._release()

@@ -21,26 +21,49 @@ from typing import Any, Union
 from etils import epath
 
 from flax_ckpt._src import errors
-from flax_ckpt._src.format import OLD_TAG, TMP_TAG, dump_json_bytes, load_json_bytes
+from flax_ckpt._src.format import (
+    COMMIT_MARKER,
+    OLD_TAG,
+    TMP_TAG,
+    dump_json_bytes,
+    load_json_bytes,
+)
 
 PathLike = Union[str, os.PathLike, epath.Path]  # noqa: UP007 - runtime alias
 
 
 
+OBJECT_SCHEMES = ("s3", "gs")
+
+
 def to_path(path: PathLike) -> epath.Path:
-  """Normalizes ``path`` to an absolute local ``epath.Path``."""
+  """Normalizes ``path``: an absolute local ``epath.Path``, or an ``s3://``/``gs://`` one.
+
+  Object-store URLs keep their scheme and lose duplicate or trailing slashes; the storage
+  layer validates the bucket name and key when it opens them.
+  """
   if isinstance(path, bytes):
     raise TypeError(f"checkpoint path must be str or os.PathLike, not bytes: {path!r}")
   s = os.fspath(path) if not isinstance(path, epath.Path) else str(path)
   if "://" in s:
-    scheme = s.split("://", 1)[0]
+    scheme, _, rest = s.partition("://")
+    if scheme in OBJECT_SCHEMES:
+      bucket, _, key = rest.partition("/")
+      key = "/".join(p for p in key.split("/") if p)
+      return epath.Path(f"{scheme}://{bucket}/{key}" if key else f"{scheme}://{bucket}")
     if scheme != "file":
       raise errors.CheckpointError(
-          f"{s!r}: storage scheme {scheme!r}:// is not supported yet by flax_ckpt; "
-          "use a local or mounted filesystem path."
+          f"{s!r}: storage scheme {scheme!r}:// is not supported by flax_ckpt; use a local "
+          "or mounted filesystem path, s3://bucket/prefix or gs://bucket/prefix."
       )
     s = s[len("file://"):]
   return epath.Path(os.path.abspath(os.path.expanduser(s)))
+
+
+def canonical(path: PathLike) -> str:
+  """One spelling per location (symlinks resolved locally): keys of in-process tables."""
+  s = os.fspath(path)
+  return s if "://" in s else os.path.realpath(s)
 
 
 def fsync_path(path: PathLike) -> None:
@@ -67,7 +90,11 @@ def unique_tag() -> str:
 
 def write_json(path: PathLike, obj: Any, *, fsync: bool) -> None:
   """Writes ``obj`` as JSON to ``path`` (and fsyncs it when asked)."""
-  data = dump_json_bytes(obj)  # the one JSON rule (surrogatepass, no NaN)
+  write_file(path, dump_json_bytes(obj), fsync=fsync)  # the one JSON rule
+
+
+def write_file(path: PathLike, data: bytes, *, fsync: bool) -> None:
+  """Writes ``data`` to the file ``path`` (and fsyncs it when asked)."""
   fd = os.open(os.fspath(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
   try:
     view = memoryview(data)
@@ -236,3 +263,56 @@ def commit(tmp: epath.Path, final: epath.Path, *, overwrite: bool, fsync: bool) 
 def remove_quietly(p: Any) -> None:
   """Removes a directory tree, ignoring errors (cleanup on a path already failing)."""
   shutil.rmtree(os.fspath(p), ignore_errors=True)
+
+
+def remove_checkpoint(path: str) -> None:
+  """Deletes a checkpoint so that it is never seen half-deleted.
+
+  It is renamed to a leftover name first (atomic: after that it is no longer listed), then
+  removed; a crash in between leaves a leftover that the next cleanup deletes.
+  """
+  parent, name = os.path.split(path)
+  doomed = os.path.join(parent, f"{name}{OLD_TAG}{unique_tag()}")
+  try:
+    os.rename(path, doomed)
+  except FileNotFoundError:
+    return
+  fsync_path(parent)
+  shutil.rmtree(doomed, ignore_errors=True)
+
+
+def cleanup_leftovers(root: str) -> list[str]:
+  """Removes every leftover under ``root`` (call only while holding the directory lock)."""
+  removed = []
+  try:
+    entries = os.listdir(root)
+  except FileNotFoundError:
+    return removed
+  for e in entries:
+    if TMP_TAG in e or OLD_TAG in e:
+      shutil.rmtree(os.path.join(root, e), ignore_errors=True)
+      removed.append(e)
+  return removed
+
+
+def explain_missing(final: str) -> errors.CheckpointError:
+  """The clear error for a path without a readable commit marker."""
+  p = os.fspath(final)
+  if not os.path.exists(p):
+    parent, name = os.path.split(p)
+    olds = []
+    if os.path.isdir(parent):
+      olds = [e for e in os.listdir(parent) if e.startswith(f"{name}{OLD_TAG}")]
+    hint = (
+        f" {os.path.join(parent, olds[0])} exists: either a checkpoint being deleted right "
+        "now, or, if no process is deleting it, the previous version left by a crash "
+        "between the two renames of an overwrite (check that it has a _CHECKPOINT marker "
+        "and loads, then rename it back)."
+        if olds else "")
+    return errors.CheckpointNotFoundError(f"no checkpoint at {p}.{hint}")
+  if not os.path.isdir(p):
+    return errors.CheckpointNotFoundError(f"{p} is a file, not a checkpoint directory.")
+  return errors.IncompleteCheckpointError(
+      f"{p} is not a committed flax_ckpt checkpoint (no {COMMIT_MARKER} marker): the save "
+      "that wrote it did not finish, or the directory was made by something else. "
+      "Load an earlier checkpoint instead.")

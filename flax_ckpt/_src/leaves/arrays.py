@@ -181,7 +181,8 @@ def read_plan_for(infos: Sequence[th.ParamInfo]) -> ReadPlan:
   ctx = infos[0].context
   files = getattr(ctx, "files", None)
   backend = ctx.backend if ctx is not None else None
-  return ReadPlan(os.fspath(infos[0].parent_dir), files, backend)
+  return ReadPlan(os.fspath(infos[0].parent_dir), files, backend,
+                  getattr(ctx, "segments", None))
 
 
 def read_batched(infos: Sequence[th.ParamInfo], plan_leaf: Callable[[ReadPlan, int], Any],

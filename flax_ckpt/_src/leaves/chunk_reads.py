@@ -88,9 +88,11 @@ class ReadPlan:
   more than its results plus that budget.
   """
 
-  def __init__(self, state_dir: str, files: Any = None, backend: Any = None):
+  def __init__(self, state_dir: str, files: Any = None, backend: Any = None,
+               segments: dict[int, int] | None = None):
     self.state_dir = state_dir
     self.files = files
+    self.segments = segments or {}
     self.backend = backend if backend is not None else storage.backend_for(state_dir)
     self.requests: dict[int, list[tuple[int, memoryview]]] = {}
     self.staged: list[tuple[dict, np.ndarray, list[int], list[int], list[int]]] = []
@@ -196,7 +198,7 @@ class ReadPlan:
       else:
         reqs = [(chunk["o"] + r * row + lo, view[(r - r0) * row + lo:(r - r0) * row + hi])
                 for r in range(r0, r1)]
-      self.backend.read_into(path, reqs, self.files)
+      self.backend.read_into(path, reqs, self.files, self.segments.get(chunk["p"]))
       src = scratch[:(r1 - r0) * row].view(dtype).reshape((r1 - r0, *chunk_shape[1:]))
       for out, at_chunk, at_dest, overlap in items:
         s0, s1 = max(r0, at_chunk[0]), min(r1, at_chunk[0] + overlap[0])
@@ -212,7 +214,7 @@ class ReadPlan:
   def execute(self) -> None:
     for p, reqs in self.requests.items():
       path = os.path.join(self.state_dir, data_file(p))
-      self.backend.read_into(path, reqs, self.files)
+      self.backend.read_into(path, reqs, self.files, self.segments.get(p))
     self.requests.clear()
     if self.staged:
       self._run_staged()

@@ -187,11 +187,14 @@ class LoadContext(LeafContext):
   """The shared part of a load.
 
   Attributes:
-    files: the checkpointable directory opened for this load (``storage.CheckpointFiles``),
+    files: the checkpointable directory opened for this load (``storage.CheckpointDir``),
       through which the data files are read; None to open them by path.
+    segments: ``{process index: segment bytes}`` for data files stored as segments
+      (object stores; ``_CHUNKS.p<i>.json``'s ``segment_bytes``).
   """
 
   files: Any = None
+  segments: dict[int, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

@@ -9,13 +9,14 @@ handler classes registered in this process, never by importing it.
 from __future__ import annotations
 
 import inspect
+import os
 from typing import Any
 
 from etils import epath
 
 from flax_ckpt._src import errors
 from flax_ckpt._src.format import KIND_HANDLER, PartEntry
-from flax_ckpt._src.io import background, multihost, paths
+from flax_ckpt._src.io import background, multihost, storage
 from flax_ckpt._src.parts import handlers
 from flax_ckpt._src.parts.handlers import CheckpointArgs, call_with_args
 from flax_ckpt._src.parts.protocol import (
@@ -76,7 +77,7 @@ class _Futures:
   def finish(self, fsync: bool) -> None:
     background.wait_futures(self._futures)
     if fsync and self._wrote:
-      paths.fsync_tree(self._directory)
+      storage.backend_for(self._directory).sync_tree(os.fspath(self._directory))
 
   def abort(self) -> None:
     background.wait_futures(self._futures, quiet=True)  # nothing may write after cleanup

@@ -22,12 +22,14 @@ from flax_ckpt._src.format import (
   TREE_FILE,
   TREE_VERSION,
   ChunkRecord,
+  ChunksFile,
   LeafRecord,
   chunks_file,
   data_file,
+  dump_json_bytes,
   load_json_bytes,
 )
-from flax_ckpt._src.io import background, paths, storage
+from flax_ckpt._src.io import background, storage
 from flax_ckpt._src.leaves import registry
 from flax_ckpt._src.leaves import type_handlers as th
 from flax_ckpt._src.parts.pytree_template import LoadPlan, as_saved_args, conform, match_template
@@ -90,8 +92,8 @@ def prepare_save(cp_dir: epath.Path, plan: SavePlan, *, is_async: bool,
   touches snapshots. Each process writes its own data file and chunk index; only process 0
   writes the tree metadata and runs custom handlers (which write per-leaf files).
   """
-  os.makedirs(cp_dir, exist_ok=True)
   backend = storage.backend_for(cp_dir)
+  backend.makedirs(os.fspath(cp_dir))
   ctx = th.SaveContext(
       parent_dir=cp_dir, backend=backend, naming=_naming([p for p, _ in plan.leaves]),
       writer=backend.open_writer(os.path.join(cp_dir, data_file(process_index)),
@@ -99,7 +101,7 @@ def prepare_save(cp_dir: epath.Path, plan: SavePlan, *, is_async: bool,
       process_index=process_index, primary_local=primary_local)
   primary = process_index == 0
   if primary and any(not registry.is_builtin(h) for h in plan.handlers):
-    os.makedirs(cp_dir / LEAVES_DIR, exist_ok=True)
+    backend.makedirs(os.fspath(cp_dir / LEAVES_DIR))
   infos = [th.ParamInfo(keypath=plan.leaves[i][0], parent_dir=cp_dir, is_async=is_async,
                         index=i, context=ctx)
            for i in range(len(plan.leaves))]
@@ -153,31 +155,33 @@ class TreeWrite:
       ctx.writer.close()
       raise
     chunks = {str(i): info.chunks for i, info in enumerate(self._infos) if info.chunks}
-    paths.write_json(cp_dir / chunks_file(ctx.process_index),
-                     {"process_index": ctx.process_index,
-                      "data_file": data_file(ctx.process_index),
-                      "chunks": chunks}, fsync=fsync)
+    index: ChunksFile = {"process_index": ctx.process_index,
+                         "data_file": data_file(ctx.process_index), "chunks": chunks}
+    segment_bytes = getattr(ctx.writer, "segment_bytes", None)
+    if segment_bytes:  # object stores: the data file is stored as segments
+      index["segment_bytes"] = segment_bytes
+    ctx.backend.write_bytes(os.fspath(cp_dir / chunks_file(ctx.process_index)),
+                            dump_json_bytes(index), fsync=fsync)
     if ctx.process_index != 0:
       ctx.writer.write(fsync=fsync)
       if fsync:
-        paths.fsync_path(cp_dir)  # this process's directory entries, before the barrier
+        ctx.backend.sync_dir(os.fspath(cp_dir))  # this process's entries, before the barrier
       return
     self._write_tree(fsync)
     ctx.writer.write(fsync=fsync)  # data was streaming out meanwhile; wait for it here
     if fsync:
-      leaves_dir = cp_dir / LEAVES_DIR
-      if os.path.isdir(leaves_dir):  # files written by custom handlers
-        paths.fsync_tree(leaves_dir)
-      paths.fsync_path(cp_dir)
+      ctx.backend.sync_tree(os.fspath(cp_dir / LEAVES_DIR))  # files of custom handlers
+      ctx.backend.sync_dir(os.fspath(cp_dir))
 
   def _write_tree(self, fsync: bool) -> None:
     records = [
         {"path": [list(e) for e in keypath], "typestr": typestr, "record": info.record}
         for keypath, typestr, info in zip(self._keypaths, self._typestrs, self._infos)
     ]
-    paths.write_json(self._ctx.parent_dir / TREE_FILE,
-                     {"version": TREE_VERSION, "root": self._root, "leaves": records},
-                     fsync=fsync)
+    self._ctx.backend.write_bytes(
+        os.fspath(self._ctx.parent_dir / TREE_FILE),
+        dump_json_bytes({"version": TREE_VERSION, "root": self._root, "leaves": records}),
+        fsync=fsync)
 
   def abort(self) -> None:
     """Stops background writes of a save that will not be finished."""
@@ -195,6 +199,7 @@ class _SavedTree:
   chunks: dict[int, list[ChunkRecord]]
   files: storage.CheckpointDir | None = None
   backend: storage.StorageBackend | None = None
+  segments: dict[int, int] = dataclasses.field(default_factory=dict)
 
   def close(self) -> None:
     if self.files is not None:
@@ -219,11 +224,18 @@ def read_saved_tree(cp_dir: epath.Path) -> _SavedTree:
           f"{cp_dir / TREE_FILE}: tree format version {tree.get('version')} is not supported "
           f"by this flax_ckpt (knows {TREE_VERSION}); upgrade flax_ckpt.")
     chunks: dict[int, list[ChunkRecord]] = {}
+    segments: dict[int, int] = {}
     for name in sorted(files.listdir()):
       if name.startswith(CHUNKS_PREFIX) and name.endswith(".json"):
         data = load_json_bytes(files.read_bytes(name))
         for k, v in data["chunks"].items():
           chunks.setdefault(int(k), []).extend(v)
+        seg = data.get("segment_bytes")
+        if seg is not None:
+          if not isinstance(seg, int) or isinstance(seg, bool) or seg <= 0:
+            raise errors.FormatError(f"{cp_dir / name}: invalid segment_bytes {seg!r}; the "
+                                     "checkpoint is damaged.")
+          segments[data.get("process_index")] = seg
   except BaseException as e:
     gone = isinstance(e, (FileNotFoundError, errors.FormatError)) and files.is_gone()
     files.close()
@@ -233,12 +245,13 @@ def read_saved_tree(cp_dir: epath.Path) -> _SavedTree:
   if files.is_gone():  # replaced while we listed: the index may be incomplete
     files.close()
     raise errors.CheckpointReplacedError(f"{cp_dir} was replaced while loading")
-  return _SavedTree(cp_dir, tree["root"], tree["leaves"], chunks, files, backend)
+  return _SavedTree(cp_dir, tree["root"], tree["leaves"], chunks, files, backend, segments)
 
 
 def _infos_for(saved: _SavedTree, ids: list[int]) -> list[th.ParamInfo]:
   ctx = th.LoadContext(parent_dir=saved.cp_dir, backend=saved.backend, files=saved.files,
-                       naming=_naming([leaf["path"] for leaf in saved.leaves]))
+                       naming=_naming([leaf["path"] for leaf in saved.leaves]),
+                       segments=saved.segments)
   out = []
   for i in ids:
     leaf = saved.leaves[i]

@@ -26,7 +26,7 @@ from flax_ckpt._src.format import (
   load_json_bytes,
   state_file,
 )
-from flax_ckpt._src.io import multihost, paths
+from flax_ckpt._src.io import multihost, storage
 from flax_ckpt._src.parts.handlers import CheckpointArgs, CheckpointHandler
 from flax_ckpt._src.parts.protocol import (
   JsonValue,
@@ -194,7 +194,8 @@ class StatefulCheckpointHandler(CheckpointHandler[StatefulSave, StatefulRestore]
       raise errors.FormatError(
           f"{directory}: the state of saved process {src} (process_{src}-of-{n}) is missing; "
           "the checkpoint is damaged.")
-    raw = (directory / state_file(int(src), n, ext)).read_bytes()
+    raw = storage.backend_for(directory).read_bytes(
+        os.path.join(os.fspath(directory), state_file(int(src), n, ext)))
     state = decode_state(ext, raw)
     if args.item is None:
       return state
@@ -220,10 +221,9 @@ class StatefulCheckpointHandler(CheckpointHandler[StatefulSave, StatefulRestore]
 def _saved_files(directory: epath.Path) -> dict[tuple[int, int], str]:
   """``{(process_count, process_index): extension}`` of the state files present."""
   out = {}
-  try:
-    names = os.listdir(os.fspath(directory))
-  except FileNotFoundError as e:
-    raise errors.FormatError(f"{directory} is missing; the checkpoint is damaged.") from e
+  names = storage.backend_for(directory).listdir(os.fspath(directory))
+  if not names:
+    raise errors.FormatError(f"{directory} is missing or empty; the checkpoint is damaged.")
   for name in names:
     m = STATE_FILE_RE.fullmatch(name)
     if m:
@@ -270,13 +270,11 @@ class _StateFile:
     self._directory, self._name, self._data = directory, name, data
 
   def finish(self, fsync: bool) -> None:
-    with open(os.path.join(os.fspath(self._directory), self._name), "wb") as f:
-      f.write(self._data)
-      if fsync:
-        f.flush()
-        os.fsync(f.fileno())
+    backend = storage.backend_for(self._directory)
+    backend.write_bytes(os.path.join(os.fspath(self._directory), self._name), self._data,
+                        fsync=fsync)
     if fsync:
-      paths.fsync_path(self._directory)
+      backend.sync_dir(os.fspath(self._directory))
 
   def abort(self) -> None:
     pass

@@ -1,8 +1,11 @@
 """One writing CheckpointManager per directory: an owner file with host, pid and heartbeat.
 
-``<root>/.flax_ckpt_owner`` is created exclusively (``O_EXCL``) and holds the owner's host,
-pid and start time; its modification time is the owner's heartbeat, refreshed while the
-manager is open. A lock is stale, and taken over, when its heartbeat is older than
+``<root>/.flax_ckpt_owner`` is created exclusively (``O_EXCL`` locally; a create-only
+conditional write on an object store) and holds the owner's host, pid and start time. The
+heartbeat, refreshed while the manager is open, is the file's modification time locally
+and its ``beat`` field (rewritten with a compare-and-swap) on an object store, where the
+clocks of the hosts involved must roughly agree (well within ``stale_after_s``). A lock is
+stale, and taken over, when its heartbeat is older than
 ``stale_after_s`` (an owner that died, on any host), or at once when its owner is a dead
 process on this host, or names this very process without this process holding it (a
 restarted container that got the same pid).
@@ -15,10 +18,11 @@ import os
 import socket
 import threading
 import time
+from typing import Any
 
 from flax_ckpt._src import errors
 from flax_ckpt._src.format import LOCK_NAME
-from flax_ckpt._src.io import paths
+from flax_ckpt._src.io import paths, storage
 
 _held: set[str] = set()  # lock files this process holds
 _held_lock = threading.Lock()
@@ -30,21 +34,34 @@ class DirectoryLock:
   def __init__(self, root: str, *, stale_after_s: float = 600.0):
     self.path = os.path.join(root, LOCK_NAME)
     self.stale_after_s = stale_after_s
+    self._backend = storage.backend_for(root)
+    self._key = paths.canonical(self.path)
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
     self._me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+    self._version: Any = None
 
-  def _owner(self) -> dict | None:
-    try:
-      with open(self.path, encoding="utf-8") as f:
-        owner = json.load(f)
-      owner["_mtime"] = os.stat(self.path).st_mtime
-      return owner
-    except (FileNotFoundError, ValueError):
+  def _content(self) -> bytes:
+    return json.dumps({**self._me, "beat": time.time()}).encode()
+
+  def _owner(self) -> tuple[dict, Any] | None:
+    """The owner record (with ``_beat``, its last heartbeat) and the lock's version."""
+    got = self._backend.read_versioned(self.path)
+    if got is None:
       return None
+    try:
+      owner = json.loads(got[0])
+    except ValueError:
+      return None
+    if not isinstance(owner, dict):
+      return None
+    # locally the file's mtime is the heartbeat; on an object store, its "beat" field
+    beat = self._backend.modified_at(got[1])
+    owner["_beat"] = beat if beat is not None else float(owner.get("beat") or 0.0)
+    return owner, got[1]
 
   def _is_stale(self, owner: dict) -> bool:
-    if time.time() - owner.get("_mtime", 0.0) > self.stale_after_s:
+    if time.time() - owner.get("_beat", 0.0) > self.stale_after_s:
       return True  # the owner stopped refreshing it (its pid may belong to another process)
     if owner.get("host") == self._me["host"] and isinstance(owner.get("pid"), int):
       if owner["pid"] == self._me["pid"]:
@@ -54,44 +71,47 @@ class DirectoryLock:
 
   def _held_here(self) -> bool:
     with _held_lock:
-      return os.path.realpath(self.path) in _held
+      return self._key in _held
 
   def acquire(self) -> None:
     for _ in range(3):
-      try:
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-      except FileExistsError:
-        fd = None
-      if fd is None:
-        owner = self._owner()
-        if owner is None:  # vanished or being written: look again
-          time.sleep(0.05)
-          continue
-        if (owner.get("host") == self._me["host"] and owner.get("pid") == self._me["pid"]
-            and self._held_here()):
-          raise errors.CheckpointError(
-              f"{os.path.dirname(self.path)} is already managed by another open "
-              f"CheckpointManager in this process (host {owner.get('host')}, pid "
-              f"{owner.get('pid')}); close it first (or use read_only=True).")
-        if not self._is_stale(owner):
-          since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("since", 0)))
-          raise errors.CheckpointError(
-              f"{os.path.dirname(self.path)} is in use by another CheckpointManager (host "
-              f"{owner.get('host')}, pid {owner.get('pid')}, since {since}). Only one job may "
-              "write a checkpoint directory: stop that job, open this one with "
-              f"read_only=True, or, if that owner is gone, delete {self.path}.")
-        try:  # stale: take it over (only one taker wins the unlink + O_EXCL race)
-          os.unlink(self.path)
-        except FileNotFoundError:
-          pass
+      if self._backend.create_exclusive(self.path, self._content()):
+        self._acquired()
+        return
+      found = self._owner()
+      if found is None:  # vanished or being written: look again
+        time.sleep(0.05)
         continue
-      with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(self._me, f)
-      with _held_lock:
-        _held.add(os.path.realpath(self.path))
-      self._start_heartbeat()
-      return
+      owner, version = found
+      self._refuse_live(owner)
+      # stale: take it over; of several takers only one wins the conditional replace
+      if self._backend.replace_if(self.path, self._content(), version):
+        self._acquired()
+        return
     raise errors.CheckpointError(f"could not take the lock {self.path}; try again")
+
+  def _refuse_live(self, owner: dict) -> None:
+    """Raises the clear error when ``owner`` is alive."""
+    if (owner.get("host") == self._me["host"] and owner.get("pid") == self._me["pid"]
+        and self._held_here()):
+      raise errors.CheckpointError(
+          f"{os.path.dirname(self.path)} is already managed by another open "
+          f"CheckpointManager in this process (host {owner.get('host')}, pid "
+          f"{owner.get('pid')}); close it first (or use read_only=True).")
+    if not self._is_stale(owner):
+      since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("since", 0)))
+      raise errors.CheckpointError(
+          f"{os.path.dirname(self.path)} is in use by another CheckpointManager (host "
+          f"{owner.get('host')}, pid {owner.get('pid')}, since {since}). Only one job may "
+          "write a checkpoint directory: stop that job, open this one with "
+          f"read_only=True, or, if that owner is gone, delete {self.path}.")
+
+  def _acquired(self) -> None:
+    found = self._owner()
+    self._version = found[1] if found is not None else None
+    with _held_lock:
+      _held.add(self._key)
+    self._start_heartbeat()
 
   def _start_heartbeat(self) -> None:
     interval = max(self.stale_after_s / 4, 0.05)
@@ -104,10 +124,13 @@ class DirectoryLock:
     self._thread.start()
 
   def touch(self) -> None:
+    """Refreshes the heartbeat (a no-op once another process took the lock over)."""
+    if self._version is None:
+      return
     try:
-      os.utime(self.path)
-    except FileNotFoundError:
-      pass
+      self._version = self._backend.heartbeat(self.path, self._content(), self._version)
+    except OSError:
+      pass  # a transient storage error: the next beat tries again
 
   def release(self) -> None:
     self._stop.set()
@@ -115,10 +138,8 @@ class DirectoryLock:
       self._thread.join()
       self._thread = None
     with _held_lock:
-      _held.discard(os.path.realpath(self.path))
-    owner = self._owner()
-    if owner and owner.get("host") == self._me["host"] and owner.get("pid") == self._me["pid"]:
-      try:
-        os.unlink(self.path)
-      except FileNotFoundError:
-        pass
+      _held.discard(self._key)
+    found = self._owner()
+    if found and found[0].get("host") == self._me["host"] and (
+        found[0].get("pid") == self._me["pid"]):
+      self._backend.remove_file(self.path)

@@ -24,7 +24,7 @@ from types import TracebackType
 from typing import Any
 
 from flax_ckpt._src import errors
-from flax_ckpt._src.io import background, multihost, paths
+from flax_ckpt._src.io import background, multihost, paths, storage
 from flax_ckpt._src.training import (
     dir_lock,
     metrics_codec,
@@ -98,12 +98,13 @@ class CheckpointManager:
   def _open(self) -> None:
     """Creates the directory if asked, takes its lock and the SIGTERM handler, and lists
     the committed steps."""
-    if not os.path.isdir(self._root):
+    backend = storage.backend_for(self._root)
+    if not backend.is_dir(self._root):
       if self._opts.read_only or not self._opts.create:
         raise errors.CheckpointNotFoundError(
             f"checkpoint directory {self._root} does not exist (create=True makes it)")
       if self._primary:
-        os.makedirs(self._root, exist_ok=True)
+        backend.makedirs(self._root)
     try:
       if not self._opts.read_only and self._primary:
         self._dir_lock = dir_lock.DirectoryLock(self._root,
@@ -369,7 +370,7 @@ class CheckpointManager:
         return self._restore(latest, abstract_state, dataset, only)
       except (errors.CheckpointNotFoundError, errors.CheckpointReplacedError,
               FileNotFoundError):
-        if attempt == 4 or os.path.exists(self._step_path(latest)):
+        if attempt == 4 or step_dirs.is_committed(self._step_path(latest)):
           raise
     raise AssertionError("unreachable")
 

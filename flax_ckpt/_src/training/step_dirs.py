@@ -8,12 +8,10 @@ commit marker never are.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 
-from flax_ckpt._src.format import COMMIT_MARKER, OLD_TAG, TMP_TAG
-from flax_ckpt._src.io import paths
+from flax_ckpt._src.format import OLD_TAG, TMP_TAG
+from flax_ckpt._src.io import storage
 
 
 class StepNaming:
@@ -45,50 +43,25 @@ def is_leftover(name: str) -> bool:
 
 def is_committed(path: str) -> bool:
   """Whether the step directory ``path`` holds a committed checkpoint (now)."""
-  return os.path.exists(os.path.join(path, COMMIT_MARKER))
+  return storage.backend_for(path).is_committed(path)
 
 
 def committed_steps(root: str, naming: StepNaming) -> list[int]:
   """Steps with a committed checkpoint under ``root``, ascending."""
-  try:
-    entries = os.listdir(root)
-  except FileNotFoundError:
-    return []
   steps = []
-  for e in entries:
-    if is_leftover(e):
-      continue
-    s = naming.step_of(e)
-    if s is not None and is_committed(os.path.join(root, e)):
+  for e in storage.backend_for(root).committed_entries(root):
+    s = None if is_leftover(e) else naming.step_of(e)
+    if s is not None:
       steps.append(s)
   return sorted(set(steps))
 
 
 def remove(path: str) -> None:
-  """Deletes a checkpoint so that it is never seen half-deleted.
-
-  It is renamed to a leftover name first (atomic: after that it is no longer listed), then
-  removed; a crash in between leaves a leftover that the next cleanup deletes.
-  """
-  parent, name = os.path.split(path)
-  doomed = os.path.join(parent, f"{name}{OLD_TAG}{paths.unique_tag()}")
-  try:
-    os.rename(path, doomed)
-  except FileNotFoundError:
-    return
-  paths.fsync_path(parent)
-  shutil.rmtree(doomed, ignore_errors=True)
+  """Deletes a checkpoint so that it is never seen half-deleted (the backend's way: a
+  rename to a leftover name locally, the commit marker first on an object store)."""
+  storage.backend_for(path).remove_checkpoint(path)
 
 
 def cleanup_leftovers(root: str) -> list[str]:
   """Removes every leftover under ``root`` (call only while holding the directory lock)."""
-  removed = []
-  try:
-    entries = os.listdir(root)
-  except FileNotFoundError:
-    return removed
-  for e in entries:
-    if is_leftover(e):
-      shutil.rmtree(os.path.join(root, e), ignore_errors=True)
-      removed.append(e)
-  return removed
+  return storage.backend_for(root).cleanup_leftovers(root)

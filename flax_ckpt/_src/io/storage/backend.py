@@ -1,9 +1,10 @@
 """Storage backends as objects, chosen once per save or load from the path (etils style).
 
-A backend writes and reads the packed data files (docs/format.md); the small JSON files go
-through ``io/paths.py``. Today only local paths exist: ``posix`` (the default) or, with
-``FLAX_CKPT_STORAGE=tensorstore``, a tensorstore kvstore. An object store (``gs://``,
-``s3://``) is one more class here plus one entry in :data:`_BY_SCHEME`.
+A backend does everything a checkpoint needs from its storage: the packed data files, the
+small files, the namespace (list, delete) and the commit protocol (docs/format.md).
+Local paths use ``posix`` (the default) or, with ``FLAX_CKPT_STORAGE=tensorstore``, a
+tensorstore kvstore for the data files; ``s3://`` and ``gs://`` paths use
+:class:`ObjectStoreBackend` (``objcommit.py``), chosen by :data:`_BY_SCHEME`.
 """
 
 from __future__ import annotations
@@ -13,10 +14,15 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
+from etils import epath
 
-from flax_ckpt._src import env
+from flax_ckpt._src import env, errors
+from flax_ckpt._src.format import COMMIT_MARKER, Manifest, segment_file
+from flax_ckpt._src.io import paths
 from flax_ckpt._src.io.storage import kvstore, posix
+from flax_ckpt._src.io.storage.buffers import split_segments
 from flax_ckpt._src.io.storage.direct import DirectWriter
+from flax_ckpt._src.io.storage.objcommit import ObjectStoreBackend
 
 BACKEND_ENV = env.STORAGE
 
@@ -53,18 +59,24 @@ class CheckpointDir(Protocol):
 
 
 class StorageBackend(Protocol):
-  """Where the data files of a checkpoint live, and how their bytes move."""
+  """Where a checkpoint lives, and how its bytes move: one class per storage kind.
+
+  Paths are ``str``: an absolute local path, or an ``s3://``/``gs://`` URL. Above this
+  layer nothing tests the scheme; it asks :func:`backend_for` once and calls these.
+  """
 
   name: str
 
+  # data files
   def open_writer(self, path: str, *, direct: bool = False, ts_context: Any = None
                   ) -> DataWriter:
     """A writer for the data file at ``path``; ``direct``: a background save."""
     ...
 
   def read_into(self, path: str, requests: Sequence[tuple[int, memoryview]],
-                files: Any = None) -> None:
-    """Fills each (file offset, writable byte view) request from the file at ``path``."""
+                files: Any = None, segment_bytes: int | None = None) -> None:
+    """Fills each (file offset, writable byte view) request from the data file at
+    ``path`` (stored as segments of ``segment_bytes`` when given)."""
     ...
 
   def open_dir(self, path: str) -> CheckpointDir:
@@ -73,6 +85,91 @@ class StorageBackend(Protocol):
 
   def kvstore_spec(self, directory: str | os.PathLike) -> dict:
     """The tensorstore kvstore spec of ``directory`` (for tensorstore-based handlers)."""
+    ...
+
+  # small files and the namespace
+  def read_bytes(self, path: str) -> bytes:
+    """The file's bytes; FileNotFoundError when there is none."""
+    ...
+
+  def write_bytes(self, path: str, data: bytes, *, fsync: bool) -> None: ...
+  def read_versioned(self, path: str) -> tuple[bytes, Any] | None:
+    """``(data, version)``, None when absent; the version changes with every write."""
+    ...
+
+  def modified_at(self, version: Any) -> float | None:
+    """The modification time a version carries (None: the store keeps none)."""
+    ...
+
+  def create_exclusive(self, path: str, data: bytes) -> bool:
+    """Creates ``path`` only if it does not exist; whether it did."""
+    ...
+
+  def replace_if(self, path: str, data: bytes, version: Any) -> bool:
+    """Replaces ``path`` only if it still has ``version``; whether it did."""
+    ...
+
+  def heartbeat(self, path: str, data: bytes, version: Any) -> Any:
+    """Marks ``path`` as refreshed; its new version, or None if it was replaced."""
+    ...
+
+  def remove_file(self, path: str) -> None: ...
+  def exists(self, path: str) -> bool: ...
+  def is_dir(self, path: str) -> bool: ...
+  def listdir(self, path: str) -> list[str]:
+    """The names directly under ``path`` ([] when there is nothing)."""
+    ...
+
+  def makedirs(self, path: str) -> None: ...
+  def remove_tree(self, path: str) -> None:
+    """Deletes ``path`` and everything under it, ignoring errors."""
+    ...
+
+  def sync_tree(self, path: str) -> None:
+    """Makes everything under ``path`` durable (nothing there: nothing to do)."""
+    ...
+
+  def sync_dir(self, path: str) -> None:
+    """Makes the entries of directory ``path`` durable."""
+    ...
+
+  # the commit protocol (docs/format.md)
+  def is_committed(self, path: str) -> bool: ...
+  def committed_entries(self, root: str) -> list[str]:
+    """The names under ``root`` that hold a committed checkpoint."""
+    ...
+
+  def check_destination(self, final: str, overwrite: bool, flag: str = "overwrite") -> None:
+    """Raises before anything is written if ``final`` cannot receive a checkpoint."""
+    ...
+
+  def cleanup_stale(self, final: str) -> list[str]:
+    """Removes what dead saves to ``final`` left behind; the names removed."""
+    ...
+
+  def begin(self, final: str) -> tuple[str, list[str]]:
+    """Where a save to ``final`` writes its parts, and the directories it created."""
+    ...
+
+  def commit(self, tmp: str, final: str, manifest: Manifest, *, overwrite: bool,
+             fsync: bool) -> None:
+    """Writes the commit marker last and makes ``tmp``'s parts the checkpoint ``final``."""
+    ...
+
+  def abort(self, tmp: str | None, created: list[str]) -> None:
+    """Removes what a failed save made."""
+    ...
+
+  def explain_missing(self, final: str) -> errors.CheckpointError:
+    """The clear error for ``final`` without a commit marker."""
+    ...
+
+  def remove_checkpoint(self, path: str) -> None:
+    """Deletes a committed checkpoint, never leaving it half-deleted but listed."""
+    ...
+
+  def cleanup_leftovers(self, root: str) -> list[str]:
+    """Removes every leftover of a crashed save under ``root`` (owner lock held)."""
     ...
 
 
@@ -91,7 +188,11 @@ class PosixBackend:
     return posix.BufferedWriter(path)
 
   def read_into(self, path: str, requests: Sequence[tuple[int, memoryview]],
-                files: Any = None) -> None:
+                files: Any = None, segment_bytes: int | None = None) -> None:
+    if segment_bytes:  # a checkpoint copied here from an object store
+      for k, reqs in split_segments(requests, segment_bytes).items():
+        posix.read_into(segment_file(path, k), reqs, files)
+      return
     posix.read_into(path, requests, files)
 
   def open_dir(self, path: str) -> posix.CheckpointFiles:
@@ -99,6 +200,119 @@ class PosixBackend:
 
   def kvstore_spec(self, directory: str | os.PathLike) -> dict:
     return kvstore.kvstore_spec(directory)
+
+  def read_bytes(self, path: str) -> bytes:
+    with open(path, "rb") as f:
+      return f.read()
+
+  def write_bytes(self, path: str, data: bytes, *, fsync: bool) -> None:
+    paths.write_file(path, data, fsync=fsync)
+
+  def read_versioned(self, path: str) -> tuple[bytes, Any] | None:
+    try:
+      with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        return f.read(), (st.st_ino, st.st_mtime_ns)
+    except FileNotFoundError:
+      return None
+
+  def modified_at(self, version: Any) -> float | None:
+    return version[1] / 1e9
+
+  def create_exclusive(self, path: str, data: bytes) -> bool:
+    try:
+      fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+      return False
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    return True
+
+  def replace_if(self, path: str, data: bytes, version: Any) -> bool:
+    cur = self.read_versioned(path)
+    if cur is not None:
+      if cur[1] != version:
+        return False
+      self.remove_file(path)  # then only one O_EXCL creator wins
+    return self.create_exclusive(path, data)
+
+  def heartbeat(self, path: str, data: bytes, version: Any) -> Any:
+    del data, version  # the modification time is the heartbeat
+    try:
+      os.utime(path)
+      st = os.stat(path)
+    except FileNotFoundError:
+      return None
+    return (st.st_ino, st.st_mtime_ns)
+
+  def remove_file(self, path: str) -> None:
+    try:
+      os.unlink(path)
+    except FileNotFoundError:
+      pass
+
+  def exists(self, path: str) -> bool:
+    return os.path.exists(path)
+
+  def is_dir(self, path: str) -> bool:
+    return os.path.isdir(path)
+
+  def listdir(self, path: str) -> list[str]:
+    try:
+      return os.listdir(path)
+    except FileNotFoundError:
+      return []
+
+  def makedirs(self, path: str) -> None:
+    os.makedirs(path, exist_ok=True)
+
+  def remove_tree(self, path: str) -> None:
+    paths.remove_quietly(path)
+
+  def sync_tree(self, path: str) -> None:
+    if os.path.isdir(path):
+      paths.fsync_tree(path)
+
+  def sync_dir(self, path: str) -> None:
+    paths.fsync_path(path)
+
+  def is_committed(self, path: str) -> bool:
+    return os.path.exists(os.path.join(path, COMMIT_MARKER))
+
+  def committed_entries(self, root: str) -> list[str]:
+    return [e for e in self.listdir(root) if self.is_committed(os.path.join(root, e))]
+
+  def check_destination(self, final: str, overwrite: bool, flag: str = "overwrite") -> None:
+    paths.check_destination(epath.Path(final), overwrite, flag)
+
+  def cleanup_stale(self, final: str) -> list[str]:
+    return paths.cleanup_stale_tmp(epath.Path(final))
+
+  def begin(self, final: str) -> tuple[str, list[str]]:
+    tmp, created = paths.make_tmp_dir(epath.Path(final))
+    return os.fspath(tmp), created
+
+  def commit(self, tmp: str, final: str, manifest: Manifest, *, overwrite: bool,
+             fsync: bool) -> None:
+    """Writes the marker into ``tmp`` (durably when ``fsync``), then renames it in place."""
+    paths.write_json(os.path.join(tmp, COMMIT_MARKER), manifest.to_json(), fsync=fsync)
+    if fsync:
+      paths.fsync_path(tmp)
+    paths.commit(epath.Path(tmp), epath.Path(final), overwrite=overwrite, fsync=fsync)
+
+  def abort(self, tmp: str | None, created: list[str]) -> None:
+    if tmp is not None:
+      paths.remove_quietly(tmp)
+    paths.remove_created(created)
+
+  def explain_missing(self, final: str) -> errors.CheckpointError:
+    return paths.explain_missing(final)
+
+  def remove_checkpoint(self, path: str) -> None:
+    paths.remove_checkpoint(path)
+
+  def cleanup_leftovers(self, root: str) -> list[str]:
+    return paths.cleanup_leftovers(root)
 
 
 class KvStoreBackend(PosixBackend):
@@ -115,14 +329,19 @@ class KvStoreBackend(PosixBackend):
     return kvstore.KvStoreDataWriter(path, ts_context=ts_context)
 
   def read_into(self, path: str, requests: Sequence[tuple[int, memoryview]],
-                files: Any = None) -> None:
+                files: Any = None, segment_bytes: int | None = None) -> None:
     del files  # the kvstore opens the file itself
+    if segment_bytes:
+      for k, reqs in split_segments(requests, segment_bytes).items():
+        kvstore.read_into(segment_file(path, k), reqs)
+      return
     kvstore.read_into(path, requests)
 
 
 _BY_NAME: dict[str, StorageBackend] = {"posix": PosixBackend(), "tensorstore": KvStoreBackend()}
 BACKENDS = tuple(_BY_NAME)
-_BY_SCHEME: dict[str, StorageBackend] = {}  # "gs": GcsBackend(), ... in the next issue
+_BY_SCHEME: dict[str, StorageBackend] = {
+    "s3": ObjectStoreBackend("s3"), "gs": ObjectStoreBackend("gs")}
 
 
 def backend_name() -> str:
@@ -143,3 +362,8 @@ def backend_for(path: str | os.PathLike) -> StorageBackend:
   if sep and scheme in _BY_SCHEME:
     return _BY_SCHEME[scheme]
   return _BY_NAME[backend_name()]
+
+
+def is_local(path: str | os.PathLike) -> bool:
+  """Whether ``path`` is on a local filesystem (not an object store)."""
+  return isinstance(backend_for(path), PosixBackend)

@@ -80,3 +80,17 @@ class ReadStats:
 
 
 READ_STATS = ReadStats()
+
+
+def split_segments(requests, segment_bytes: int) -> dict[int, list[tuple[int, memoryview]]]:
+  """(file offset, view) requests on a data file stored as segments of ``segment_bytes``
+  as ``{segment index: [(offset in the segment, view)]}`` (views split at boundaries)."""
+  out: dict[int, list[tuple[int, memoryview]]] = {}
+  for off, view in requests:
+    view = flat_bytes(view)
+    while view.nbytes:
+      k, at = divmod(off, segment_bytes)
+      n = min(view.nbytes, segment_bytes - at)
+      out.setdefault(k, []).append((at, view[:n]))
+      off, view = off + n, view[n:]
+  return out
