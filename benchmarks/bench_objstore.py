@@ -15,7 +15,8 @@ closed local port).
 Per case and store it prints the median over ``--reps`` of:
 - baseline: the same bytes as ``--objects`` equal plain objects written (and read back) with
   tensorstore's kvstore, all futures issued together: the fairest "just upload the bytes" time;
-- flax_ckpt ``save(url, state)`` / ``load(url, template)`` and their ratios to the baseline;
+- flax_ckpt ``save(url, state)`` / ``load(url, template)`` and their ratios to the baseline
+  (the median of the per-repetition ratios: the emulators' speed drifts);
 - orbax ``StandardCheckpointer`` save / restore on gs:// only (orbax has no S3 support).
 Each flax_ckpt / orbax measurement that fails prints ``n/a (<error>)`` instead.
 
@@ -259,7 +260,9 @@ def bench_case(name, state, store, ems, reps, objects, use_orbax, results):
   size = C.nbytes(bufs)
   blob = baseline_blob(bufs)
   abstract = jax.eval_shape(lambda: state)
-  t: dict[str, list[float]] = {}
+  t: dict[str, list[float]] = {}  # per method: the kept repetitions' times
+  ratio: dict[str, list[float]] = {}  # and each one's ratio to that repetition's baseline
+  cur: dict[str, float] = {}  # this repetition's times
   errs: dict[str, str] = {}
   run = f"run{os.getpid()}/{name}"
   ocp = None
@@ -279,7 +282,7 @@ def bench_case(name, state, store, ems, reps, objects, use_orbax, results):
     except Exception as e:  # noqa: BLE001 - reported as n/a
       errs[key] = _short(e)
       return False, None
-    t.setdefault(key, []).append(dt)
+    cur[key] = dt
     return True, out
 
   def check(key, out):  # outside the timing: the bytes came back
@@ -289,10 +292,11 @@ def bench_case(name, state, store, ems, reps, objects, use_orbax, results):
     if len(got) != len(want) or not all(
         np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(got, want)):
       errs[key] = "wrong values loaded"
-      t.pop(key, None)
+      cur.pop(key, None)
 
   for rep in range(reps + 1):  # rep 0 warms up (connections, compilation) and is discarded
     gc.collect()
+    cur.clear()
     base = f"{run}/rep{rep}"
     b_save, b_load = baseline_save_load(store, f"{base}/plain/", blob, objects)
     delete_prefix(store, f"{base}/plain/")
@@ -323,17 +327,20 @@ def bench_case(name, state, store, ems, reps, objects, use_orbax, results):
       del out
       delete_prefix(store, f"{base}/orbax")
     if rep == 0:
-      t.clear()
       continue
-    t.setdefault("baseline save", []).append(b_save)
-    t.setdefault("baseline load", []).append(b_load)
-  results.append((name, store, len(bufs), size, {k: C.med(v) for k, v in t.items()}, errs,
-                  ocp is not None or "orbax save" in errs))
+    cur["baseline save"], cur["baseline load"] = b_save, b_load
+    for key, dt in cur.items():
+      t.setdefault(key, []).append(dt)
+      ratio.setdefault(key, []).append(dt / cur[f"baseline {key.split()[-1]}"])
+  meds = {k: (C.med(v), C.med(ratio[k])) for k, v in t.items() if k not in errs}
+  has_orbax = ocp is not None or "orbax save" in errs
+  results.append((name, store, len(bufs), size, meds, errs, has_orbax))
 
 
 def print_tables(results, reps, objects):
   print(f"\n## object storage (local emulators), median of {reps} reps; baseline = the same "
-        f"bytes as {objects} plain objects via tensorstore kvstore, written / read in parallel")
+        f"bytes as {objects} plain objects via tensorstore kvstore, written / read in parallel; "
+        "ratio = median of each repetition's time / that repetition's baseline")
   print("| case | store | arrays | MiB | baseline save s | MB/s | baseline load s | MB/s "
         "| flax_ckpt save s | ratio | flax_ckpt load s | ratio | orbax save s | ratio "
         "| orbax load s | ratio |")
@@ -342,7 +349,7 @@ def print_tables(results, reps, objects):
   for name, store, n, size, t, errs, has_orbax in results:
     cells = [name, store, str(n), f"{size / C.MiB:.1f}"]
     for op in ("save", "load"):
-      b = t[f"baseline {op}"]
+      b = t[f"baseline {op}"][0]
       cells += [f"{b:.3f}", f"{size / b / 1e6:.0f}"]
     for who in ("flax_ckpt", "orbax"):
       for op in ("save", "load"):
@@ -350,7 +357,7 @@ def print_tables(results, reps, objects):
         if who == "orbax" and not has_orbax:
           cells += ["-", "-"]
         elif key in t:
-          cells += [f"{t[key]:.3f}", f"{t[key] / t[f'baseline {op}']:.2f}x"]
+          cells += [f"{t[key][0]:.3f}", f"{t[key][1]:.2f}x"]
         else:
           cells += ["n/a", "n/a"]
           notes.append(f"{name} {store} {key}: n/a ({errs.get(key, 'no measurement')})")
