@@ -232,7 +232,8 @@ def read_saved_tree(cp_dir: epath.Path) -> _SavedTree:
           chunks.setdefault(int(k), []).extend(v)
         seg = data.get("segment_bytes")
         if seg is not None:
-          if not isinstance(seg, int) or isinstance(seg, bool) or seg <= 0:
+          if (not isinstance(seg, int) or isinstance(seg, bool)
+              or not 4096 <= seg <= (1 << 30)):
             raise errors.FormatError(f"{cp_dir / name}: invalid segment_bytes {seg!r}; the "
                                      "checkpoint is damaged.")
           segments[data.get("process_index")] = seg

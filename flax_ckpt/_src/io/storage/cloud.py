@@ -126,9 +126,10 @@ def kvstore_spec(url: ObjectUrl) -> dict[str, Any]:
 
 def spec_key(spec: dict[str, Any]) -> str:
   """A cache key for an opened kvstore: the spec plus the environment it depends on."""
-  return json.dumps([spec, os.environ.get("TENSORSTORE_GCS_HTTP_URL"),
-                     os.environ.get("AWS_SECRET_ACCESS_KEY"),
-                     os.environ.get("AWS_SESSION_TOKEN")], sort_keys=True)
+  env = [os.environ.get(k) for k in (
+      "TENSORSTORE_GCS_HTTP_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+      "AWS_SESSION_TOKEN", "AWS_SHARED_CREDENTIALS_FILE", "GOOGLE_APPLICATION_CREDENTIALS")]
+  return json.dumps([spec, env], sort_keys=True)
 
 
 _HINTS = (  # the first whose needle is in tensorstore's message; checked in this order

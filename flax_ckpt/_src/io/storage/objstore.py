@@ -34,7 +34,6 @@ _READ_IN_FLIGHT = 512 << 20  # bytes of ranged GETs in flight per read_into call
 
 _lock = threading.Lock()
 _stores: dict[str, Any] = {}
-_context: Any = None
 _missing_generation: bytes | None = None
 
 
@@ -45,18 +44,20 @@ def _ts():
 
 
 def open_store(url: cloud.ObjectUrl) -> Any:
-  """The bucket's kvstore (root path), opened once per configuration and reused."""
-  global _context
+  """The bucket's kvstore (root path), opened once per configuration and reused.
+
+  Each configuration gets its own tensorstore Context: tensorstore caches a driver (and
+  the credentials it read from the environment) per spec within a context, so new keys or
+  a rotated session token in the environment must open a new one.
+  """
   spec = cloud.kvstore_spec(cloud.ObjectUrl(url.scheme, url.bucket, ""))
   key = cloud.spec_key(spec)
   with _lock:
     kv = _stores.get(key)
     if kv is None:
       ts = _ts()
-      if _context is None:
-        _context = ts.Context()
       try:
-        kv = ts.KvStore.open(spec, context=_context).result()
+        kv = ts.KvStore.open(spec, context=ts.Context()).result()
       except ValueError as e:
         raise cloud.storage_error(e, str(url), "open the bucket") from e
       _stores[key] = kv
