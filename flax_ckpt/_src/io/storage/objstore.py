@@ -166,6 +166,7 @@ class ObjectDataWriter(Packer):
     self._queue: queue.SimpleQueue = queue.SimpleQueue()
     self._thread: threading.Thread | None = None
     self._error: BaseException | None = None
+    self._buf: bytearray | None = None
 
   def add(self, arr: np.ndarray) -> tuple[int, int]:
     """Schedules ``arr``'s bytes; returns (offset, nbytes) they will have in the file."""
@@ -225,9 +226,20 @@ class ObjectDataWriter(Packer):
         self._error = self._error or e
 
   def _upload(self, k: int, lo: int, hi: int, pieces: list) -> Any:
-    blob = bytearray(hi - lo)  # zeros in the alignment gaps
-    for off, view in pieces:
+    # One reused buffer: tensorstore copies the value when write() is called, and memory
+    # touched before is several times cheaper than fresh pages (on a VM, ~2.5 s/GiB).
+    if hi - lo == self.segment_bytes:
+      if self._buf is None:
+        self._buf = bytearray(self.segment_bytes)
+      blob = self._buf
+    else:
+      blob = bytearray(hi - lo)  # the last, shorter segment
+    pos = 0
+    for off, view in sorted(pieces, key=lambda p: p[0]):
+      blob[pos:off - lo] = bytes(off - lo - pos)  # zeros in the alignment gaps
       blob[off - lo:off - lo + view.nbytes] = view
+      pos = off - lo + view.nbytes
+    blob[pos:] = bytes(len(blob) - pos)
     url = cloud.parse(segment_file(self.path, k))
     return open_store(url).write(url.key, blob)  # pyright: ignore[reportArgumentType]  # bytes-like
 
@@ -254,6 +266,7 @@ class ObjectDataWriter(Packer):
     deletes the prefix afterwards leaves nothing behind)."""
     self._pending = []
     self._join()
+    self._buf = None
 
 
 def _pieces(requests: Sequence[tuple[int, memoryview]], segment_bytes: int | None
