@@ -292,3 +292,131 @@ def test_checkpointers(objstore_root, cls):
   assert ckptr.restore(path, args=flax_ckpt.args.PyTreeRestore()) == {"step": 3}
   assert len(generations(path)) == 1
   ckptr.close()
+
+
+# ----------------------------------------------------------------------------- CheckpointManager
+
+
+def _entries(root):
+  """The first-level names under `root` (steps, and the manager's own objects)."""
+  return sorted({k.split("/", 1)[0] for k in keys(root)})
+
+
+def _steps_present(root):
+  return sorted(int(e) for e in _entries(root) if e.isdigit())
+
+
+@pytest.mark.parametrize("enable_async", [False, True], ids=["sync", "async"])
+def test_manager_saves_retention_restore_and_reopen(objstore_root, enable_async):
+  root = f"{objstore_root}/run"
+  with flax_ckpt.CheckpointManager(root, max_to_keep=2, enable_async=enable_async) as m:
+    assert m.latest_step() is None and m.all_steps() == []
+    for step in range(5):
+      assert m.save(step, _tree(step)) is True
+    m.wait_until_finished()
+    assert m.all_steps() == [3, 4]
+    assert m.latest_step() == 4
+    _assert_tree_equal(m.restore(), _tree(4))
+    _assert_tree_equal(m.restore(3), _tree(3))
+  # the objects of the deleted steps are really gone; the kept ones are committed
+  assert _steps_present(root) == [3, 4]
+  for step in (0, 1, 2):
+    assert keys(f"{root}/{step}") == []
+  for step in (3, 4):
+    _assert_committed_layout(f"{root}/{step}")
+
+  # reopening sees the same steps, and keeps applying the policy
+  with flax_ckpt.CheckpointManager(root, max_to_keep=2, enable_async=enable_async) as m:
+    assert m.all_steps() == [3, 4] and m.latest_step() == 4
+    assert m.save(5, _tree(5)) is True
+    m.wait_until_finished()
+    assert m.all_steps() == [4, 5]
+    abstract = {"a": jax.ShapeDtypeStruct((4096,), jnp.float32,
+                                          sharding=NamedSharding(_mesh(), P("x"))),
+                "b": {"c": np.zeros((7,), np.int64), "i": 0}}
+    got = m.restore(5, abstract_state=abstract)
+    assert got["a"].sharding == abstract["a"].sharding
+    assert np.all(np.asarray(got["a"]) == 5) and got["b"]["i"] == 5
+  assert _steps_present(root) == [4, 5]
+  assert keys(f"{root}/3") == []
+  reader = flax_ckpt.CheckpointManager(root, read_only=True)
+  assert reader.all_steps() == [4, 5]
+  _assert_tree_equal(reader.restore(4), _tree(4))
+  reader.close()
+
+
+def test_manager_with_dataset_and_delete(objstore_root):
+  root = f"{objstore_root}/run-ds"
+  with flax_ckpt.CheckpointManager(root, enable_async=False) as m:
+    m.save(1, _tree(1), dataset=Counter(11), metrics={"loss": 0.5})
+    m.save(2, _tree(2), dataset=Counter(22), metrics={"loss": 0.25})
+    it = Counter()
+    m.restore(1, dataset=it)
+    assert it.pos == 11
+    m.delete(1)
+    assert m.all_steps() == [2]
+  assert _steps_present(root) == [2]
+  assert keys(f"{root}/1") == []
+
+
+def test_manager_removes_crashed_saves_and_keeps_committed_steps(objstore_root):
+  root = f"{objstore_root}/run-crash"
+  with flax_ckpt.CheckpointManager(root, enable_async=False) as m:
+    m.save(3, _tree(3))
+  committed = {k: read(f"{root}/3/{k}") for k in keys(f"{root}/3")}
+  # a save of step 7 that died before its marker, and an overwrite of step 3 that died
+  # before swapping markers: generations no marker names
+  crashed = f"{root}/7/flax_ckpt-gen-1-otherhost-1-abcd"
+  put(f"{crashed}/state/x", b"partial")
+  put(f"{crashed}/state/_TREE.json", b"{}")
+  dead_overwrite = f"{root}/3/flax_ckpt-gen-2-otherhost-2-beef"
+  put(f"{dead_overwrite}/state/data.p0.bin.0", b"\0" * 100)
+  # never listed as steps, never loaded
+  assert list(flax_ckpt.checkpoints_iterator(root, timeout=0)) == [3]
+  with pytest.raises(flax_ckpt.IncompleteCheckpointError):
+    flax_ckpt.load(f"{root}/7")
+
+  with flax_ckpt.CheckpointManager(root, enable_async=False) as m:
+    assert keys(f"{root}/7") == []
+    assert {k: read(f"{root}/3/{k}") for k in keys(f"{root}/3")} == committed
+    assert m.all_steps() == [3]
+    assert m.save(7, _tree(7)) is True
+    assert m.all_steps() == [3, 7]
+    _assert_tree_equal(m.restore(7), _tree(7))
+  _assert_committed_layout(f"{root}/7")
+  _assert_tree_equal(flax_ckpt.load(f"{root}/3"), _tree(3))
+
+
+def test_checkpoints_iterator_and_wait_for_new_checkpoint(objstore_root):
+  root = f"{objstore_root}/run-poll"
+  with flax_ckpt.CheckpointManager(root, enable_async=False) as m:
+    m.save(1, _tree(1))
+  assert flax_ckpt.wait_for_new_checkpoint(root, last_step=None, timeout=0) == 1
+  t0 = time.monotonic()
+  assert flax_ckpt.wait_for_new_checkpoint(root, last_step=1, timeout=0.5,
+                                           poll_interval_s=0.1) is None
+  assert time.monotonic() - t0 < 5
+
+  def later():
+    time.sleep(0.5)
+    with flax_ckpt.CheckpointManager(root, enable_async=True) as w:
+      w.save(4, _tree(4))
+      w.save(6, _tree(6))
+
+  thread = threading.Thread(target=later)
+  thread.start()
+  try:
+    assert flax_ckpt.wait_for_new_checkpoint(root, last_step=1, timeout=30,
+                                             poll_interval_s=0.05) in (4, 6)
+    seen = []
+    for step in flax_ckpt.checkpoints_iterator(root, timeout=30, poll_interval_s=0.05,
+                                               start_after=1):
+      seen.append(step)
+      # each step it yields is committed and loadable
+      assert flax_ckpt.load(f"{root}/{step}")["b"]["i"] == step
+      if step == 6:
+        break
+  finally:
+    thread.join()
+  assert seen[-1] == 6 and set(seen) <= {4, 6}
+  assert list(flax_ckpt.checkpoints_iterator(root, timeout=0)) == [1, 4, 6]
