@@ -707,3 +707,82 @@ def test_s3_credentials_changed_in_the_environment_are_used(auth_s3, auth_ckpt, 
   _use_keys(monkeypatch, auth_s3, auth_s3.noperm_keys)
   with pytest.raises(flax_ckpt.StorageError, match="permission denied"):
     flax_ckpt.load(auth_ckpt)
+
+
+# ----------------------------------------------------------------------------- racing readers
+
+
+def _race_tree(i):
+  return {"a": np.full((50_000,), i, np.int32), "b": np.full((3, 3), i, np.float64),
+          "c": i, "d": {"e": np.full((1000,), i, np.int16)}, "s": str(i)}
+
+
+def _race_values(tree):
+  """Every leaf's value(s) as a set of ints: one element when the load was not torn."""
+  return ({int(v) for v in np.unique(tree["a"])} | {int(v) for v in np.unique(tree["b"])}
+          | {int(v) for v in np.unique(tree["d"]["e"])} | {tree["c"], int(tree["s"])})
+
+
+def test_reader_racing_overwrites_never_sees_a_mix(objstore_root, monkeypatch):
+  monkeypatch.setenv("FLAX_CKPT_OBJECT_BYTES", str(_SEGMENT))  # the big leaf: 4 segments
+  path = f"{objstore_root}/raced"
+  flax_ckpt.save(path, _race_tree(0))
+  rounds = 12
+  done = threading.Event()
+  writer_errors, reader_errors, seen, replaced = [], [], [], []
+
+  def writer():
+    try:
+      for i in range(1, rounds + 1):
+        flax_ckpt.save(path, _race_tree(i), overwrite=True)
+    except BaseException as e:  # noqa: BLE001 - reported below
+      writer_errors.append(e)
+    finally:
+      done.set()
+
+  def reader():
+    while not done.is_set():
+      try:
+        values = _race_values(flax_ckpt.load(path))
+      except flax_ckpt.CheckpointReplacedError as e:  # documented: replaced on every retry
+        replaced.append(e)
+        continue
+      except BaseException as e:  # noqa: BLE001 - reported below
+        reader_errors.append(e)
+        return
+      seen.append(values)
+
+  threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=120)
+  assert not any(t.is_alive() for t in threads)
+  assert writer_errors == []
+  assert reader_errors == []
+  assert seen, f"no load completed ({len(replaced)} CheckpointReplacedError)"
+  torn = [v for v in seen if len(v) != 1]
+  assert torn == [], torn
+  order = [v.pop() for v in seen]
+  assert order == sorted(order)  # a reader never goes back to an older checkpoint
+  assert _race_values(flax_ckpt.load(path)) == {rounds}
+  assert len(generations(path)) == 1
+
+
+def test_checkpoint_committed_by_another_job_while_saving_wins(objstore_root):
+  """Another job commits the same new path while this save writes: this save's marker must
+  not replace it (CheckpointExistsError), and this save's generation is deleted."""
+  path, other = f"{objstore_root}/contended", f"{objstore_root}/other"
+  flax_ckpt.save(other, _tree(7))
+  theirs = {k: read(f"{other}/{k}") for k in keys(other)}
+
+  def other_job_commits():
+    for k in sorted(theirs, key=lambda k: k == MARKER):  # the marker last
+      put(f"{path}/{k}", theirs[k])
+
+  with pytest.raises(flax_ckpt.CheckpointExistsError, match="overwrite=True") as e:
+    flax_ckpt.save_checkpointables(path, {"state": _tree(1),
+                                          "dataset": Counter(1, other_job_commits)})
+  assert path in str(e.value)
+  assert {k: read(f"{path}/{k}") for k in keys(path)} == theirs
+  assert flax_ckpt.load(path)["b"]["i"] == 7
