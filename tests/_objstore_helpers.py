@@ -64,6 +64,11 @@ def put(url: str, data: bytes) -> None:
   kv.write(key, data).result()
 
 
+def delete(url: str) -> None:
+  kv, key = _split(url)
+  kv.write(key, None).result()
+
+
 def marker(ckpt: str) -> dict:
   data = read(f"{ckpt}/{MARKER}")
   assert data is not None, f"no {MARKER} at {ckpt}"

@@ -17,7 +17,16 @@ import numpy as np
 import objstore_servers
 import optax
 import pytest
-from _objstore_helpers import MARKER, generations, keys, marker, put, read, start_s3_with_auth
+from _objstore_helpers import (
+  MARKER,
+  delete,
+  generations,
+  keys,
+  marker,
+  put,
+  read,
+  start_s3_with_auth,
+)
 from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -786,3 +795,154 @@ def test_checkpoint_committed_by_another_job_while_saving_wins(objstore_root):
   assert path in str(e.value)
   assert {k: read(f"{path}/{k}") for k in keys(path)} == theirs
   assert flax_ckpt.load(path)["b"]["i"] == 7
+
+
+# ----------------------------------------------------------------------------- names and layouts
+
+
+def _dead_pid():
+  import subprocess
+  import sys
+
+  proc = subprocess.Popen([sys.executable, "-c", "pass"])
+  proc.wait()
+  return proc.pid
+
+
+def test_save_deletes_only_provably_dead_generations(objstore_root):
+  import socket
+
+  host = "".join(c if c.isalnum() or c in "._-" else "_" for c in socket.gethostname())
+  path = f"{objstore_root}/stale"
+  now = int(time.time())
+  dead_here = f"flax_ckpt-gen-{now}-{host}-{_dead_pid()}-0000dead"
+  live_elsewhere = f"flax_ckpt-gen-{now}-otherhost-1-0000beef"  # may be a running save
+  ancient = f"flax_ckpt-gen-{now - 7 * 3600}-otherhost-1-00000a1d"  # > 6 h: a crashed save
+  for gen in (dead_here, live_elsewhere, ancient):
+    put(f"{path}/{gen}/state/data.p0.bin.0", b"\0" * 10)
+  flax_ckpt.save(path, _tree(1))
+  gen = marker(path)["generation"]
+  assert generations(path) == sorted([gen, live_elsewhere])
+  _assert_tree_equal(flax_ckpt.load(path), _tree(1))
+  # an overwrite deletes only the generation the replaced marker named
+  flax_ckpt.save(path, _tree(2), overwrite=True)
+  assert generations(path) == sorted([marker(path)["generation"], live_elsewhere])
+
+
+_NON_ASCII_BUG = pytest.mark.xfail(strict=True, reason=(
+    "BUG: objstore.list_keys passes strip_prefix_length=len(prefix), a count of characters, "
+    "but tensorstore strips bytes: under a prefix with non-ASCII characters every listed key "
+    "keeps the prefix's last bytes, so a load finds no _CHUNKS.p*.json (FormatError 'the "
+    "checkpoint is damaged') and a CheckpointManager finds no steps"))
+
+
+@pytest.mark.parametrize("name", ["my run/ckpt+1", pytest.param("ünï cödé/α", marks=_NON_ASCII_BUG),
+                                  "100%/a=b&c", "semi;colon/x~y", "q?s/h#sh"])
+def test_odd_but_valid_key_names(objstore_root, name):
+  path = f"{objstore_root}/{name}"
+  flax_ckpt.save(path, _tree(3))
+  _assert_tree_equal(flax_ckpt.load(path), _tree(3))
+  assert flax_ckpt.metadata(path)["a"].shape == (4096,)
+  _assert_committed_layout(path)
+  flax_ckpt.save(path, _tree(4), overwrite=True)
+  assert len(generations(path)) == 1
+  _assert_tree_equal(flax_ckpt.load(path), _tree(4))
+
+
+def test_checkpoint_at_bucket_root_and_manager_at_bucket_root(objstore_root):
+  bucket = "/".join(objstore_root.split("/")[:3])  # s3://<bucket>
+  flax_ckpt.save(bucket, _tree(1))
+  _assert_committed_layout(bucket)
+  flax_ckpt.save(bucket, _tree(2), overwrite=True)
+  _assert_tree_equal(flax_ckpt.load(bucket), _tree(2))
+  assert len(generations(bucket)) == 1
+
+
+def test_manager_at_bucket_root_and_step_names_sharing_a_prefix(objstore_root):
+  bucket = "/".join(objstore_root.split("/")[:3])
+  with flax_ckpt.CheckpointManager(bucket, enable_async=False) as m:
+    for step in (1, 10, 11, 100):
+      m.save(step, _tree(step))
+    m.delete(1)
+    m.delete(10)
+    assert m.all_steps() == [11, 100]
+    _assert_tree_equal(m.restore(11), _tree(11))
+    _assert_tree_equal(m.restore(100), _tree(100))
+  assert _steps_present(bucket) == [11, 100]
+  for step in (11, 100):
+    _assert_committed_layout(f"{bucket}/{step}")
+
+
+@_NON_ASCII_BUG
+def test_manager_under_a_non_ascii_root(objstore_root):
+  root = f"{objstore_root}/läufe"
+  with flax_ckpt.CheckpointManager(root, enable_async=False) as m:
+    m.save(1, _tree(1))
+    m.save(2, _tree(2))
+    assert m.all_steps() == [1, 2]
+  with flax_ckpt.CheckpointManager(root, enable_async=False) as m:
+    assert m.all_steps() == [1, 2]
+    _assert_tree_equal(m.restore(), _tree(2))
+
+
+def test_manager_step_prefix_and_fixed_length(objstore_root):
+  root = f"{objstore_root}/named"
+  with flax_ckpt.CheckpointManager(root, enable_async=False, step_prefix="ckpt",
+                                   step_format_fixed_length=4, max_to_keep=2) as m:
+    for step in (5, 6, 7):
+      m.save(step, _tree(step))
+    assert m.all_steps() == [6, 7]
+  assert _entries(root)[-2:] == ["ckpt_0006", "ckpt_0007"]
+  assert not any(e.startswith("ckpt_0005") for e in _entries(root))
+  assert list(flax_ckpt.checkpoints_iterator(root, timeout=0, step_prefix="ckpt",
+                                             step_format_fixed_length=4)) == [6, 7]
+
+
+def test_local_checkpoint_copied_to_the_store_loads_and_is_replaced(objstore_root, tmp_path):
+  """A checkpoint saved locally (format version 1: parts beside the marker) and copied into
+  the bucket, as `gsutil cp -r` / `aws s3 cp --recursive` do."""
+  local = tmp_path / "ckpt"
+  flax_ckpt.save_checkpointables(local, {"state": _tree(5), "dataset": Counter(5)})
+  path = f"{objstore_root}/copied"
+  for f in sorted(p for p in local.rglob("*") if p.is_file()):
+    put(f"{path}/{f.relative_to(local).as_posix()}", f.read_bytes())
+  assert marker(path)["version"] == 1 and "generation" not in marker(path)
+  _assert_tree_equal(flax_ckpt.load(path), _tree(5))
+  it = Counter()
+  flax_ckpt.load_checkpointables(path, {"dataset": it})
+  assert it.pos == 5
+  with pytest.raises(flax_ckpt.CheckpointExistsError):
+    flax_ckpt.save(path, _tree(6))
+  flax_ckpt.save(path, _tree(6), overwrite=True)
+  _assert_committed_layout(path)  # only the marker and the new generation are left
+  _assert_tree_equal(flax_ckpt.load(path), _tree(6))
+
+
+@pytest.mark.parametrize("state", [{}, {"x": 1, "s": "only values"}, {"e": np.zeros((0,))},
+                                   {"big_bytes": b"\x01" * 200_000, "n": None}],
+                         ids=["empty", "values", "zero-size", "bytes"])
+def test_trees_with_few_or_no_data_bytes(objstore_root, monkeypatch, state):
+  monkeypatch.setenv("FLAX_CKPT_OBJECT_BYTES", str(_SEGMENT))
+  path = f"{objstore_root}/few"
+  flax_ckpt.save(path, state)
+  _assert_committed_layout(path)
+  got = flax_ckpt.load(path)
+  _assert_tree_equal(got, state)
+  assert all(n <= _SEGMENT for n in _data_objects(path).values())
+
+
+def test_missing_or_truncated_segment_is_a_clear_error(objstore_root, monkeypatch):
+  monkeypatch.setenv("FLAX_CKPT_OBJECT_BYTES", str(_SEGMENT))
+  path = f"{objstore_root}/damaged"
+  flax_ckpt.save(path, {"a": np.arange(100_000, dtype=np.int32)})
+  segs = sorted(_data_objects(path))
+  assert len(segs) == 7
+  victim = f"{path}/{segs[2]}"
+  put(victim, read(victim)[:1000])
+  with pytest.raises(OSError) as e:
+    flax_ckpt.load(path)
+  assert "truncated" in str(e.value) and segs[2] in str(e.value)
+  delete(victim)
+  with pytest.raises(FileNotFoundError) as e:
+    flax_ckpt.load(path)
+  assert "missing" in str(e.value) and segs[2] in str(e.value)
