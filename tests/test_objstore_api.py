@@ -946,3 +946,60 @@ def test_missing_or_truncated_segment_is_a_clear_error(objstore_root, monkeypatc
   with pytest.raises(FileNotFoundError) as e:
     flax_ckpt.load(path)
   assert "missing" in str(e.value) and segs[2] in str(e.value)
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["sync", "async"])
+def test_failed_save_to_a_new_path_leaves_nothing(objstore_root, use_async, monkeypatch):
+  monkeypatch.setenv("FLAX_CKPT_OBJECT_BYTES", str(_SEGMENT))
+  path = f"{objstore_root}/failed"
+
+  def boom():
+    raise RuntimeError("iterator state is unavailable")
+
+  parts = {"state": {"a": np.ones((100_000,), np.float32)}, "dataset": Counter(0, boom)}
+  with pytest.raises(RuntimeError, match="unavailable"):
+    if use_async:
+      flax_ckpt.save_checkpointables_async(path, parts).result()
+    else:
+      flax_ckpt.save_checkpointables(path, parts)
+  assert keys(path) == []
+  with pytest.raises(flax_ckpt.CheckpointNotFoundError):
+    flax_ckpt.load(path)
+  # the path is free for the next save
+  flax_ckpt.save(path, _tree(1))
+  _assert_tree_equal(flax_ckpt.load(path), _tree(1))
+
+
+def test_metadata_and_part_loads_read_no_array_bytes(objstore_root):
+  path = f"{objstore_root}/meta"
+  flax_ckpt.save_checkpointables(path, {"params": {"w": np.ones((1000, 100), np.float32)},
+                                        "dataset": Counter(3)})
+  before = storage.READ_STATS.bytes
+  meta = flax_ckpt.metadata(path)
+  assert meta.parts["params"]["w"].nbytes == 400_000
+  it = Counter()
+  flax_ckpt.load_checkpointables(path, {"dataset": it})
+  assert it.pos == 3
+  assert storage.READ_STATS.bytes == before
+
+
+def test_manager_with_epath_root_and_async_error(objstore_root):
+  root = epath.Path(f"{objstore_root}/epath-run")
+  with flax_ckpt.CheckpointManager(root, max_to_keep=1) as m:
+    m.save(1, _tree(1))
+    m.save(2, _tree(2))
+    m.wait_until_finished()
+    assert m.all_steps() == [2]
+
+    def boom():
+      raise RuntimeError("iterator state is unavailable")
+
+    with pytest.raises(RuntimeError, match="unavailable"):
+      m.save(3, _tree(3), dataset=Counter(0, boom))
+      m.wait_until_finished()
+    assert m.all_steps() == [2]
+  assert _steps_present(str(root)) == [2]
+  _assert_tree_equal(flax_ckpt.load(root / "2"), _tree(2))
