@@ -931,21 +931,37 @@ def test_trees_with_few_or_no_data_bytes(objstore_root, monkeypatch, state):
   assert all(n <= _SEGMENT for n in _data_objects(path).values())
 
 
-def test_missing_or_truncated_segment_is_a_clear_error(objstore_root, monkeypatch):
+def _damaged_checkpoint(objstore_root, monkeypatch):
+  """A checkpoint whose data file is 7 segments; returns its path and the third's key."""
   monkeypatch.setenv("FLAX_CKPT_OBJECT_BYTES", str(_SEGMENT))
   path = f"{objstore_root}/damaged"
   flax_ckpt.save(path, {"a": np.arange(100_000, dtype=np.int32)})
-  segs = sorted(_data_objects(path))
+  segs = sorted(_data_objects(path), key=lambda k: int(k.rsplit(".", 1)[1]))
   assert len(segs) == 7
-  victim = f"{path}/{segs[2]}"
-  put(victim, read(victim)[:1000])
+  return path, segs[2]
+
+
+def test_truncated_segment_is_a_clear_error(objstore_root, monkeypatch):
+  path, seg = _damaged_checkpoint(objstore_root, monkeypatch)
+  put(f"{path}/{seg}", read(f"{path}/{seg}")[:1000])
   with pytest.raises(OSError) as e:
     flax_ckpt.load(path)
-  assert "truncated" in str(e.value) and segs[2] in str(e.value)
-  delete(victim)
+  assert "truncated" in str(e.value) and seg in str(e.value)
+  assert "load an earlier one" in str(e.value)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: a missing segment is reported as '[Errno None] <ckpt>/<gen>/state: a data file of "
+    "this checkpoint is missing (None)', naming no object: objstore._finish_read raises "
+    "FileNotFoundError(message) without a filename, and pytree_io.load re-raises it with "
+    "e.filename (None) in place of the name"))
+def test_missing_segment_is_a_clear_error(objstore_root, monkeypatch):
+  path, seg = _damaged_checkpoint(objstore_root, monkeypatch)
+  delete(f"{path}/{seg}")
   with pytest.raises(FileNotFoundError) as e:
     flax_ckpt.load(path)
-  assert "missing" in str(e.value) and segs[2] in str(e.value)
+  assert "missing" in str(e.value) and "load an earlier one" in str(e.value)
+  assert seg in str(e.value) and "None" not in str(e.value)
 
 
 # ----------------------------------------------------------------------------- failures
