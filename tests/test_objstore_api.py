@@ -1019,3 +1019,62 @@ def test_manager_with_epath_root_and_async_error(objstore_root):
     assert m.all_steps() == [2]
   assert _steps_present(str(root)) == [2]
   _assert_tree_equal(flax_ckpt.load(root / "2"), _tree(2))
+
+
+# ----------------------------------------------------------------------------- more manager
+
+
+_GCS_NO_PRECONDITIONS = pytest.mark.xfail(
+    strict=True, reason="fake-gcs-server <=1.54 ignores ifGenerationMatch on media uploads, so "
+    "the owner lock's create-only write always succeeds (see test_objstore_servers.py)")
+
+
+@pytest.mark.parametrize(
+    "objstore_root", ["s3", pytest.param("gs", marks=_GCS_NO_PRECONDITIONS)], indirect=True)
+def test_manager_second_writer_is_refused(objstore_root):
+  import os
+  import socket
+
+  root = f"{objstore_root}/locked"
+  with flax_ckpt.CheckpointManager(root, enable_async=False) as m:
+    m.save(1, _tree(1))
+    with pytest.raises(flax_ckpt.CheckpointError) as e:
+      flax_ckpt.CheckpointManager(root, enable_async=False)
+    assert root in str(e.value)
+    assert socket.gethostname() in str(e.value) and str(os.getpid()) in str(e.value)
+    reader = flax_ckpt.CheckpointManager(root, read_only=True)  # readers are welcome
+    assert reader.all_steps() == [1]
+    reader.close()
+    assert m.save(2, _tree(2)) is True
+  with flax_ckpt.CheckpointManager(root, enable_async=False) as m:  # released on close
+    assert m.all_steps() == [1, 2]
+
+
+def test_manager_metrics_best_and_reopen(objstore_root):
+  root = f"{objstore_root}/best"
+  opts = dict(max_to_keep=2, best_fn=lambda m: m["loss"], enable_async=False)
+  with flax_ckpt.CheckpointManager(root, **opts) as m:
+    for s, loss in {0: 3.0, 1: 1.0, 2: 2.0}.items():
+      m.save(s, _tree(s), metrics={"loss": loss})
+    assert m.all_steps() == [1, 2]
+  with flax_ckpt.CheckpointManager(root, **opts) as m:
+    assert m.metrics(1) == {"loss": 1.0}
+    assert m.best_step() == 1
+    m.save(3, _tree(3), metrics={"loss": 5.0})
+    m.save(4, _tree(4), metrics={"loss": 0.5})
+    assert m.all_steps() == [1, 4]
+  assert _steps_present(root) == [1, 4]
+
+
+def test_polling_a_root_that_does_not_exist_yet(objstore_root):
+  root = f"{objstore_root}/not-yet"
+  assert list(flax_ckpt.checkpoints_iterator(root, timeout=0)) == []
+  t0 = time.monotonic()
+  assert flax_ckpt.wait_for_new_checkpoint(root, timeout=0.3, poll_interval_s=0.1) is None
+  assert time.monotonic() - t0 < 5
+
+
+def test_custom_metadata(objstore_root):
+  path = f"{objstore_root}/custom"
+  flax_ckpt.save(path, _tree(1), custom_metadata={"run": "x", "lr": [1e-3, 2], "ü": None})
+  assert flax_ckpt.metadata(path).custom_metadata == {"run": "x", "lr": [1e-3, 2], "ü": None}
