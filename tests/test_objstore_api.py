@@ -158,12 +158,15 @@ def test_save_async_and_path_types(objstore_root, as_epath):
   path = f"{objstore_root}/async/ckpt"
   arg = epath.Path(path) if as_epath else path
   state = _tree(3, n=100_000)
+  state["j"] = jnp.arange(50_000.0)
   resp = flax_ckpt.save_async(arg, state)
   state["a"][:] = -1  # the save holds its own snapshot once save_async returns
+  state["j"].delete()
   assert resp.result() is None
   _assert_committed_layout(path)
   loaded = flax_ckpt.load(arg)
   assert np.all(loaded["a"] == 3) and loaded["b"]["i"] == 3
+  np.testing.assert_array_equal(np.asarray(loaded["j"]), np.arange(50_000.0, dtype=np.float32))
   # the other spelling reaches the same checkpoint; duplicate/trailing slashes do not matter
   other = path if as_epath else epath.Path(path)
   assert flax_ckpt.load(other)["b"]["i"] == 3
@@ -545,6 +548,9 @@ def test_load_uncommitted_prefix(objstore_root):
   # and a save that lands there is not blocked by it
   flax_ckpt.save(path, _tree(5))
   assert flax_ckpt.load(path)["b"]["i"] == 5
+  # a committed checkpoint's generation prefix is not a checkpoint of its own
+  with pytest.raises(flax_ckpt.IncompleteCheckpointError):
+    flax_ckpt.load(f"{path}/{marker(path)['generation']}")
 
 
 def _closed_port(containing=None):
@@ -1078,3 +1084,25 @@ def test_custom_metadata(objstore_root):
   path = f"{objstore_root}/custom"
   flax_ckpt.save(path, _tree(1), custom_metadata={"run": "x", "lr": [1e-3, 2], "ü": None})
   assert flax_ckpt.metadata(path).custom_metadata == {"run": "x", "lr": [1e-3, 2], "ü": None}
+
+
+def test_concurrent_overwriters_leave_one_whole_checkpoint(objstore_root):
+  path = f"{objstore_root}/two-writers"
+  flax_ckpt.save(path, _race_tree(0))
+  errors = []
+
+  def writer(k):
+    try:
+      for i in range(5):
+        flax_ckpt.save(path, _race_tree(k * 100 + i), overwrite=True)
+    except BaseException as e:  # noqa: BLE001 - reported below
+      errors.append(e)
+
+  threads = [threading.Thread(target=writer, args=(k,)) for k in (1, 2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=60)
+  assert errors == []
+  assert _race_values(flax_ckpt.load(path)) in ({104}, {204})
+  assert generations(path) == [marker(path)["generation"]]
