@@ -1106,3 +1106,36 @@ def test_concurrent_overwriters_leave_one_whole_checkpoint(objstore_root):
   assert errors == []
   assert _race_values(flax_ckpt.load(path)) in ({104}, {204})
   assert generations(path) == [marker(path)["generation"]]
+
+
+@pytest.mark.parametrize("value", [
+    "100", str(2 << 30),
+    pytest.param("64KiB", marks=pytest.mark.xfail(strict=True, reason=(
+        "BUG: env.object_bytes() calls int() on the raw value, so a non-integer "
+        "FLAX_CKPT_OBJECT_BYTES fails with 'invalid literal for int() with base 10', "
+        "which names neither the variable nor the allowed range"))),
+])
+def test_bad_object_bytes_setting_is_refused_before_writing(objstore_root, monkeypatch, value):
+  monkeypatch.setenv("FLAX_CKPT_OBJECT_BYTES", value)
+  path = f"{objstore_root}/badenv"
+  with pytest.raises(ValueError, match="FLAX_CKPT_OBJECT_BYTES") as e:
+    flax_ckpt.save(path, _tree(1))
+  assert "4096" in str(e.value)
+  assert keys(path) == []
+
+
+@pytest.mark.parametrize("segment", [4096, 4097, 12345])
+def test_unaligned_segment_sizes_round_trip(objstore_root, monkeypatch, segment):
+  monkeypatch.setenv("FLAX_CKPT_OBJECT_BYTES", str(segment))
+  host = np.random.default_rng(1).standard_normal((64, 50)).astype(np.float32)
+  state = {"a": jax.device_put(host, NamedSharding(_mesh(), P("x", "y"))),
+           "b": np.arange(3001, dtype=np.int8), "c": b"z" * 70_000}
+  path = f"{objstore_root}/unaligned"
+  flax_ckpt.save(path, state)
+  assert all(n <= segment for n in _data_objects(path).values())
+  _assert_tree_equal(flax_ckpt.load(path), state)
+  target = NamedSharding(_mesh((2, 4)), P("y", None))
+  got = flax_ckpt.load(path, {"a": jax.ShapeDtypeStruct((64, 50), jnp.float32, sharding=target)},
+                       partial=True)
+  assert got["a"].sharding == target
+  np.testing.assert_array_equal(np.asarray(got["a"]), host)
