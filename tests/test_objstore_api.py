@@ -246,6 +246,31 @@ def test_overwrite_swaps_generations_and_old_stays_loadable(objstore_root):
   assert flax_ckpt.load(path)["b"]["i"] == 2
 
 
+def test_old_checkpoint_loads_while_the_new_generation_is_uploaded(objstore_root, monkeypatch):
+  """A watcher sees the new generation's segments appear before the marker swap; every load
+  it makes meanwhile gets the old checkpoint (a partial load: quick, to load often)."""
+  monkeypatch.setenv("FLAX_CKPT_OBJECT_BYTES", str(_SEGMENT))
+  path = f"{objstore_root}/ow-window"
+  big = lambda i: {"a": np.full((1 << 21,), i, np.int32), "s": np.full((10,), i), "i": i}  # noqa: E731
+  flax_ckpt.save(path, big(1))
+  old_gen = marker(path)["generation"]
+  resp = flax_ckpt.save_async(path, big(2), overwrite=True)
+  during, before_swap = [], 0
+  while not resp.done():
+    if len(generations(path)) == 2 and marker(path)["generation"] == old_gen:
+      loaded = flax_ckpt.load(path, {"s": np.zeros((10,), int), "i": 0}, partial=True)
+      during.append((loaded["i"], set(np.unique(loaded["s"]).tolist())))
+      # the marker was not swapped during that load: it must have read the old checkpoint
+      if marker(path)["generation"] == old_gen:
+        assert during[-1] == (1, {1})
+        before_swap += 1
+  resp.result()
+  assert before_swap, "the new generation was never seen before the commit"
+  assert all(d in ((1, {1}), (2, {2})) for d in during), during
+  assert generations(path) == [marker(path)["generation"]] != [old_gen]
+  assert flax_ckpt.load(path)["i"] == 2
+
+
 def test_overwrite_failing_save_leaves_old_checkpoint(objstore_root):
   path = f"{objstore_root}/ow-fail"
   flax_ckpt.save(path, _tree(1))
