@@ -1164,3 +1164,24 @@ def test_unaligned_segment_sizes_round_trip(objstore_root, monkeypatch, segment)
                        partial=True)
   assert got["a"].sharding == target
   np.testing.assert_array_equal(np.asarray(got["a"]), host)
+
+
+def test_bucket_deleted_during_a_save(s3_server, s3_root, monkeypatch):
+  """S3 only: on gs:// the same 404 gets no hint (see test_save_to_missing_bucket)."""
+  import boto3
+
+  monkeypatch.setenv("FLAX_CKPT_OBJECT_BYTES", str(_SEGMENT))
+  monkeypatch.setenv("FLAX_CKPT_OBJECT_RETRIES", "1")
+  bucket = s3_root.split("/")[2]
+
+  def drop_bucket():
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1",
+                 aws_access_key_id="testing",
+                 aws_secret_access_key="testing").delete_bucket(Bucket=bucket)
+
+  t0 = time.monotonic()
+  with pytest.raises(flax_ckpt.StorageError, match="the bucket does not exist") as e:
+    flax_ckpt.save_checkpointables(f"{s3_root}/ckpt", {"state": {"a": np.ones(100_000)},
+                                                       "dataset": Counter(0, drop_bucket)})
+  assert bucket in str(e.value)
+  assert time.monotonic() - t0 < 10
