@@ -1,0 +1,310 @@
+"""Crashes on object stores (s3:// on moto, gs:// on fake-gcs-server): ``kill -9`` in the
+middle of a save, the cleanup of the dead saves' generations, and the manager's owner lock.
+
+A save writes ``<ckpt>/flax_ckpt-gen-<time>-<host>-<pid>-<hex>/...`` and commits by writing
+``<ckpt>/_CHECKPOINT`` (naming that generation) last. A child process (tests/_objstore_worker.py)
+saves ~64 MiB in 1 MiB segment objects and is SIGKILLed after its generation appears: no
+partial generation may ever be listed or loaded, and what was committed before must load
+exactly, whatever the moment of the kill.
+"""
+
+import json
+import os
+import queue
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import flax_ckpt
+from flax_ckpt._src.format import GEN_RE
+from flax_ckpt._src.io.storage import objstore
+
+_WORKER = Path(__file__).resolve().parent / "_objstore_worker.py"
+_SEGMENT = 1 << 20
+_LOCK = ".flax_ckpt_owner"
+_MISSING = (flax_ckpt.CheckpointNotFoundError, flax_ckpt.IncompleteCheckpointError)
+
+
+def _import_worker():
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("_flax_ckpt_objstore_worker", _WORKER)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+worker = _import_worker()
+
+
+# --- child processes (the machinery of tests/test_atomic.py) ---------------------------
+
+def _child_env():
+  env = dict(os.environ)  # the AWS_* / STORAGE_EMULATOR_HOST of the server fixtures
+  env["FLAX_CKPT_OBJECT_BYTES"] = str(_SEGMENT)
+  env["FLAX_CKPT_OBJECT_RETRIES"] = "2"
+  return env
+
+
+def _start(args, err_file):
+  proc = subprocess.Popen([sys.executable, str(_WORKER), *map(str, args)],
+                          stdout=subprocess.PIPE, stderr=err_file, stdin=subprocess.DEVNULL,
+                          env=_child_env(), text=True)
+  lines: queue.Queue = queue.Queue()
+
+  def pump():
+    for line in proc.stdout:
+      lines.put(line.rstrip("\n"))
+    lines.put(None)
+
+  proc.pump = threading.Thread(target=pump, daemon=True)
+  proc.pump.start()
+  return proc, lines
+
+
+def _read(p):
+  try:
+    return Path(p).read_text(errors="replace")[-4000:]
+  except OSError:
+    return "<none>"
+
+
+def _wait_line(proc, lines, want, timeout, err_path):
+  deadline = time.monotonic() + timeout
+  while True:
+    left = deadline - time.monotonic()
+    if left <= 0:
+      pytest.fail(f"child did not print {want!r} within {timeout}s; stderr:\n{_read(err_path)}")
+    try:
+      line = lines.get(timeout=left)
+    except queue.Empty:
+      continue
+    if line is None:
+      pytest.fail(f"child exited (rc={proc.wait()}) before printing {want!r}; stderr:\n"
+                  f"{_read(err_path)}")
+    if line == want:
+      return
+
+
+def _kill(proc):
+  """SIGKILLs the child if still running and reaps it (a zombie's pid still looks alive)."""
+  if proc.poll() is None:
+    os.kill(proc.pid, signal.SIGKILL)
+  proc.wait(timeout=30)
+  proc.pump.join(timeout=30)
+  proc.stdout.close()
+
+
+# --- the object-store layout -----------------------------------------------------------
+
+def _gens(path):
+  """The generation prefixes directly under ``path``."""
+  return sorted({k.split("/", 1)[0] for k in objstore.list_keys(path)
+                 if GEN_RE.fullmatch(k.split("/", 1)[0])})
+
+
+def _marker(path):
+  got = objstore.read_versioned(f"{path}/_CHECKPOINT")
+  return None if got is None else json.loads(got[0])
+
+
+def _of_pid(gens, pid):
+  return [g for g in gens if int(GEN_RE.fullmatch(g).group(3)) == pid]
+
+
+def _kill_mid_save(args, watch, delay, err_path):
+  """Runs a saving child, SIGKILLs it ``delay`` s after its generation shows up under
+  ``watch``; returns (pid, return code, whether its generation was seen before the kill)."""
+  with open(err_path, "w") as err:
+    proc, lines = _start(args, err)
+    try:
+      _wait_line(proc, lines, "SAVING", 120, err_path)
+      deadline = time.monotonic() + 30
+      seen = False
+      while proc.poll() is None and time.monotonic() < deadline:
+        if _of_pid(_gens(watch), proc.pid):
+          seen = True
+          break
+        time.sleep(0.005)
+      time.sleep(delay)
+      if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+      rc = proc.wait(timeout=30)
+    finally:
+      _kill(proc)
+  if rc not in (0, -signal.SIGKILL):
+    pytest.fail(f"the saving child failed (rc={rc}); stderr:\n{_read(err_path)}")
+  return proc.pid, rc, seen
+
+
+def _small(tag, n=8):
+  return {"w": np.arange(n * 16, dtype=np.float32).reshape(n, 16) + len(tag), "tag": tag}
+
+
+def _assert_tree_equal(got, want):
+  assert set(got) == set(want), (sorted(got), sorted(want))
+  for k, v in want.items():
+    if isinstance(v, np.ndarray):
+      g = np.asarray(got[k])
+      assert g.dtype == v.dtype and g.shape == v.shape, k
+      assert np.array_equal(g, v), k
+    else:
+      assert got[k] == v, k
+
+
+def _assert_not_loadable(path):
+  with pytest.raises(_MISSING):
+    flax_ckpt.load(path)
+  with pytest.raises(_MISSING):
+    flax_ckpt.metadata(path)
+
+
+def _committed_steps(run):
+  with flax_ckpt.CheckpointManager(run, read_only=True) as m:
+    steps = m.all_steps()
+  assert list(flax_ckpt.checkpoints_iterator(run, timeout=0)) == steps
+  return steps
+
+
+# --- A1 + A2: repeated kills mid-save, then the cleanup -------------------------------
+
+@pytest.mark.slow
+def test_sigkill_mid_save_never_exposes_a_partial_checkpoint(objstore_root, tmp_path):
+  root = objstore_root
+  ckpt, run = f"{root}/ckpt", f"{root}/run"
+  want_ckpt = _small("earlier")
+  flax_ckpt.save(ckpt, want_ckpt)
+  with flax_ckpt.CheckpointManager(run, enable_async=False) as m:
+    m.save(1, _small("step1"), force=True)
+  want_steps = {1: _small("step1")}
+
+  rng = random.Random(1234)
+  delay = rng.uniform(0.0, 0.25)
+  outcomes = []
+  for i in range(5):
+    seed = 100 + i
+    if i % 2 == 0:  # overwrite a committed checkpoint
+      args, watch = ["save", ckpt, "1", seed], ckpt
+    else:  # a new step in a manager's directory (the last child's lock is a dead pid's)
+      args, watch = ["manager", run, 10 + i, seed], f"{run}/{10 + i}"
+    pid, rc, seen = _kill_mid_save(args, watch, delay, tmp_path / f"child{i}.err")
+    assert seen, "the child's generation never appeared before it exited"
+    marker = _marker(watch)
+    committed = marker is not None and _of_pid([marker["generation"]], pid) != []
+    child_gens = _of_pid(_gens(watch), pid)
+    outcomes.append((args[0], round(delay, 3), rc, "committed" if committed else "torn"))
+
+    if args[0] == "save":
+      if committed:
+        want_ckpt = worker.big_tree(seed)
+      assert marker is not None and marker["version"] == 2
+      _assert_tree_equal(flax_ckpt.load(ckpt), want_ckpt)
+    else:
+      if committed:
+        want_steps[10 + i] = worker.big_tree(seed)
+        _assert_tree_equal(flax_ckpt.load(watch), want_steps[10 + i])
+      else:
+        _assert_not_loadable(watch)
+      assert _committed_steps(run) == sorted(want_steps)
+      _assert_tree_equal(flax_ckpt.load(f"{run}/1"), want_steps[1])
+    if not committed:
+      assert child_gens, "a torn save must have left its generation (it was seen)"
+      for g in child_gens:  # a generation prefix on its own is never a checkpoint
+        with pytest.raises(flax_ckpt.IncompleteCheckpointError):
+          flax_ckpt.load(f"{watch}/{g}")
+    # a kill after the commit, or the next save, may leave the dead child's generation; it
+    # is never the one the marker names unless the commit happened
+    delay = delay / 3 if committed else rng.uniform(0.0, 0.25)
+
+  torn = [o for o in outcomes if o[3] == "torn"]
+  print("OUTCOMES", outcomes)
+  assert len(torn) >= 2, f"too few kills landed in the middle of a save: {outcomes}"
+
+  # A2: a plain save to the same path removes the dead children's generations; the marker
+  # names the new one, which is then the only generation there
+  leftovers = [g for g in _gens(ckpt) if g != _marker(ckpt)["generation"]]
+  assert leftovers, f"expected leftovers of the killed saves under {ckpt}: {outcomes}"
+  newest = _small("newest")
+  flax_ckpt.save(ckpt, newest, overwrite=True)
+  assert _gens(ckpt) == [_marker(ckpt)["generation"]]
+  _assert_tree_equal(flax_ckpt.load(ckpt), newest)
+
+  # ... and opening a manager removes every generation no marker names, keeping each
+  # committed step intact (the dead child's lock is taken over at once: its pid is gone)
+  torn_steps = [f"{run}/{10 + i}" for i in range(1, 5, 2) if 10 + i not in want_steps]
+  assert any(_gens(p) for p in torn_steps) or not torn_steps
+  with flax_ckpt.CheckpointManager(run, enable_async=False) as m:
+    assert m.all_steps() == sorted(want_steps)
+    for p in torn_steps:
+      assert objstore.list_keys(p) == [], p
+    for s in want_steps:
+      assert _gens(f"{run}/{s}") == [_marker(f"{run}/{s}")["generation"]]
+    _assert_tree_equal(m.restore(1), want_steps[1])
+    last = max(want_steps)
+    _assert_tree_equal(flax_ckpt.load(f"{run}/{last}"), want_steps[last])
+  assert objstore.read_versioned(f"{run}/{_LOCK}") is None  # released on close
+
+
+# --- A2 without a kill: which leftovers a save and a manager remove --------------------
+
+def _fake_generation(path, t, host, pid):
+  gen = f"flax_ckpt-gen-{int(t)}-{host}-{pid}-{os.urandom(4).hex()}"
+  objstore.write(f"{path}/{gen}/state/data.p0.bin.0", b"x" * 100)
+  objstore.write(f"{path}/{gen}/state/_TREE.json", b"{}")
+  return gen
+
+
+def _dead_pid():
+  p = subprocess.Popen([sys.executable, "-c", "pass"])
+  p.wait()
+  return p.pid
+
+
+def test_cleanup_removes_only_dead_saves_and_never_a_committed_one(objstore_root, tmp_path):
+  from flax_ckpt._src.io.storage.objcommit import _host
+
+  root = objstore_root
+  ckpt = f"{root}/ckpt"
+  host, now = _host(), time.time()
+  with open(tmp_path / "sleeper.err", "w") as err:
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                               stderr=err)
+  try:
+    dead = _fake_generation(ckpt, now, host, _dead_pid())
+    live = _fake_generation(ckpt, now, host, sleeper.pid)
+    other_host = _fake_generation(ckpt, now, f"not-{host}", 1)
+    ancient = _fake_generation(ckpt, now - 7 * 3600, f"not-{host}", 1)
+    _assert_not_loadable(ckpt)  # generations without a marker
+    # a plain (not overwrite) save to a path holding only leftovers
+    flax_ckpt.save(ckpt, _small("first"))
+    current = _marker(ckpt)["generation"]
+    assert _gens(ckpt) == sorted([current, live, other_host])
+    assert dead not in _gens(ckpt) and ancient not in _gens(ckpt)
+    _assert_tree_equal(flax_ckpt.load(ckpt), _small("first"))
+
+    # a manager's open removes every generation no marker names (it owns the directory),
+    # in every entry of its directory, and keeps what markers name
+    run = f"{root}/run"
+    with flax_ckpt.CheckpointManager(run, enable_async=False) as m:
+      m.save(3, _small("three"), force=True)
+    committed3 = _marker(f"{run}/3")["generation"]
+    stray3 = _fake_generation(f"{run}/3", now, f"not-{host}", 1)
+    stray_live = _fake_generation(f"{run}/3", now, host, sleeper.pid)
+    torn5 = _fake_generation(f"{run}/5", now, host, sleeper.pid)
+    del stray3, stray_live, torn5
+    assert len(_gens(f"{run}/3")) == 3
+    with flax_ckpt.CheckpointManager(run, enable_async=False) as m:
+      assert m.all_steps() == [3]
+      assert _gens(f"{run}/3") == [committed3]
+      assert objstore.list_keys(f"{run}/5") == []
+      _assert_tree_equal(m.restore(3), _small("three"))
+  finally:
+    sleeper.kill()
+    sleeper.wait()
