@@ -13,6 +13,7 @@ import os
 import queue
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -319,3 +320,98 @@ def test_cleanup_removes_only_dead_saves_and_never_a_committed_one(objstore_root
   finally:
     sleeper.kill()
     sleeper.wait()
+
+
+# --- A3: the manager's owner lock on an object store ----------------------------------
+
+def _lock_owner(run):
+  got = objstore.read_versioned(f"{run}/{_LOCK}")
+  return None if got is None else json.loads(got[0])
+
+
+def _hold(run, stale_after_s, err_path):
+  """A child process holding ``run``'s owner lock (heartbeat every stale_after_s / 4)."""
+  err = open(err_path, "w")  # noqa: SIM115 - closed by the caller's _release
+  proc, lines = _start(["hold", run, stale_after_s], err)
+  proc.err = err
+  _wait_line(proc, lines, "HELD", 120, err_path)
+  return proc
+
+
+def _release(proc):
+  if proc.poll() is None:
+    os.kill(proc.pid, signal.SIGKILL)  # also ends a stopped process
+  _kill(proc)
+  proc.err.close()
+
+
+@pytest.mark.slow
+def test_owner_lock_refuses_a_second_manager_and_is_taken_over_when_stale(s3_root, tmp_path):
+  run = f"{s3_root}/run"
+  # in this process: a second writing manager on the same directory is refused
+  with flax_ckpt.CheckpointManager(run, enable_async=False) as m:
+    assert _lock_owner(run)["pid"] == os.getpid()
+    with pytest.raises(flax_ckpt.CheckpointError, match="already managed by another open "
+                       "CheckpointManager in this process"):
+      flax_ckpt.CheckpointManager(run)
+    m.save(1, _small("one"), force=True)
+  assert _lock_owner(run) is None
+
+  # in another process (alive, refreshing its heartbeat): refused with who holds it
+  holder = _hold(run, 1.0, tmp_path / "holder.err")
+  try:
+    assert _lock_owner(run)["pid"] == holder.pid
+    with pytest.raises(flax_ckpt.CheckpointError,
+                       match=rf"in use by another CheckpointManager \(host .*pid {holder.pid}"):
+      flax_ckpt.CheckpointManager(run, lock_stale_after_s=1.0)
+    time.sleep(1.5)  # longer than stale_after_s: the heartbeat keeps the lock fresh
+    with pytest.raises(flax_ckpt.CheckpointError, match="in use by another CheckpointManager"):
+      flax_ckpt.CheckpointManager(run, lock_stale_after_s=1.0)
+    with flax_ckpt.CheckpointManager(run, read_only=True) as ro:  # readers need no lock
+      assert ro.all_steps() == [1]
+    # the owner hangs (its pid stays alive, its heartbeat stops): taken over once stale
+    os.kill(holder.pid, signal.SIGSTOP)
+    time.sleep(0.3)
+    stopped_at = time.time()
+    beat = _lock_owner(run)["beat"]
+    while time.time() - beat <= 1.0:
+      with pytest.raises(flax_ckpt.CheckpointError, match="in use by another"):
+        flax_ckpt.CheckpointManager(run, lock_stale_after_s=1.0)
+      time.sleep(0.2)
+    time.sleep(0.1)
+    with flax_ckpt.CheckpointManager(run, enable_async=False, lock_stale_after_s=1.0) as m:
+      assert _lock_owner(run)["pid"] == os.getpid()
+      assert time.time() - stopped_at < 10
+      m.save(2, _small("two"), force=True)
+      assert m.all_steps() == [1, 2]
+  finally:
+    _release(holder)
+  assert _lock_owner(run) is None
+
+  # an owner SIGKILLed on this host: its pid is gone, so the lock goes at once, even with
+  # the default lock_stale_after_s (600 s)
+  holder = _hold(run, 600.0, tmp_path / "holder2.err")
+  _release(holder)
+  assert _lock_owner(run)["pid"] == holder.pid
+  t = time.monotonic()
+  with flax_ckpt.CheckpointManager(run, enable_async=False) as m:
+    assert time.monotonic() - t < 10
+    assert _lock_owner(run)["pid"] == os.getpid()
+    assert m.all_steps() == [1, 2]
+    _assert_tree_equal(m.restore(2), _small("two"))
+  assert _lock_owner(run) is None
+
+
+def test_lock_of_a_dead_owner_on_another_host_goes_after_lock_stale_after_s(s3_root):
+  run = f"{s3_root}/run"
+  other = {"host": f"not-{socket.gethostname()}", "pid": 1, "since": time.time(),
+           "beat": time.time()}
+  assert objstore.write(f"{run}/{_LOCK}", json.dumps(other).encode(),
+                        if_generation=objstore.missing_generation()) is not None
+  with pytest.raises(flax_ckpt.CheckpointError, match=f"host {other['host']}, pid 1"):
+    flax_ckpt.CheckpointManager(run, lock_stale_after_s=1.0)
+  time.sleep(1.2)
+  with flax_ckpt.CheckpointManager(run, enable_async=False, lock_stale_after_s=1.0) as m:
+    assert _lock_owner(run)["pid"] == os.getpid()
+    m.save(1, _small("one"), force=True)
+  assert _lock_owner(run) is None
