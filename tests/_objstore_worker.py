@@ -3,6 +3,8 @@
   python tests/_objstore_worker.py save PATH OVERWRITE SEED       (prints SAVING, SAVED)
   python tests/_objstore_worker.py manager ROOT STEP SEED         (prints SAVING, SAVED)
   python tests/_objstore_worker.py hold ROOT STALE_AFTER_S        (prints HELD, then sleeps)
+  python tests/_objstore_worker.py hold_then_save ROOT STALE_AFTER_S STEP
+                                   (prints HELD; after a line on stdin, SAVED or REFUSED ...)
   python tests/_objstore_worker.py mp PORT NPROC PID NDEV SCENARIO PATH
 
 The object store's configuration (AWS_* / STORAGE_EMULATOR_HOST, FLAX_CKPT_OBJECT_BYTES) comes
@@ -57,6 +59,22 @@ def _crash_child(mode: str) -> None:
     print("HELD", flush=True)
     time.sleep(300)
     mngr.close()
+  elif mode == "hold_then_save":  # holds ROOT; on a line on stdin, saves step STEP
+    root, stale, step = sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+    mngr = flax_ckpt.CheckpointManager(root, lock_stale_after_s=stale, enable_async=False,
+                                       max_to_keep=1)
+    print("HELD", flush=True)
+    sys.stdin.readline()
+    try:
+      mngr.save(step, {"w": np.full(4, step, np.float32)}, force=True)
+      print("SAVED", flush=True)
+    except Exception as e:  # noqa: BLE001 - reported to the test
+      print(f"REFUSED {type(e).__name__}: {e}".replace("\n", " "), flush=True)
+    try:
+      mngr.close()
+    except Exception:  # noqa: BLE001
+      pass
+    print("CLOSED", flush=True)
   else:
     raise SystemExit(f"unknown mode {mode}")
 
