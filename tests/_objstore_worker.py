@@ -14,6 +14,7 @@ from the environment the test sets. ``mp`` runs one process of a jax.distributed
 
 import json
 import os
+import signal
 import sys
 import time
 
@@ -97,15 +98,45 @@ def _mp() -> None:
   from flax_ckpt._src.io import storage
 
   host = host_data()
-  if scenario == "save":  # 2 processes x 2 devices: w sharded over all 4 devices
+
+  def saved_tree():  # 2 processes x 2 devices: w sharded over all 4 devices
     mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 2), ("x", "y"))
     w = jax.make_array_from_callback(SHAPE_W, NamedSharding(mesh, P("x", "y")),
                                      lambda i: host["w"][i])
     b = jax.make_array_from_callback(SHAPE_B, NamedSharding(mesh, P()), lambda i: host["b"][i])
     scale = jax.make_array_from_callback((), NamedSharding(mesh, P()),
                                          lambda i: np.asarray(host["scale"]))
-    flax_ckpt.save(path, {"w": w, "b": b, "scale": scale, "step": 7}, barrier_timeout_s=60)
+    return {"w": w, "b": b, "scale": scale, "step": 7}
+
+  if scenario == "save":
+    flax_ckpt.save(path, saved_tree(), barrier_timeout_s=60)
     result(saved=True)
+  elif scenario == "die":  # process 1 is SIGKILLed while its segments upload
+    tree = saved_tree()
+    t = time.time()
+    if pid == 1:
+      from flax_ckpt._src.io.storage import objstore
+
+      flax_ckpt.save_async(path, tree, barrier_timeout_s=8)
+      deadline = time.time() + 20
+      while time.time() < deadline:  # die once some of its own segments are stored
+        if any("/data.p1.bin." in k for k in objstore.list_keys(path)):
+          print("P1_UPLOADED", flush=True)
+          break
+        time.sleep(0.01)
+      os.kill(os.getpid(), signal.SIGKILL)
+    try:
+      flax_ckpt.save(path, tree, barrier_timeout_s=8)
+    except Exception as e:  # noqa: BLE001 - reported to the test
+      from flax_ckpt._src.io.storage import objstore
+
+      result(raised=type(e).__name__, message=str(e)[:300], seconds=time.time() - t,
+             keys=objstore.list_keys(path))
+      sys.stdout.flush()
+      os._exit(0)  # do not wait for the dead peer at shutdown
+    result(raised=None)
+    sys.stdout.flush()
+    os._exit(1)
   elif scenario == "load":  # 4 processes x 2 devices: w's rows over 4 processes
     mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("x", "y"))
     target = NamedSharding(mesh, P("x", None))

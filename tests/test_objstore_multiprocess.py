@@ -109,3 +109,16 @@ def test_two_processes_save_four_restore_their_share(s3_root):
     assert r["share_w"] <= r["read"] <= r["share_w"] + r["other"] + 8192, (r, out)
     rows.append(r["rows"])
   assert sorted(rows) == [[[r, r + 128]] for r in (0, 128, 256, 384)]
+
+
+def test_a_process_killed_mid_save_commits_nothing_and_leaves_nothing(s3_root):
+  path = f"{s3_root}/ckpt"
+  (rc0, r0, out0), (rc1, _, out1) = _run_job(2, 2, "die", path, timeout=90)
+  assert rc1 == -9 and "P1_UPLOADED" in out1, out1  # killed with its segments stored
+  assert rc0 == 0 and r0, out0
+  assert r0["raised"] == "CheckpointError", out0
+  assert r0["seconds"] < 40, r0
+  assert objstore.read_versioned(f"{path}/_CHECKPOINT") is None
+  assert objstore.list_keys(path) == [], r0  # process 0 removed the whole generation
+  with pytest.raises(flax_ckpt.CheckpointNotFoundError):
+    flax_ckpt.load(path)
