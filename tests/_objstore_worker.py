@@ -49,9 +49,10 @@ def _crash_child(mode: str) -> None:
   elif mode == "manager":
     root, step, seed = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     tree = big_tree(seed)
-    mngr = flax_ckpt.CheckpointManager(root, enable_async=False)
+    mngr = flax_ckpt.CheckpointManager(root)  # an async save, as in training
     print("SAVING", flush=True)
     mngr.save(step, tree, force=True)
+    mngr.wait_until_finished()
     print("SAVED", flush=True)
     mngr.close()
   elif mode == "hold":
