@@ -2,6 +2,7 @@
 
   python tests/_objstore_worker.py save PATH OVERWRITE SEED       (prints SAVING, SAVED)
   python tests/_objstore_worker.py manager ROOT STEP SEED         (prints SAVING, SAVED)
+  python tests/_objstore_worker.py overwrite_loop PATH N          (prints DONE)
   python tests/_objstore_worker.py hold ROOT STALE_AFTER_S        (prints HELD, then sleeps)
   python tests/_objstore_worker.py hold_then_save ROOT STALE_AFTER_S STEP
                                    (prints HELD; after a line on stdin, SAVED or REFUSED ...)
@@ -24,9 +25,9 @@ BIG_ELEMS = 16 << 20  # 64 MiB of uint32
 SHAPE_W, SHAPE_B = (512, 1024), (32, 16)
 
 
-def big_tree(seed: int) -> dict:
+def big_tree(seed: int, n: int = BIG_ELEMS) -> dict:
   """~64 MiB, cheap to rebuild in the parent for an exact comparison."""
-  x = np.arange(BIG_ELEMS, dtype=np.uint32) * np.uint32(2654435761) + np.uint32(seed)
+  x = np.arange(n, dtype=np.uint32) * np.uint32(2654435761) + np.uint32(seed)
   return {"big": x, "seed": seed, "tag": f"big{seed}"}
 
 
@@ -55,6 +56,11 @@ def _crash_child(mode: str) -> None:
     mngr.wait_until_finished()
     print("SAVED", flush=True)
     mngr.close()
+  elif mode == "overwrite_loop":  # overwrites PATH with seeds 1..N (16 MiB each)
+    path, n = sys.argv[2], int(sys.argv[3])
+    for seed in range(1, n + 1):
+      flax_ckpt.save(path, big_tree(seed, BIG_ELEMS // 4), overwrite=True)
+    print("DONE", flush=True)
   elif mode == "hold":
     root, stale = sys.argv[2], float(sys.argv[3])
     mngr = flax_ckpt.CheckpointManager(root, lock_stale_after_s=stale)

@@ -264,6 +264,30 @@ def test_sigkill_mid_save_never_exposes_a_partial_checkpoint(objstore_root, tmp_
   assert objstore.read_versioned(f"{run}/{_LOCK}") is None  # released on close
 
 
+@pytest.mark.slow
+def test_loads_during_overwrites_by_another_process_are_never_torn(objstore_root, tmp_path):
+  """A reader holding the old marker notices the swap (the old generation goes right after
+  it) and reads again: every load gives one whole committed tree."""
+  path = f"{objstore_root}/ckpt"
+  n = worker.BIG_ELEMS // 4
+  flax_ckpt.save(path, worker.big_tree(0, n))
+  err_path = tmp_path / "writer.err"
+  seen = set()
+  with open(err_path, "w") as err:
+    proc, lines = _start(["overwrite_loop", path, 12], err)
+    try:
+      while proc.poll() is None:
+        got = flax_ckpt.load(path)
+        _assert_tree_equal(got, worker.big_tree(got["seed"], n))
+        seen.add(got["seed"])
+      _wait_line(proc, lines, "DONE", 30, err_path)
+    finally:
+      _kill(proc)
+  assert len(seen) >= 2, seen
+  _assert_tree_equal(flax_ckpt.load(path), worker.big_tree(12, n))
+  assert _gens(path) == [_marker(path)["generation"]]
+
+
 # --- A2 without a kill: which leftovers a save and a manager remove --------------------
 
 def _fake_generation(path, t, host, pid):
