@@ -336,6 +336,8 @@ def test_cleanup_removes_only_dead_saves_and_never_a_committed_one(objstore_root
     torn5 = _fake_generation(f"{run}/5", now, host, sleeper.pid)
     del stray3, stray_live, torn5
     assert len(_gens(f"{run}/3")) == 3
+    assert list(flax_ckpt.checkpoints_iterator(run, timeout=0)) == [3]  # not 5
+    _assert_not_loadable(f"{run}/5")
     with flax_ckpt.CheckpointManager(run, enable_async=False) as m:
       assert m.all_steps() == [3]
       assert _gens(f"{run}/3") == [committed3]
