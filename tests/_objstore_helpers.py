@@ -49,7 +49,8 @@ def keys(url: str) -> list[str]:
   kv, key = _split(url)
   prefix = f"{key}/" if key else ""
   end = prefix[:-1] + chr(ord(prefix[-1]) + 1) if prefix else ""
-  got = kv.list(ts.KvStore.KeyRange(prefix, end), strip_prefix_length=len(prefix)).result()
+  got = kv.list(ts.KvStore.KeyRange(prefix, end),
+                strip_prefix_length=len(prefix.encode())).result()  # bytes, not characters
   return sorted(k.decode() for k in got)
 
 

@@ -527,12 +527,6 @@ def _missing_bucket_url(objstore_root):
   return f"{scheme}://{objstore_servers.new_bucket_name()}"
 
 
-@pytest.mark.parametrize("objstore_root", ["s3", pytest.param("gs", marks=pytest.mark.xfail(
-    strict=True, reason=(
-        "BUG: on gs:// tensorstore reads a missing bucket's objects and listings as empty, "
-        "so ObjectStoreBackend.check_destination's list does not catch a missing bucket as "
-        "it says; the save runs on until its first write, whose 404 gets no hint ('see the "
-        "store's message')")))], indirect=True)
 def test_save_to_missing_bucket(objstore_root):
   bucket_url = _missing_bucket_url(objstore_root)
   bucket = bucket_url.split("://", 1)[1]
@@ -599,12 +593,8 @@ def _closed_port(containing=None):
 
 @pytest.mark.parametrize("port_text", [
     None,
-    pytest.param("401", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: cloud.storage_error picks its hint by substring, and '401' (a credentials "
-        "hint) is tested before 'Could not connect'; a closed endpoint whose port holds 401 "
-        "(e.g. 40145) is reported as 'no valid credentials'"))),
-    pytest.param("403", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: as for 401: a port holding '403' is reported as 'permission denied'"))),
+    "401",
+    "403",
 ])
 def test_unreachable_s3_endpoint_fails_fast(s3_root, monkeypatch, port_text):
   port = _closed_port(port_text)
@@ -734,12 +724,6 @@ def test_s3_permission_denied(auth_s3, auth_ckpt, monkeypatch):
   assert _auth_objects(auth_s3, auth_ckpt) == before
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: objstore.open_store opens every kvstore in one shared tensorstore Context; "
-    "tensorstore caches the s3 driver (and the credentials it read) per spec in that "
-    "context, and the spec holds no credentials, so keys changed in the environment "
-    "(rotated AWS_SESSION_TOKEN, other keys) are never used, although spec_key re-opens "
-    "the store for them"))
 def test_s3_credentials_changed_in_the_environment_are_used(auth_s3, auth_ckpt, monkeypatch):
   _use_keys(monkeypatch, auth_s3, auth_s3.admin_keys)
   _assert_tree_equal(flax_ckpt.load(auth_ckpt), _tree(1))
@@ -859,14 +843,9 @@ def test_save_deletes_only_provably_dead_generations(objstore_root):
   assert generations(path) == sorted([marker(path)["generation"], live_elsewhere])
 
 
-_NON_ASCII_BUG = pytest.mark.xfail(strict=True, reason=(
-    "BUG: objstore.list_keys passes strip_prefix_length=len(prefix), a count of characters, "
-    "but tensorstore strips bytes: under a prefix with non-ASCII characters every listed key "
-    "keeps the prefix's last bytes, so a load finds no _CHUNKS.p*.json (FormatError 'the "
-    "checkpoint is damaged') and a CheckpointManager finds no steps"))
 
 
-@pytest.mark.parametrize("name", ["my run/ckpt+1", pytest.param("ünï cödé/α", marks=_NON_ASCII_BUG),
+@pytest.mark.parametrize("name", ["my run/ckpt+1", "ünï cödé/α",
                                   "100%/a=b&c", "semi;colon/x~y", "q?s/h#sh"])
 def test_odd_but_valid_key_names(objstore_root, name):
   path = f"{objstore_root}/{name}"
@@ -903,7 +882,6 @@ def test_manager_at_bucket_root_and_step_names_sharing_a_prefix(objstore_root):
     _assert_committed_layout(f"{bucket}/{step}")
 
 
-@_NON_ASCII_BUG
 def test_manager_under_a_non_ascii_root(objstore_root):
   root = f"{objstore_root}/läufe"
   with flax_ckpt.CheckpointManager(root, enable_async=False) as m:
@@ -980,11 +958,6 @@ def test_truncated_segment_is_a_clear_error(objstore_root, monkeypatch):
   assert "load an earlier one" in str(e.value)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a missing segment is reported as '[Errno None] <ckpt>/<gen>/state: a data file of "
-    "this checkpoint is missing (None)', naming no object: objstore._finish_read raises "
-    "FileNotFoundError(message) without a filename, and pytree_io.load re-raises it with "
-    "e.filename (None) in place of the name"))
 def test_missing_segment_is_a_clear_error(objstore_root, monkeypatch):
   path, seg = _damaged_checkpoint(objstore_root, monkeypatch)
   delete(f"{path}/{seg}")
@@ -1134,10 +1107,7 @@ def test_concurrent_overwriters_leave_one_whole_checkpoint(objstore_root):
 
 @pytest.mark.parametrize("value", [
     "100", str(2 << 30),
-    pytest.param("64KiB", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: env.object_bytes() calls int() on the raw value, so a non-integer "
-        "FLAX_CKPT_OBJECT_BYTES fails with 'invalid literal for int() with base 10', "
-        "which names neither the variable nor the allowed range"))),
+    "64KiB",
 ])
 def test_bad_object_bytes_setting_is_refused_before_writing(objstore_root, monkeypatch, value):
   monkeypatch.setenv("FLAX_CKPT_OBJECT_BYTES", value)

@@ -454,12 +454,6 @@ def _next_line(proc, lines, timeout, err_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a CheckpointManager whose owner lock was taken over (its heartbeat went stale, "
-    "e.g. the process was paused) keeps saving into the directory and applies its retention "
-    "there, deleting a checkpoint the new owner lists: DirectoryLock.touch() swallows the "
-    "failed compare-and-swap (sets _version=None) and nothing checks ownership before a "
-    "save or a deletion"))
 def test_a_manager_that_lost_its_lock_does_not_write_anymore(s3_root, tmp_path):
   run = f"{s3_root}/run"
   with flax_ckpt.CheckpointManager(run, enable_async=False) as m:
@@ -518,11 +512,6 @@ def test_two_processes_racing_to_create_one_checkpoint(s3_root, tmp_path):
   _assert_tree_equal(flax_ckpt.load(path), worker.big_tree(200 + 1 - loser))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: opening a CheckpointManager keeps an unnamed generation in a step whose marker "
-    "names no generation (a version-1 marker, e.g. a local checkpoint copied to the bucket): "
-    "ObjectStoreBackend.cleanup_leftovers skips every entry with a marker and at most one "
-    "generation, assuming that generation is the one the marker names"))
 def test_manager_open_removes_a_generation_next_to_a_copied_checkpoint(s3_root, tmp_path):
   local = tmp_path / "c"
   flax_ckpt.save(local, _small("copied"))

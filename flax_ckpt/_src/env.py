@@ -72,7 +72,12 @@ def staging_bytes() -> int:
 
 def object_bytes() -> int:
   """``$FLAX_CKPT_OBJECT_BYTES`` (4 KiB to 1 GiB), else 128 MiB; ValueError outside."""
-  n = int(os.environ.get(OBJECT_BYTES, DEFAULT_OBJECT_BYTES))
+  raw = os.environ.get(OBJECT_BYTES, str(DEFAULT_OBJECT_BYTES))
+  try:
+    n = int(raw)
+  except ValueError:
+    raise ValueError(f"{OBJECT_BYTES}={raw!r} is not a number of bytes; use an int from 4096 "
+                     f"to {MAX_OBJECT_BYTES}") from None
   if not 4096 <= n <= MAX_OBJECT_BYTES:
     raise ValueError(f"{OBJECT_BYTES}={n}: use a size from 4096 to {MAX_OBJECT_BYTES} bytes")
   return n
@@ -80,4 +85,9 @@ def object_bytes() -> int:
 
 def object_retries() -> int:
   """``$FLAX_CKPT_OBJECT_RETRIES`` (0 or more), else 10."""
-  return max(0, int(os.environ.get(OBJECT_RETRIES, DEFAULT_OBJECT_RETRIES)))
+  raw = os.environ.get(OBJECT_RETRIES, str(DEFAULT_OBJECT_RETRIES))
+  try:
+    return max(0, int(raw))
+  except ValueError:
+    raise ValueError(f"{OBJECT_RETRIES}={raw!r} is not an int (retries of one request)"
+                     ) from None

@@ -132,6 +132,24 @@ class DirectoryLock:
     except OSError:
       pass  # a transient storage error: the next beat tries again
 
+  def ensure_held(self) -> None:
+    """Raises CheckpointError unless this process still owns the lock (checked now, in
+    the storage), and refreshes the heartbeat. A manager that was paused for longer than
+    ``stale_after_s`` may have been replaced by another job: it must not write or delete
+    anything there any more."""
+    found = self._owner() if self._version is not None else None
+    mine = found is not None and all(found[0].get(k) == v for k, v in self._me.items())
+    if not mine:
+      self._version = None
+      who = ("nobody holds it now" if found is None else
+             f"host {found[0].get('host')}, pid {found[0].get('pid')} holds it now")
+      raise errors.CheckpointError(
+          f"{os.path.dirname(self.path)}: this CheckpointManager lost its owner lock "
+          f"({who}; its heartbeat was older than lock_stale_after_s={self.stale_after_s} "
+          "s, e.g. the process was paused, so another job took the directory over). "
+          "Nothing was saved or deleted; close this manager.")
+    self.touch()
+
   def release(self) -> None:
     self._stop.set()
     if self._thread is not None:

@@ -278,8 +278,7 @@ class CheckpointManager:
     policies run once it is committed."""
     with self._save_lock:
       self.wait_until_finished()  # at most one save in flight
-      if self._dir_lock is not None:
-        self._dir_lock.touch()
+      self._ensure_owner()
       record = {"step": info.step, "time": info.time, "metrics": stored_metrics}
       final, finish = step_io.start_save(
           self._step_path(info.step), parts, record, custom_metadata=custom_metadata,
@@ -309,6 +308,7 @@ class CheckpointManager:
     doomed = sorted(i.step for i in infos if i.step not in keep)
     for s in doomed:
       if self._primary:
+        self._ensure_owner()
         step_dirs.remove(self._step_path(s))
       with self._lock:
         self._infos.pop(s, None)
@@ -332,9 +332,15 @@ class CheckpointManager:
     self._check_writable()
     self.wait_until_finished()
     if self._primary:
+      self._ensure_owner()
       step_dirs.remove(self._step_path(step))
     with self._lock:
       self._infos.pop(step, None)
+
+  def _ensure_owner(self) -> None:
+    """Raises unless this manager still holds its directory's owner lock."""
+    if self._dir_lock is not None:
+      self._dir_lock.ensure_held()
 
   # --- restoring ---------------------------------------------------------------------
 

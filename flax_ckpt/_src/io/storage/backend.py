@@ -237,8 +237,10 @@ class PosixBackend:
     return self.create_exclusive(path, data)
 
   def heartbeat(self, path: str, data: bytes, version: Any) -> Any:
-    del data, version  # the modification time is the heartbeat
+    del data  # the modification time is the heartbeat
     try:
+      if os.stat(path).st_ino != version[0]:
+        return None  # replaced by a taker: not ours any more
       os.utime(path)
       st = os.stat(path)
     except FileNotFoundError:

@@ -25,7 +25,14 @@ import time
 from typing import Any
 
 from flax_ckpt._src import env, errors
-from flax_ckpt._src.format import COMMIT_MARKER, GEN_RE, GEN_TAG, Manifest, dump_json_bytes
+from flax_ckpt._src.format import (
+    COMMIT_MARKER,
+    GEN_RE,
+    GEN_TAG,
+    Manifest,
+    dump_json_bytes,
+    load_json_bytes,
+)
 from flax_ckpt._src.io import paths
 from flax_ckpt._src.io.storage import cloud, objstore
 
@@ -52,6 +59,26 @@ def _stale(name: str, now: float) -> bool:
   if host == _host() and pid != os.getpid() and not paths.pid_alive(pid):
     return True
   return now - started > STALE_AFTER_S
+
+
+_UNREADABLE = "?"  # a marker cleanup cannot read: keep everything next to it
+
+
+def _generation_of(marker: bytes | None, where: str) -> str | None:
+  """The generation a commit marker names: None for none (or no marker), _UNREADABLE
+  when the marker is damaged. Read leniently (any version, no validation of the rest), so
+  cleanup never deletes what a damaged marker or a newer flax_ckpt's marker may name."""
+  del where
+  if marker is None:
+    return None
+  try:
+    doc = load_json_bytes(marker)
+  except ValueError:
+    return _UNREADABLE
+  gen = doc.get("generation") if isinstance(doc, dict) else None
+  if gen is None and isinstance(doc, dict) and doc.get("version") == 1:
+    return None
+  return gen if isinstance(gen, str) and GEN_RE.fullmatch(gen) else _UNREADABLE
 
 
 class ObjectStoreBackend:
@@ -156,6 +183,8 @@ class ObjectStoreBackend:
   def cleanup_stale(self, final: str) -> list[str]:
     """Deletes the generations of dead saves under ``final`` (see :func:`_stale`)."""
     current = self._current_generation(final)
+    if current == _UNREADABLE:
+      return []
     now = time.time()
     doomed = [n for n in self.listdir(final) if n != current and _stale(n, now)]
     for n in doomed:
@@ -226,12 +255,7 @@ class ObjectStoreBackend:
 
   def _current_generation(self, final: str) -> str | None:
     got = objstore.read_versioned(f"{final}/{COMMIT_MARKER}")
-    if got is None:
-      return None
-    try:
-      return Manifest.from_bytes(got[0], where=final).generation
-    except errors.FormatError:
-      return None
+    return _generation_of(None if got is None else got[0], final)
 
   def remove_checkpoint(self, path: str) -> None:
     """Deletes the marker first (from then on nothing lists or loads it), then the rest."""
@@ -245,8 +269,9 @@ class ObjectStoreBackend:
     """Deletes every generation under ``root/<entry>`` that no marker names (call only
     while holding the directory's owner lock: no other save can be running there).
 
-    One listing of ``root`` finds them; only an entry with a marker and several
-    generations (a crashed overwrite) costs a marker read.
+    One listing of ``root`` finds them; the markers of entries holding generations are
+    then read in parallel (a marker may name another generation, or none: a version 1
+    checkpoint copied here).
     """
     layout: dict[str, tuple[bool, set[str]]] = {}
     for key in objstore.list_keys(root):
@@ -257,11 +282,14 @@ class ObjectStoreBackend:
         layout[entry] = (True, gens)
       elif GEN_RE.fullmatch(first):
         gens.add(first)
+    todo = [(e, marked, gens) for e, (marked, gens) in layout.items() if gens]
+    markers = objstore.read_many([f"{root}/{e}/{COMMIT_MARKER}" for e, marked, _ in todo
+                                  if marked])
     removed = []
-    for entry, (marked, gens) in layout.items():
-      if marked and len(gens) <= 1:
+    for entry, marked, gens in todo:
+      current = _generation_of(markers.pop(0), f"{root}/{entry}") if marked else None
+      if current == _UNREADABLE:
         continue
-      current = self._current_generation(f"{root}/{entry}") if marked else None
       for n in sorted(gens - {current}):
         self.remove_tree(f"{root}/{entry}/{n}")
         removed.append(f"{entry}/{n}")

@@ -16,6 +16,7 @@ protocol built on that is in ``objcommit.py``; this module moves the bytes:
 from __future__ import annotations
 
 import collections
+import errno
 import queue
 import threading
 from collections.abc import Sequence
@@ -85,6 +86,20 @@ def read_versioned(path: str) -> tuple[bytes, bytes] | None:
   return bytes(r.value), bytes(r.stamp.generation)
 
 
+def read_many(paths: list[str]) -> list[bytes | None]:
+  """The objects at ``paths`` (None where absent), read in parallel."""
+  urls = [cloud.parse(p) for p in paths]
+  futs = [open_store(u).read(u.key) for u in urls]
+  out = []
+  for p, f in zip(paths, futs):
+    try:
+      r = f.result()
+    except ValueError as e:
+      raise cloud.storage_error(e, p, "read") from e
+    out.append(bytes(r.value) if r.state == "value" else None)
+  return out
+
+
 def write(path: str, data: bytes | bytearray | memoryview, *,
           if_generation: bytes | None = None) -> bytes | None:
   """Writes one object; with ``if_generation``, only if the object's generation is that
@@ -120,7 +135,8 @@ def list_keys(directory: str) -> list[str]:
   url = cloud.parse(directory)
   prefix = url.prefix
   try:
-    keys = open_store(url).list(_prefix_range(prefix), strip_prefix_length=len(prefix)).result()
+    keys = open_store(url).list(  # tensorstore strips bytes, not characters
+        _prefix_range(prefix), strip_prefix_length=len(prefix.encode("utf-8"))).result()
   except ValueError as e:
     raise cloud.storage_error(e, directory, "list") from e
   return [k.decode("utf-8", "surrogateescape") for k in keys]
@@ -324,7 +340,7 @@ def _finish_read(name: str, start: int, end: int, group: list, fut: Any) -> int:
                     "is damaged, load an earlier one.") from e
     raise cloud.storage_error(e, name, "read") from e
   if r.state != "value":
-    raise FileNotFoundError(f"{name}: checkpoint data object is missing")
+    raise FileNotFoundError(errno.ENOENT, "checkpoint data object is missing", name)
   data = memoryview(r.value)  # pyright: ignore[reportArgumentType]  # bytes
   if data.nbytes != end - start:
     raise OSError(f"{name}: checkpoint data object is truncated (got {data.nbytes} of "
