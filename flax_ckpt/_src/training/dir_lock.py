@@ -40,6 +40,7 @@ class DirectoryLock:
     self._thread: threading.Thread | None = None
     self._me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
     self._version: Any = None
+    self._acquired = False
 
   def _content(self) -> bytes:
     return json.dumps({**self._me, "beat": time.time()}).encode()
@@ -76,7 +77,7 @@ class DirectoryLock:
   def acquire(self) -> None:
     for _ in range(3):
       if self._backend.create_exclusive(self.path, self._content()):
-        self._acquired()
+        self._took()
         return
       found = self._owner()
       if found is None:  # vanished or being written: look again
@@ -86,7 +87,7 @@ class DirectoryLock:
       self._refuse_live(owner)
       # stale: take it over; of several takers only one wins the conditional replace
       if self._backend.replace_if(self.path, self._content(), version):
-        self._acquired()
+        self._took()
         return
     raise errors.CheckpointError(f"could not take the lock {self.path}; try again")
 
@@ -106,7 +107,8 @@ class DirectoryLock:
           "write a checkpoint directory: stop that job, open this one with "
           f"read_only=True, or, if that owner is gone, delete {self.path}.")
 
-  def _acquired(self) -> None:
+  def _took(self) -> None:
+    self._acquired = True
     found = self._owner()
     self._version = found[1] if found is not None else None
     with _held_lock:
@@ -151,13 +153,16 @@ class DirectoryLock:
     self.touch()
 
   def release(self) -> None:
+    """Lets go of the lock, if this object took it (a refused open releases nothing)."""
     self._stop.set()
     if self._thread is not None:
       self._thread.join()
       self._thread = None
+    if not self._acquired:
+      return
+    self._acquired = False
     with _held_lock:
       _held.discard(self._key)
     found = self._owner()
-    if found and found[0].get("host") == self._me["host"] and (
-        found[0].get("pid") == self._me["pid"]):
+    if found and all(found[0].get(k) == v for k, v in self._me.items()):
       self._backend.remove_file(self.path)

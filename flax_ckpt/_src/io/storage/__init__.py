@@ -1,4 +1,4 @@
-"""The storage layer for packed data files: many arrays' bytes in one file per process.
+"""The storage layer: where checkpoints live and how their bytes move.
 
 Backends are objects (:class:`StorageBackend`), chosen once per save or load by
 :func:`backend_for`:
@@ -6,7 +6,9 @@ Backends are objects (:class:`StorageBackend`), chosen once per save or load by
 * ``posix.py``: buffered ``pwritev`` writer, coalescing ``preadv`` reader, and
   :class:`CheckpointFiles` (a directory-fd reader that one overwrite cannot tear);
 * ``direct.py``: the O_DIRECT writer for background saves;
-* ``kvstore.py``: the tensorstore kvstore backend (the way object stores will slot in).
+* ``kvstore.py``: the tensorstore kvstore backend for local paths;
+* ``objstore.py`` (bytes), ``objcommit.py`` (the backend and its commit protocol) and
+  ``cloud.py`` (URLs, specs from the clouds' environment, errors): ``s3://`` and ``gs://``.
 
 See docs/format.md for the file layout.
 """

@@ -365,7 +365,3 @@ def backend_for(path: str | os.PathLike) -> StorageBackend:
     return _BY_SCHEME[scheme]
   return _BY_NAME[backend_name()]
 
-
-def is_local(path: str | os.PathLike) -> bool:
-  """Whether ``path`` is on a local filesystem (not an object store)."""
-  return isinstance(backend_for(path), PosixBackend)
