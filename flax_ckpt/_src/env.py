@@ -13,7 +13,8 @@ Each knob is read at call time, not at import, so a process (or a test, with
 * ``FLAX_CKPT_STAGING_BYTES``: host memory a load may use beyond its results, for tiny strided
   reads when resharding (64 MiB by default).
 * ``FLAX_CKPT_OBJECT_BYTES``: object stores: the largest object a save writes; bigger data
-  files are split into segments of this size (128 MiB by default, at most 1 GiB).
+  files are split into segments of this size (16 MiB by default, at most 1 GiB; 8 upload
+  at a time, so a save holds at most ~9 segments of extra host memory).
 * ``FLAX_CKPT_OBJECT_RETRIES``: object stores: how often one request is retried before the
   error is raised (10 by default: about 40 s of exponential backoff, never a hang).
 
@@ -37,7 +38,7 @@ OBJECT_RETRIES = "FLAX_CKPT_OBJECT_RETRIES"
 DEFAULT_STORAGE = "posix"
 DEFAULT_BACKGROUND_NICE = 10
 DEFAULT_STAGING_BYTES = 64 << 20
-DEFAULT_OBJECT_BYTES = 128 << 20
+DEFAULT_OBJECT_BYTES = 16 << 20
 MAX_OBJECT_BYTES = 1 << 30
 DEFAULT_OBJECT_RETRIES = 10
 
@@ -71,7 +72,7 @@ def staging_bytes() -> int:
 
 
 def object_bytes() -> int:
-  """``$FLAX_CKPT_OBJECT_BYTES`` (4 KiB to 1 GiB), else 128 MiB; ValueError outside."""
+  """``$FLAX_CKPT_OBJECT_BYTES`` (4 KiB to 1 GiB), else 16 MiB; ValueError outside."""
   raw = os.environ.get(OBJECT_BYTES, str(DEFAULT_OBJECT_BYTES))
   try:
     n = int(raw)
