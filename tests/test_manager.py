@@ -1199,3 +1199,56 @@ def test_preemption_handler_restored_when_managers_close_in_any_order(ckpt_dir):
   finally:
     if original is not None:
       signal.signal(signal.SIGTERM, original)
+
+
+class _Gate:
+  """A leaf whose save waits for ``event``: holds an async save open between its start
+  and its commit."""
+
+  def __init__(self, event):
+    self.event = event
+
+
+class _GateHandler(flax_ckpt.type_handlers.TypeHandler):
+  def typestr(self):
+    return "test_manager._Gate"
+
+  async def serialize(self, values, infos, args=None):
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    futs = [pool.submit(v.event.wait, 30) for v in values]
+    pool.shutdown(wait=False)
+    return futs
+
+  async def deserialize(self, infos, args=None):
+    return [None for _ in infos]
+
+  async def metadata(self, infos):
+    return [flax_ckpt.metadata.Metadata(name=i.name) for i in infos]
+
+
+def test_async_save_refuses_to_commit_after_its_lock_was_taken_over(ckpt_dir):
+  """A manager paused past lock_stale_after_s (here: its lock replaced while a background
+  save is in flight, as a taker would) never commits into the directory."""
+  import threading
+  flax_ckpt.type_handlers.register_type_handler(_Gate, _GateHandler(), override=True)
+  gate = threading.Event()
+  m = _mngr(ckpt_dir, enable_async=True)
+  try:
+    m.save(1, _tree(1))
+    m.wait_until_finished()
+    m.save(2, {"w": np.ones(3), "g": _Gate(gate)})  # returns; the commit waits for the gate
+    lock = os.path.join(ckpt_dir, _LOCK)
+    os.unlink(lock)  # another job took the stale lock over
+    with open(lock, "w") as f:
+      json.dump({"host": "other-host", "pid": 1, "since": 0.0}, f)
+    gate.set()
+    with pytest.raises(flax_ckpt.CheckpointError, match="lost its owner lock"):
+      m.wait_until_finished()
+    assert m.all_steps() == [1]
+    assert not os.path.exists(os.path.join(ckpt_dir, "2"))
+    assert not [e for e in os.listdir(ckpt_dir) if e.startswith("2")]  # nothing partial
+  finally:
+    gate.set()
+    m.close()
+  with open(os.path.join(ckpt_dir, _LOCK)) as f:  # the taker's lock is untouched
+    assert json.load(f)["host"] == "other-host"

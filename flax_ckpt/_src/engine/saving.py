@@ -25,7 +25,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from etils import epath
@@ -54,6 +54,9 @@ class SaveOptions:
     overwrite_flag: the caller's name for ``overwrite``, for the error when the
       destination exists (``Checkpointer.save`` calls it ``force``).
     manager: a CheckpointManager's ``{"step", "time", "metrics"}`` manifest record.
+    before_commit: called by process 0 right before the commit marker is written; an
+      exception it raises aborts the save (a manager checks that it still owns its
+      directory).
   """
 
   overwrite: bool = False
@@ -63,6 +66,7 @@ class SaveOptions:
   custom_metadata: dict | None = None
   overwrite_flag: str = "overwrite"
   manager: dict | None = None
+  before_commit: Callable[[], None] | None = None
 
 
 @dataclasses.dataclass
@@ -252,6 +256,8 @@ class PendingSave:
     assert self._claim is not None and self.tmp is not None
     for t in self._claim[2]:  # earlier saves to this path commit (or fail) first
       t.wait()
+    if self.options.before_commit is not None:
+      self.options.before_commit()
     manifest = Manifest(
         parts={p.name: dataclasses.replace(p.writer.entry(),
                                            dir=None if p.dir == p.name else p.dir)

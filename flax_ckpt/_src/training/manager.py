@@ -283,7 +283,9 @@ class CheckpointManager:
       final, finish = step_io.start_save(
           self._step_path(info.step), parts, record, custom_metadata=custom_metadata,
           is_async=self._opts.enable_async, fsync=self._opts.fsync,
-          barrier_timeout_s=self._opts.barrier_timeout_s)
+          barrier_timeout_s=self._opts.barrier_timeout_s,
+          # a background save may outlive the lock (a paused process): check again last
+          before_commit=self._ensure_owner)
 
       def finish_and_retain() -> None:
         finish()

@@ -25,15 +25,18 @@ __all__ = ["CheckpointMetadata", "load", "metadata", "part_names", "read_record"
 
 def start_save(path: str, parts: Mapping[str, Any], record: dict, *,
                custom_metadata: dict | None, is_async: bool, fsync: bool,
-               barrier_timeout_s: float | None) -> tuple[str, Callable[[], None]]:
+               barrier_timeout_s: float | None,
+               before_commit: Callable[[], None] | None = None
+               ) -> tuple[str, Callable[[], None]]:
   """Snapshots ``parts`` for the step directory ``path``; returns it and ``finish()``.
 
   ``finish()`` writes the parts and commits the checkpoint, with ``record`` (the
-  manager's record of the step) in its manifest. A step is never overwritten.
+  manager's record of the step) in its manifest; ``before_commit`` runs right before the
+  commit marker is written. A step is never overwritten.
   """
   save = PendingSave.start(path, parts_from(parts), SaveOptions(
       overwrite=False, custom_metadata=custom_metadata, is_async=is_async, fsync=fsync,
-      barrier_timeout_s=barrier_timeout_s, manager=record))
+      barrier_timeout_s=barrier_timeout_s, manager=record, before_commit=before_commit))
   return os.fspath(save.final), save.commit
 
 
