@@ -409,3 +409,22 @@ def test_register_class_conflicts():
   flax_ckpt.register_class(B, name="test_errors.conflict", override=True)
   with pytest.raises(TypeError):
     flax_ckpt.register_class(A(), name="x")
+
+
+def test_cyclic_tree_is_refused_naming_the_path(tmp_path):
+  a = {"x": np.ones(2), "inner": {"y": [1, 2]}}
+  a["inner"]["back"] = a
+  with pytest.raises(flax_ckpt.UnsupportedLeafError, match=r"\['inner'\]\['back'\].*cycle"):
+    flax_ckpt.save(tmp_path / "c", a)
+  assert not os.path.exists(tmp_path / "c")
+
+
+def test_absurdly_deep_tree_is_refused_not_a_recursion_error(tmp_path):
+  deep = np.ones(1)
+  for _ in range(5000):
+    deep = [deep]
+  with pytest.raises(flax_ckpt.UnsupportedLeafError, match="nested deeper than"):
+    flax_ckpt.save(tmp_path / "d", {"t": deep})
+  shared = np.arange(3)  # the same object twice is a tree, not a cycle
+  flax_ckpt.save(tmp_path / "ok", {"a": shared, "b": [shared, (shared,)]})
+  np.testing.assert_array_equal(flax_ckpt.load(tmp_path / "ok")["b"][1][0], shared)

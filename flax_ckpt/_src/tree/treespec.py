@@ -144,11 +144,27 @@ class _Encoder:
     self.leaves: list[tuple[Path, Any]] = []
     self.handlers: list[Any] = []
     self.problems: list[str] = []
+    self._on_path: set[int] = set()  # ids of the containers from the root to here
 
   def walk(self, x: Any, path: Path) -> dict:
-    cls = type(x)
     if x is None:
       return self.leaf(path, x, self.handler_of(x))
+    if len(path) > MAX_DEPTH:
+      raise errors.UnsupportedLeafError(
+          f"{path_str(path[:8])}...: the tree is nested deeper than {MAX_DEPTH} levels (at a "
+          f"{type(x).__name__}); flatten that part of the state. Nothing was written.")
+    if id(x) in self._on_path:
+      raise errors.UnsupportedLeafError(
+          f"{path_str(path)}: the tree contains itself here (a cycle through a "
+          f"{type(x).__name__}); a checkpoint holds trees, not graphs. Nothing was written.")
+    self._on_path.add(id(x))
+    try:
+      return self._walk(x, path)
+    finally:
+      self._on_path.discard(id(x))
+
+  def _walk(self, x: Any, path: Path) -> dict:
+    cls = type(x)
     if cls is dict:
       return self.dict_node(x, path)
     if cls is list or cls is tuple:
@@ -207,6 +223,9 @@ class _Encoder:
     if static:
       node["static"] = static
     return node
+
+
+MAX_DEPTH = 200  # containers nested deeper than this are refused (well within Python's stack)
 
 
 def encode(

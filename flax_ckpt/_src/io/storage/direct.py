@@ -166,5 +166,10 @@ class DirectWriter(BufferedWriter):
   def close(self) -> None:
     super().close()
     if self._bounce is not None:
-      self._bounce.close()
-      self._bounce = None
+      bounce, self._bounce = self._bounce, None
+      try:
+        bounce.close()
+      except BufferError:
+        # views of it live on in the traceback of the write error being raised (which
+        # this must not replace); the mapping is freed with them
+        pass

@@ -125,12 +125,15 @@ class BufferedWriter(Packer):
     self._flush()
     self._join()
     try:
-      if self._error is not None:
-        raise self._error
-      if self._fd is not None:
-        self._finish_file()
-      if fsync and self._fd is not None:
-        os.fsync(self._fd)
+      try:
+        if self._error is not None:
+          raise self._error
+        if self._fd is not None:
+          self._finish_file()
+        if fsync and self._fd is not None:
+          os.fsync(self._fd)
+      except OSError as e:
+        raise _named(e, self.path, self.size) from e
     finally:
       self.close()
 
@@ -141,6 +144,15 @@ class BufferedWriter(Packer):
     if self._fd is not None:
       os.close(self._fd)
       self._fd = None
+
+
+def _named(e: OSError, path: str, size: int) -> OSError:
+  """``e`` with the data file and what was being written (an ENOSPC from a worker thread
+  names neither). Same errno and class (so callers can tell ENOSPC from EIO)."""
+  if e.filename is not None:
+    return e
+  return type(e)(e.errno, f"{e.strerror or e} (writing the checkpoint data file, "
+                 f"{size} bytes in all)", path)
 
 
 def _pwritev_all(fd: int, iov: list, offset: int) -> None:
