@@ -428,3 +428,59 @@ def test_absurdly_deep_tree_is_refused_not_a_recursion_error(tmp_path):
   shared = np.arange(3)  # the same object twice is a tree, not a cycle
   flax_ckpt.save(tmp_path / "ok", {"a": shared, "b": [shared, (shared,)]})
   np.testing.assert_array_equal(flax_ckpt.load(tmp_path / "ok")["b"][1][0], shared)
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe\x00", b"[1, 2]", b"[" * 100000,
+                                     b'{"version": 1, "root": [], "leaves": 3}'])
+def test_malformed_tree_file_is_a_format_error_naming_it(tmp_path, content):
+  flax_ckpt.save(tmp_path / "c", {"w": np.ones(3)})
+  (tmp_path / "c" / "state" / "_TREE.json").write_bytes(content)
+  with pytest.raises(flax_ckpt.FormatError, match="_TREE.json"):
+    flax_ckpt.load(tmp_path / "c")
+
+
+@pytest.mark.parametrize("edit", [
+    lambda d: d["chunks"].update({"7": d["chunks"]["0"]}),  # leaf id out of range
+    lambda d: d["chunks"]["0"][0].update(o=-64),  # negative offset
+    lambda d: d["chunks"]["0"][0].update(h="3"),  # wrong type
+    lambda d: d.update(chunks=[1]),
+])
+def test_malformed_chunk_index_is_a_format_error_naming_it(tmp_path, edit):
+  flax_ckpt.save(tmp_path / "c", {"w": np.ones(3)})
+  f = tmp_path / "c" / "state" / "_CHUNKS.p0.json"
+  doc = json.loads(f.read_text())
+  edit(doc)
+  f.write_text(json.dumps(doc))
+  with pytest.raises(flax_ckpt.FormatError, match="_CHUNKS.p0.json"):
+    flax_ckpt.load(tmp_path / "c")
+
+
+def test_malformed_iterator_state_is_a_format_error_naming_it(tmp_path):
+  class It:
+    def __init__(self):
+      self.state = {"pos": 3}
+
+    def get_state(self):
+      return self.state
+
+    def set_state(self, s):
+      self.state = s
+
+  flax_ckpt.save_checkpointables(tmp_path / "c", {"dataset": It(), "p": {"w": np.ones(2)}})
+  (f,) = (tmp_path / "c" / "dataset").iterdir()
+  f.write_bytes(b'{"pos": 3')
+  with pytest.raises(flax_ckpt.FormatError, match=f.name):
+    flax_ckpt.load_checkpointables(tmp_path / "c", {"dataset": It()})
+
+
+@pytest.mark.parametrize("victim", ["_CHECKPOINT", "state/_TREE.json", "state/data.p0.bin"])
+def test_a_fifo_in_a_checkpoint_is_refused_at_once(tmp_path, victim):
+  import time
+  flax_ckpt.save(tmp_path / "c", {"w": np.ones(3)})
+  f = tmp_path / "c" / victim
+  f.unlink()
+  os.mkfifo(f)
+  t = time.monotonic()
+  with pytest.raises(flax_ckpt.FormatError, match="not a regular file"):
+    flax_ckpt.load(tmp_path / "c")
+  assert time.monotonic() - t < 5

@@ -92,6 +92,25 @@ def load_json_bytes(raw: bytes) -> Any:
   return json.loads(raw.decode("utf-8", "surrogatepass"))
 
 
+def parse_json_object(raw: bytes, where: str) -> dict[str, Any]:
+  """A metadata file read from a checkpoint (hostile input) as a JSON object.
+
+  Raises:
+    FormatError: naming ``where``, for bytes that are not UTF-8 JSON, JSON nested too deep
+      for the parser, or a document that is not an object.
+  """
+  try:
+    doc = load_json_bytes(raw)
+  except (ValueError, RecursionError) as e:  # incl. UnicodeDecodeError, JSONDecodeError
+    detail = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200]
+    raise errors.FormatError(f"{where} is not valid JSON ({detail}); the checkpoint is "
+                             "damaged, load an earlier one.") from None
+  if not isinstance(doc, dict):
+    raise errors.FormatError(f"{where}: expected a JSON object, found {type(doc).__name__}; "
+                             "the checkpoint is damaged, load an earlier one.")
+  return doc
+
+
 # ---------------------------------------------------------------------------------------
 # The commit marker
 
@@ -212,12 +231,7 @@ class Manifest:
 
   @classmethod
   def from_bytes(cls, raw: bytes, *, where: str) -> Manifest:
-    try:
-      doc = load_json_bytes(raw)
-    except ValueError as e:
-      raise errors.FormatError(f"{where}/{COMMIT_MARKER} is unreadable ({e}); the "
-                               "checkpoint is damaged.") from e
-    return cls.from_json(doc, where=where)
+    return cls.from_json(parse_json_object(raw, f"{where}/{COMMIT_MARKER}"), where=where)
 
 
 # ---------------------------------------------------------------------------------------

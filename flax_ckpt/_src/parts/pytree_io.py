@@ -27,7 +27,7 @@ from flax_ckpt._src.format import (
   chunks_file,
   data_file,
   dump_json_bytes,
-  load_json_bytes,
+  parse_json_object,
 )
 from flax_ckpt._src.io import background, storage
 from flax_ckpt._src.leaves import registry
@@ -206,6 +206,62 @@ class _SavedTree:
       self.files.close()
 
 
+def _read_tree(files: storage.CheckpointDir, cp_dir: epath.Path) -> dict:
+  """``_TREE.json``, validated as far as the structure decoder relies on it."""
+  where = os.fspath(cp_dir / TREE_FILE)
+  try:
+    tree = parse_json_object(files.read_bytes(TREE_FILE), where)
+  except FileNotFoundError as e:
+    raise errors.FormatError(f"{cp_dir} has no {TREE_FILE}; the checkpoint is damaged.") from e
+  if tree.get("version") != TREE_VERSION:
+    raise errors.FormatError(
+        f"{where}: tree format version {tree.get('version')} is not supported by this "
+        f"flax_ckpt (knows {TREE_VERSION}); upgrade flax_ckpt.")
+  leaves = tree.get("leaves")
+  if not isinstance(tree.get("root"), dict) or not isinstance(leaves, list) or not all(
+      isinstance(leaf, dict) and isinstance(leaf.get("path"), list)
+      and isinstance(leaf.get("typestr"), str) and isinstance(leaf.get("record"), dict)
+      for leaf in leaves):
+    raise errors.FormatError(f"{where}: malformed tree (root, leaves, or a leaf's path, "
+                             "typestr or record); the checkpoint is damaged.")
+  return tree
+
+
+def _is_count(v: Any) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _read_chunk_index(files: storage.CheckpointDir, cp_dir: epath.Path, n_leaves: int
+                      ) -> tuple[dict[int, list[ChunkRecord]], dict[int, int]]:
+  """Every ``_CHUNKS.p<i>.json``, merged by leaf id; and each process's segment size."""
+  chunks: dict[int, list[ChunkRecord]] = {}
+  segments: dict[int, int] = {}
+  for name in sorted(files.listdir()):
+    if not (name.startswith(CHUNKS_PREFIX) and name.endswith(".json")):
+      continue
+    where = os.fspath(cp_dir / name)
+    data = parse_json_object(files.read_bytes(name), where)
+    by_leaf = data.get("chunks")
+    if not isinstance(by_leaf, dict) or not _is_count(data.get("process_index")):
+      raise errors.FormatError(f"{where}: malformed chunk index; the checkpoint is damaged.")
+    for k, v in by_leaf.items():
+      leaf = int(k) if isinstance(k, str) and k.isdigit() else -1
+      if not 0 <= leaf < n_leaves or not isinstance(v, list) or not all(
+          isinstance(c, dict) and all(_is_count(c.get(f)) for f in "onp")
+          and all(isinstance(c.get(f), list) and all(_is_count(x) for x in c[f])
+                  for f in "sh") for c in v):
+        raise errors.FormatError(f"{where}: leaf id {k!r} is out of range or its chunk "
+                                 "records are malformed; the checkpoint is damaged.")
+      chunks.setdefault(leaf, []).extend(v)
+    seg = data.get("segment_bytes")
+    if seg is not None:
+      if not _is_count(seg) or not 4096 <= seg <= (1 << 30):
+        raise errors.FormatError(f"{where}: invalid segment_bytes {seg!r}; the checkpoint "
+                                 "is damaged.")
+      segments[data["process_index"]] = seg
+  return chunks, segments
+
+
 def read_saved_tree(cp_dir: epath.Path) -> _SavedTree:
   """Reads the tree and chunk indexes; the data files stay reachable through ``files``."""
   backend = storage.backend_for(cp_dir)
@@ -214,29 +270,8 @@ def read_saved_tree(cp_dir: epath.Path) -> _SavedTree:
   except FileNotFoundError as e:
     raise errors.CheckpointReplacedError(f"{cp_dir} disappeared while loading") from e
   try:
-    try:
-      tree = load_json_bytes(files.read_bytes(TREE_FILE))
-    except FileNotFoundError as e:
-      raise errors.FormatError(
-          f"{cp_dir} has no {TREE_FILE}; the checkpoint is damaged.") from e
-    if tree.get("version") != TREE_VERSION:
-      raise errors.FormatError(
-          f"{cp_dir / TREE_FILE}: tree format version {tree.get('version')} is not supported "
-          f"by this flax_ckpt (knows {TREE_VERSION}); upgrade flax_ckpt.")
-    chunks: dict[int, list[ChunkRecord]] = {}
-    segments: dict[int, int] = {}
-    for name in sorted(files.listdir()):
-      if name.startswith(CHUNKS_PREFIX) and name.endswith(".json"):
-        data = load_json_bytes(files.read_bytes(name))
-        for k, v in data["chunks"].items():
-          chunks.setdefault(int(k), []).extend(v)
-        seg = data.get("segment_bytes")
-        if seg is not None:
-          if (not isinstance(seg, int) or isinstance(seg, bool)
-              or not 4096 <= seg <= (1 << 30)):
-            raise errors.FormatError(f"{cp_dir / name}: invalid segment_bytes {seg!r}; the "
-                                     "checkpoint is damaged.")
-          segments[data.get("process_index")] = seg
+    tree = _read_tree(files, cp_dir)
+    chunks, segments = _read_chunk_index(files, cp_dir, len(tree["leaves"]))
   except BaseException as e:
     gone = isinstance(e, (FileNotFoundError, errors.FormatError)) and files.is_gone()
     files.close()

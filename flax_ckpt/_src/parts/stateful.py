@@ -88,13 +88,17 @@ def encode_state(state: Any, what: str) -> tuple[str, bytes]:
   return ("json" if plain else "typed.json"), data
 
 
-def decode_state(ext: str, raw: bytes) -> Any:
+def decode_state(ext: str, raw: bytes, where: str = "state file") -> Any:
+  """A state file's value (``where`` names the file in a FormatError)."""
   if ext == "bin":
     return raw
-  doc = load_json_bytes(raw)
-  if ext == "typed.json":
-    return jsontags.decode(doc["v"])
-  return doc
+  try:
+    doc = load_json_bytes(raw)
+    return jsontags.decode(doc["v"]) if ext == "typed.json" else doc
+  except (ValueError, RecursionError, KeyError, TypeError, IndexError) as e:
+    raise errors.FormatError(f"{where} is not a valid state file ({type(e).__name__}: "
+                             f"{str(e)[:200]}); the checkpoint is damaged, load an earlier "
+                             "one.") from None
 
 
 @dataclasses.dataclass
@@ -194,9 +198,8 @@ class StatefulCheckpointHandler(CheckpointHandler[StatefulSave, StatefulRestore]
       raise errors.FormatError(
           f"{directory}: the state of saved process {src} (process_{src}-of-{n}) is missing; "
           "the checkpoint is damaged.")
-    raw = storage.backend_for(directory).read_bytes(
-        os.path.join(os.fspath(directory), state_file(int(src), n, ext)))
-    state = decode_state(ext, raw)
+    name = os.path.join(os.fspath(directory), state_file(int(src), n, ext))
+    state = decode_state(ext, storage.backend_for(directory).read_bytes(name), name)
     if args.item is None:
       return state
     args.item.set_state(state)

@@ -202,7 +202,7 @@ class PosixBackend:
     return kvstore.kvstore_spec(directory)
 
   def read_bytes(self, path: str) -> bytes:
-    with open(path, "rb") as f:
+    with os.fdopen(posix.open_regular(path), "rb") as f:
       return f.read()
 
   def write_bytes(self, path: str, data: bytes, *, fsync: bool) -> None:
@@ -210,7 +210,7 @@ class PosixBackend:
 
   def read_versioned(self, path: str) -> tuple[bytes, Any] | None:
     try:
-      with open(path, "rb") as f:
+      with os.fdopen(posix.open_regular(path), "rb") as f:
         st = os.fstat(f.fileno())
         return f.read(), (st.st_ino, st.st_mtime_ns)
     except FileNotFoundError:

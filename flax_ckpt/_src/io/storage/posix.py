@@ -11,9 +11,11 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import queue
+import stat
 import threading
 from collections.abc import Sequence
 
+from flax_ckpt._src import errors
 from flax_ckpt._src.io import background
 from flax_ckpt._src.io.storage.buffers import (
     ALIGN,
@@ -170,6 +172,21 @@ def _pwritev_all(fd: int, iov: list, offset: int) -> None:
     advance(views, n)  # drop what was written
 
 
+def open_regular(path: str, dir_fd: int | None = None) -> int:
+  """Opens a checkpoint file for reading, refusing anything but a regular file.
+
+  O_NONBLOCK: opening a FIFO planted in a checkpoint must not hang (it changes nothing for
+  regular files); a FIFO, device or socket is a FormatError at once.
+  """
+  fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK, dir_fd=dir_fd)
+  if not stat.S_ISREG(os.fstat(fd).st_mode):
+    os.close(fd)
+    where = path if dir_fd is None else f"{path} (in the checkpoint directory)"
+    raise errors.FormatError(f"{where} is not a regular file (a FIFO, device or socket); "
+                             "the checkpoint is damaged or crafted, nothing was read.")
+  return fd
+
+
 def _pool() -> concurrent.futures.ThreadPoolExecutor:
   global _READ_POOL
   with _POOL_LOCK:
@@ -211,11 +228,11 @@ class CheckpointFiles:
   def fd(self, name: str) -> int:
     with self._lock:
       if name not in self._fds:
-        self._fds[name] = os.open(name, os.O_RDONLY, dir_fd=self._dfd)
+        self._fds[name] = open_regular(name, dir_fd=self._dfd)
       return self._fds[name]
 
   def read_bytes(self, name: str) -> bytes:
-    fd = os.open(name, os.O_RDONLY, dir_fd=self._dfd)
+    fd = open_regular(name, dir_fd=self._dfd)
     try:
       with os.fdopen(fd, "rb", closefd=False) as f:
         return f.read()
@@ -272,7 +289,7 @@ def read_into(path: str, requests: Sequence[tuple[int, memoryview]],
   batches = _batches(requests)
   if not batches:
     return
-  fd = files.fd(os.path.basename(path)) if files is not None else os.open(path, os.O_RDONLY)
+  fd = files.fd(os.path.basename(path)) if files is not None else open_regular(path)
   try:
     if len(batches) == 1 or sum(b[2] for b in batches) < (8 << 20):
       for b in batches:
