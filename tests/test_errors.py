@@ -509,3 +509,32 @@ def test_a_hundred_thousand_chunks_load_in_bounded_time_and_memory(tmp_path):
   f.write_text(json.dumps(doc))
   with pytest.raises(flax_ckpt.FormatError, match="do not tile"):
     flax_ckpt.load(tmp_path / "c")
+
+
+@pytest.mark.parametrize("craft", ["huge_shape", "offset_past_end", "lying_count"])
+def test_crafted_sizes_are_a_format_error_before_any_allocation(tmp_path, craft):
+  """A crafted shape of 2**40 elements or an offset past the file's end is refused before
+  anything is allocated: no MemoryError, no huge RSS, within a second or two."""
+  import resource
+  import time
+  flax_ckpt.save(tmp_path / "c", {"w": np.arange(1000, dtype=np.float64)})
+  tree_f = tmp_path / "c" / "state" / "_TREE.json"
+  chunks_f = tmp_path / "c" / "state" / "_CHUNKS.p0.json"
+  tree, index = json.loads(tree_f.read_text()), json.loads(chunks_f.read_text())
+  (chunk,) = index["chunks"]["0"]
+  record = tree["leaves"][0]["record"]
+  if craft == "huge_shape":
+    record["shape"], record["nbytes"] = [2 ** 40], 8 * 2 ** 40
+    chunk.update(h=[2 ** 40], n=8 * 2 ** 40)
+  elif craft == "offset_past_end":
+    chunk["o"] += 1 << 30
+  else:
+    chunk["n"] = 8  # a byte count that does not match the box
+  tree_f.write_text(json.dumps(tree))
+  chunks_f.write_text(json.dumps(index))
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  t = time.monotonic()
+  with pytest.raises(flax_ckpt.FormatError, match="leaf"):
+    flax_ckpt.load(tmp_path / "c")
+  assert time.monotonic() - t < 2
+  assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 * 1024  # KiB

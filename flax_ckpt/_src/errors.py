@@ -34,6 +34,11 @@ class FormatError(CheckpointError, ValueError):
   """The checkpoint's metadata is unreadable or of an unknown format version."""
 
 
+class TruncatedDataError(FormatError, OSError):
+  """A data file holds fewer bytes than its chunk index claims (truncated or crafted); a
+  FormatError, and an OSError as a short read always was."""
+
+
 class StorageError(CheckpointError, OSError):
   """The storage refused a request or could not be reached (object stores: a missing
   bucket, missing or wrong credentials, permission denied, an unreachable endpoint)."""

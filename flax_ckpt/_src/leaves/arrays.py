@@ -192,6 +192,7 @@ def read_batched(infos: Sequence[th.ParamInfo], plan_leaf: Callable[[ReadPlan, i
   if not infos:
     return []
   plan = read_plan_for(infos)
+  plan.check_extents([(info.name, info.record, info.chunks) for info in infos])
   pending = [plan_leaf(plan, i) for i in range(len(infos))]
   plan.execute()
   return [finish_leaf(p) for p in pending]

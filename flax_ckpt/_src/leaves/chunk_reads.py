@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from flax_ckpt._src import env
+from flax_ckpt._src import env, errors
 from flax_ckpt._src.format import data_file
 from flax_ckpt._src.io import storage
 
@@ -232,6 +232,38 @@ class ReadPlan:
             (slice(s0 - r0, s1 - r0), *(slice(a, a + n) for a, n in zip(at_chunk[1:],
                                                                         overlap[1:])))]
     return scratch
+
+  def check_extents(self, leaves: Sequence[tuple[str, dict, list[dict]]]) -> None:
+    """Before anything is allocated: each (name, record, chunks) leaf's chunk byte counts
+    match its boxes and its record's ``nbytes``, and every data file really holds the
+    bytes the chunks claim (one 1-byte read at each file's last claimed byte), so a
+    crafted shape or offset is a FormatError, never a huge allocation."""
+    ends: dict[int, tuple[int, str]] = {}
+    for name, record, chunks in leaves:
+      shape, nbytes = record.get("shape"), record.get("nbytes")
+      elems = math.prod(shape) if isinstance(shape, list) else 0
+      item = nbytes // elems if isinstance(nbytes, int) and elems else None
+      if item is not None and (item * elems != nbytes or any(
+          c["n"] != math.prod(c["h"]) * item for c in chunks)):
+        raise errors.FormatError(
+            f"leaf {name}: its chunks' byte counts do not match its shape {shape} and "
+            f"nbytes {nbytes}; the checkpoint is damaged or crafted, nothing was read.")
+      for c in chunks:
+        if c["n"] and c["o"] + c["n"] > ends.get(c["p"], (0, ""))[0]:
+          ends[c["p"]] = (c["o"] + c["n"], name)
+    for p, (end, name) in sorted(ends.items()):
+      probe = memoryview(bytearray(1))
+      try:
+        self.backend.read_into(os.path.join(self.state_dir, data_file(p)), [(end - 1, probe)],
+                               self.files, self.segments.get(p))
+        storage.READ_STATS.discount(1, 1)  # a probe, not data the load needed
+      except OSError as e:
+        if isinstance(e, FileNotFoundError):
+          raise  # a load racing an overwrite looks again; else the caller names it
+        raise errors.TruncatedDataError(
+            f"leaf {name}: its chunks claim {end} bytes of {data_file(p)} in "
+            f"{self.state_dir}, which is truncated ({e}); the checkpoint is damaged or "
+            "crafted, nothing was allocated.") from e
 
   def execute(self) -> None:
     for p, reqs in self.requests.items():

@@ -144,6 +144,7 @@ class BytesHandler(BuiltinHandler):
       check_coverage(infos[i], (infos[i].record["nbytes"],))
     if big:
       plan = read_plan_for(infos)
+      plan.check_extents([(infos[i].name, infos[i].record, infos[i].chunks) for i in big])
       bufs = [plan.box(infos[i].chunks, np.dtype(np.uint8), (0,), (infos[i].record["nbytes"],))
               for i in big]
       plan.execute()

@@ -78,6 +78,12 @@ class ReadStats:
       self.bytes += nbytes
       self.calls += 1
 
+  def discount(self, nbytes: int, calls: int) -> None:
+    """Takes back reads that were validation probes, not data a load needed."""
+    with self._lock:
+      self.bytes -= nbytes
+      self.calls -= calls
+
 
 READ_STATS = ReadStats()
 
