@@ -239,18 +239,23 @@ class ReadPlan:
     bytes the chunks claim (one 1-byte read at each file's last claimed byte), so a
     crafted shape or offset is a FormatError, never a huge allocation."""
     ends: dict[int, tuple[int, str]] = {}
-    for name, record, chunks in leaves:
+    prod = math.prod
+    for name, record, chunks in leaves:  # one pass: this runs once per leaf on every load
       shape, nbytes = record.get("shape"), record.get("nbytes")
-      elems = math.prod(shape) if isinstance(shape, list) else 0
-      item = nbytes // elems if isinstance(nbytes, int) and elems else None
-      if item is not None and (item * elems != nbytes or any(
-          c["n"] != math.prod(c["h"]) * item for c in chunks)):
+      elems = prod(shape) if isinstance(shape, list) else 0
+      item, rest = divmod(nbytes, elems) if isinstance(nbytes, int) and elems else (None, 0)
+      bad = rest != 0
+      for c in chunks:
+        n = c["n"]
+        if item is not None and n != prod(c["h"]) * item:
+          bad = True
+        end, p = c["o"] + n, c["p"]
+        if n and end > ends.get(p, (0, ""))[0]:
+          ends[p] = (end, name)
+      if bad:
         raise errors.FormatError(
             f"leaf {name}: its chunks' byte counts do not match its shape {shape} and "
             f"nbytes {nbytes}; the checkpoint is damaged or crafted, nothing was read.")
-      for c in chunks:
-        if c["n"] and c["o"] + c["n"] > ends.get(c["p"], (0, ""))[0]:
-          ends[c["p"]] = (c["o"] + c["n"], name)
     for p, (end, name) in sorted(ends.items()):
       probe = memoryview(bytearray(1))
       try:
