@@ -58,7 +58,9 @@ def _check(root, results: dict, errno_: int) -> None:
     assert got is not None, f"{name}: the save succeeded"
     kind, err, msg = got
     assert err == errno_, (name, got)  # the real OSError, not a BufferError
-    assert "data.p0.bin" in msg and "writing the checkpoint data file" in msg, (name, msg)
+    # names the file of the checkpoint being written (the data file, or a small file
+    # when the data streaming out filled the disk first) and what was being written
+    assert ".flax_ckpt-tmp-" in msg and "(writing " in msg, (name, msg)
   # the previous checkpoints are intact and nothing partial is listed
   np.testing.assert_array_equal(flax_ckpt.load(root / "old")["w"], np.arange(10))
   assert sorted(os.listdir(root)) == ["old", "run"]

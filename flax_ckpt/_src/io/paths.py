@@ -94,16 +94,26 @@ def write_json(path: PathLike, obj: Any, *, fsync: bool) -> None:
 
 
 def write_file(path: PathLike, data: bytes, *, fsync: bool) -> None:
-  """Writes ``data`` to the file ``path`` (and fsyncs it when asked)."""
-  fd = os.open(os.fspath(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+  """Writes ``data`` to the file ``path`` (and fsyncs it when asked).
+
+  Raises:
+    OSError: with its errno and ``path`` (an ENOSPC from ``write`` names no file).
+  """
   try:
-    view = memoryview(data)
-    while view:
-      view = view[os.write(fd, view):]
-    if fsync:
-      os.fsync(fd)
-  finally:
-    os.close(fd)
+    fd = os.open(os.fspath(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+      view = memoryview(data)
+      while view:
+        view = view[os.write(fd, view):]
+      if fsync:
+        os.fsync(fd)
+    finally:
+      os.close(fd)
+  except OSError as e:
+    if e.filename is not None:
+      raise
+    raise type(e)(e.errno, f"{e.strerror or e} (writing {len(data)} bytes)",
+                  os.fspath(path)) from e
 
 
 def read_json(path: PathLike) -> Any:
