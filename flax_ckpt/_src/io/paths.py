@@ -26,7 +26,6 @@ from flax_ckpt._src.format import (
     OLD_TAG,
     TMP_TAG,
     dump_json_bytes,
-    load_json_bytes,
 )
 
 PathLike = Union[str, os.PathLike, epath.Path]  # noqa: UP007 - runtime alias
@@ -114,11 +113,6 @@ def write_file(path: PathLike, data: bytes, *, fsync: bool) -> None:
       raise
     raise type(e)(e.errno, f"{e.strerror or e} (writing {len(data)} bytes)",
                   os.fspath(path)) from e
-
-
-def read_json(path: PathLike) -> Any:
-  with open(os.fspath(path), "rb") as f:
-    return load_json_bytes(f.read())
 
 
 def check_destination(final: epath.Path, overwrite: bool, flag: str = "overwrite") -> None:

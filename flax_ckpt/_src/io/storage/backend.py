@@ -114,7 +114,6 @@ class StorageBackend(Protocol):
     ...
 
   def remove_file(self, path: str) -> None: ...
-  def exists(self, path: str) -> bool: ...
   def is_dir(self, path: str) -> bool: ...
   def listdir(self, path: str) -> list[str]:
     """The names directly under ``path`` ([] when there is nothing)."""
@@ -252,9 +251,6 @@ class PosixBackend:
       os.unlink(path)
     except FileNotFoundError:
       pass
-
-  def exists(self, path: str) -> bool:
-    return os.path.exists(path)
 
   def is_dir(self, path: str) -> bool:
     return os.path.isdir(path)

@@ -139,9 +139,6 @@ class ObjectStoreBackend:
   def remove_file(self, path: str) -> None:
     objstore.delete(path)
 
-  def exists(self, path: str) -> bool:
-    return objstore.read_versioned(path) is not None or bool(objstore.list_keys(path))
-
   def is_dir(self, path: str) -> bool:
     return bool(objstore.list_keys(path))
 
