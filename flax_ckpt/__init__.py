@@ -42,10 +42,14 @@ from flax_ckpt._src.api import save_checkpointables as save_checkpointables
 from flax_ckpt._src.api import (
   save_checkpointables_async as save_checkpointables_async,
 )
+from flax_ckpt._src.api import verify as verify
+from flax_ckpt._src.engine.verifying import Problem as Problem
+from flax_ckpt._src.engine.verifying import VerifyReport as VerifyReport
 from flax_ckpt._src.errors import CheckpointError as CheckpointError
 from flax_ckpt._src.errors import CheckpointExistsError as CheckpointExistsError
 from flax_ckpt._src.errors import CheckpointNotFoundError as CheckpointNotFoundError
 from flax_ckpt._src.errors import CheckpointReplacedError as CheckpointReplacedError
+from flax_ckpt._src.errors import CorruptCheckpointError as CorruptCheckpointError
 from flax_ckpt._src.errors import FormatError as FormatError
 from flax_ckpt._src.errors import IncompleteCheckpointError as IncompleteCheckpointError
 from flax_ckpt._src.errors import StorageError as StorageError
@@ -108,13 +112,16 @@ __all__ = [
   "CheckpointMetadata",
   "CheckpointNotFoundError",
   "CheckpointReplacedError",
+  "CorruptCheckpointError",
   "FormatError",
   "IncompleteCheckpointError",
+  "Problem",
   "RegistrationError",
   "StorageError",
   "StructureMismatchError",
   "UnregisteredClassWarning",
   "UnsupportedLeafError",
+  "VerifyReport",
   "abstract_with_sharding",
   "args",
   "checkpoints_iterator",
@@ -131,6 +138,7 @@ __all__ = [
   "save_checkpointables",
   "save_checkpointables_async",
   "type_handlers",
+  "verify",
   "wait_for_new_checkpoint",
 ]
 

@@ -12,6 +12,7 @@ import os
 import jax
 import numpy as np
 import pytest
+from _crafting import reseal
 
 import flax_ckpt
 
@@ -122,6 +123,7 @@ def _fake_two_processes(path, other_state, ext="json"):
   os.rename(d / "process_0-of-1.json", d / "process_0-of-2.json")
   data = other_state if ext == "bin" else json.dumps(other_state).encode()
   (d / f"process_1-of-2.{ext}").write_bytes(data)
+  reseal(path)  # a real 2-process save records both files' checksums
 
 
 @pytest.fixture
@@ -653,6 +655,7 @@ def test_checkpointer_bytes_state_and_process_mapping(ckpt_dir):
     assert (path / "process_0-of-1.bin").read_bytes() == b"p0"
     os.rename(path / "process_0-of-1.bin", path / "process_0-of-2.bin")
     (path / "process_1-of-2.bin").write_bytes(b"p1")
+    reseal(path)
     with pytest.raises(flax_ckpt.StructureMismatchError):
       ckptr.restore(path, args=flax_ckpt.args.StatefulRestore(Holder()))
     h = ckptr.restore(path, args=flax_ckpt.args.StatefulRestore(Holder(),

@@ -14,6 +14,7 @@ from typing import Any
 
 from flax_ckpt._src.engine.loading import CheckpointMetadata, checkpoint_metadata, load_parts
 from flax_ckpt._src.engine.saving import PendingSave, SaveOptions, parts_from
+from flax_ckpt._src.engine.verifying import VerifyReport, verify_checkpoint
 from flax_ckpt._src.format import DEFAULT_CHECKPOINTABLE
 from flax_ckpt._src.io import background, paths, storage
 from flax_ckpt._src.parts.pytree import check_restore_type
@@ -113,7 +114,7 @@ def save_async(path: paths.PathLike, state: Any, *, overwrite: bool = False,
 
 def load(path: paths.PathLike, abstract_state: Any = None, *, partial: bool = False,
          restore_type: type | None = None,
-         checkpointable_name: str = DEFAULT_CHECKPOINTABLE) -> Any:
+         checkpointable_name: str = DEFAULT_CHECKPOINTABLE, verify: bool = True) -> Any:
   """Loads a checkpoint written by :func:`save`.
 
   Without ``abstract_state`` the saved structure is rebuilt: dicts (int keys stay ints),
@@ -137,10 +138,16 @@ def load(path: paths.PathLike, abstract_state: Any = None, *, partial: bool = Fa
       sharding is never required: a checkpoint saved on any topology loads anywhere.
     checkpointable_name: which part to load (default ``state``, what :func:`save` writes);
       see :func:`load_checkpointables` for several parts.
+    verify: check every byte read against the checksums recorded when it was saved
+      (costs a few percent of a cold load); False skips the checks. Checkpoints saved
+      without checksums load either way.
 
   Raises:
     CheckpointNotFoundError, IncompleteCheckpointError: nothing committed at ``path``.
     StructureMismatchError: leaves missing on either side, or shapes differ.
+    CorruptCheckpointError: bytes differ from their checksums (the checkpoint was
+      damaged after it was written); nothing is returned.
+    FormatError: the checkpoint's metadata is malformed, inconsistent or crafted.
 
   Example:
     >>> import jax, jax.numpy as jnp, flax_ckpt, tempfile, os
@@ -151,12 +158,46 @@ def load(path: paths.PathLike, abstract_state: Any = None, *, partial: bool = Fa
     dtype(bfloat16)
   """
   return load_checkpointables(path, {checkpointable_name: abstract_state}, partial=partial,
-                              restore_type=restore_type)[checkpointable_name]
+                              restore_type=restore_type, verify=verify)[checkpointable_name]
 
 
 def metadata(path: paths.PathLike) -> CheckpointMetadata:
   """:func:`flax_ckpt.metadata` (documented there, in ``flax_ckpt/metadata.py``)."""
   return checkpoint_metadata(path)
+
+
+def verify(path: paths.PathLike) -> VerifyReport:
+  """Reads a whole checkpoint and checks every checksum and every structural invariant.
+
+  Unlike a load, which stops at the first damaged byte, it goes on and lists every
+  problem found: files that are missing or differ from the checksums in the commit
+  marker, malformed or inconsistent metadata (shapes, dtypes, chunk boxes, byte counts,
+  file lengths) and every damaged block of array data. It reads each byte once through a
+  bounded buffer and builds no value. A checkpoint saved before flax_ckpt wrote
+  checksums gets ``has_checksums=False``: only its structure and file lengths are checked.
+
+  Args:
+    path: a checkpoint (local, ``gs://`` or ``s3://``). For a step of a
+      :class:`CheckpointManager`, see :meth:`CheckpointManager.verify`.
+
+  Returns:
+    A :class:`VerifyReport`: falsy when any problem was found; ``problems`` lists them
+    (each with file, part, leaf and message), ``str(report)`` prints them.
+
+  Raises:
+    CheckpointNotFoundError, IncompleteCheckpointError: nothing committed at ``path``.
+
+  Example:
+    >>> import numpy as np, flax_ckpt, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), 'ckpt')
+    >>> flax_ckpt.save(path, {'w': np.arange(4.0)})
+    >>> with open(os.path.join(path, 'state', 'data.p0.bin'), 'r+b') as f:
+    ...   _ = f.write(b'!')  # damage the first byte of the data
+    >>> report = flax_ckpt.verify(path)
+    >>> bool(report), report.problems[0].leaf
+    (False, "['w']")
+  """
+  return verify_checkpoint(path)
 
 
 def save_checkpointables(path: paths.PathLike, checkpointables: Mapping[str, Any], *,
@@ -225,8 +266,8 @@ def save_checkpointables_async(path: paths.PathLike, checkpointables: Mapping[st
 
 def load_checkpointables(path: paths.PathLike,
                          abstract_checkpointables: Mapping[str, Any] | None = None, *,
-                         partial: bool = False, restore_type: type | None = None
-                         ) -> dict[str, Any]:
+                         partial: bool = False, restore_type: type | None = None,
+                         verify: bool = True) -> dict[str, Any]:
   """Loads all parts of a checkpoint, or only the named ones.
 
   Parts not named in ``abstract_checkpointables`` are not read at all (not a byte, not a
@@ -245,12 +286,14 @@ def load_checkpointables(path: paths.PathLike,
     partial: PyTree templates may be subsets of what was saved.
     restore_type: ``numpy.ndarray`` / ``jax.Array`` for PyTree array leaves loaded without
       a template leaf; None keeps the saved kind.
+    verify: check every byte read against its recorded checksum (see :func:`load`).
 
   Returns:
     ``{name: value}`` in the order the parts were saved.
 
   Raises:
     StructureMismatchError: a requested part does not exist (the error lists the parts).
+    CorruptCheckpointError: bytes of a requested part differ from their checksums.
 
   Example:
     >>> import numpy as np, flax_ckpt, tempfile, os
@@ -263,7 +306,8 @@ def load_checkpointables(path: paths.PathLike,
   if abstract_checkpointables is not None and not isinstance(abstract_checkpointables,
                                                              Mapping):
     raise TypeError("abstract_checkpointables must be a dict {name: template or args} or None")
-  return load_parts(path, abstract_checkpointables, partial=partial, restore_type=restore_type)
+  return load_parts(path, abstract_checkpointables, partial=partial, restore_type=restore_type,
+                    verify=verify)
 
 
 def kvstore_spec(path: paths.PathLike) -> dict:

@@ -12,10 +12,10 @@ import threading
 from typing import Any
 
 from flax_ckpt._src import errors
-from flax_ckpt._src.engine.loading import CommittedCheckpoint, read_committed
+from flax_ckpt._src.engine.loading import CommittedCheckpoint, read_committed, restore_part
 from flax_ckpt._src.engine.saving import Part, PendingSave, SaveOptions
 from flax_ckpt._src.format import DEFAULT_CHECKPOINTABLE, ROOT_DIR
-from flax_ckpt._src.io import background, paths
+from flax_ckpt._src.io import background, paths, storage
 from flax_ckpt._src.parts import handlers
 from flax_ckpt._src.parts.custom import default_restore_args, writer_for_handler
 from flax_ckpt._src.parts.handlers import CheckpointArgs, CheckpointHandler, call_with_args
@@ -119,7 +119,8 @@ class Checkpointer:
           "that handler (or flax_ckpt.load_checkpointables).")
     return ckpt.part_dir(name)
 
-  def restore(self, path: paths.PathLike, args: CheckpointArgs | None = None) -> Any:
+  def restore(self, path: paths.PathLike, args: CheckpointArgs | None = None, *,
+              verify: bool = True) -> Any:
     """Restores through the handler; ``args=None`` uses its restore args' defaults.
 
     Args:
@@ -127,6 +128,8 @@ class Checkpointer:
       args: restore args registered with the handler, or None (its registered restore
         args with their defaults); another object is wrapped in the registered restore
         args class (e.g. a template for :class:`PyTreeCheckpointHandler`).
+      verify: check every byte read against the checksums recorded at save time
+        (:class:`CorruptCheckpointError` on a mismatch); False skips the checks.
     """
     if args is None:
       args = default_restore_args(type(self._handler))
@@ -144,8 +147,13 @@ class Checkpointer:
           f"{type(self._handler).__qualname__}; decorate it with "
           f"@flax_ckpt.args.register_with_handler({type(self._handler).__qualname__}, "
           "for_restore=True).")
-    return read_committed(path, lambda ckpt: call_with_args(
-        self._handler.restore, self._part_dir(ckpt), args))
+    def read(ckpt: CommittedCheckpoint) -> Any:
+      part_dir = self._part_dir(ckpt)
+      return restore_part(ckpt, ckpt.only_part(), lambda: call_with_args(
+          self._handler.restore, part_dir, args))
+
+    with storage.verify_reads(verify):
+      return read_committed(path, read)
 
   def metadata(self, path: paths.PathLike) -> Any:
     """The handler's ``metadata()`` for the checkpoint at ``path``."""
@@ -218,10 +226,11 @@ class AsyncCheckpointer(Checkpointer):
     if r is not None:
       r.result()
 
-  def restore(self, path: paths.PathLike, args: CheckpointArgs | None = None) -> Any:
+  def restore(self, path: paths.PathLike, args: CheckpointArgs | None = None, *,
+              verify: bool = True) -> Any:
     """Waits for a pending save (raising its error), then restores."""
     self.wait_until_finished()
-    return super().restore(path, args)
+    return super().restore(path, args, verify=verify)
 
   def metadata(self, path: paths.PathLike) -> Any:
     """Waits for a pending save (raising its error), then reads the handler's metadata."""

@@ -17,6 +17,9 @@ Each knob is read at call time, not at import, so a process (or a test, with
   at a time, so a save holds at most ~9 segments of extra host memory).
 * ``FLAX_CKPT_OBJECT_RETRIES``: object stores: how often one request is retried before the
   error is raised (10 by default: about 40 s of exponential backoff, never a hang).
+* ``FLAX_CKPT_ALLOW_SYMLINKS``: ``1`` lets loads follow symlinks inside a checkpoint that
+  resolve outside it (trusted layouts, e.g. a cache of symlinked blobs); by default such a
+  checkpoint is refused with a FormatError naming the link.
 
 The object stores' own configuration is the clouds' usual environment (docs/design.md,
 "Object storage"): ``AWS_*`` for S3 and ``STORAGE_EMULATOR_HOST`` / application default
@@ -34,6 +37,7 @@ BACKGROUND_NICE = "FLAX_CKPT_BACKGROUND_NICE"
 STAGING_BYTES = "FLAX_CKPT_STAGING_BYTES"
 OBJECT_BYTES = "FLAX_CKPT_OBJECT_BYTES"
 OBJECT_RETRIES = "FLAX_CKPT_OBJECT_RETRIES"
+ALLOW_SYMLINKS = "FLAX_CKPT_ALLOW_SYMLINKS"
 
 DEFAULT_STORAGE = "posix"
 DEFAULT_BACKGROUND_NICE = 10
@@ -64,6 +68,11 @@ def barrier_timeout_s(default: float) -> float:
 def background_nice() -> int:
   """``$FLAX_CKPT_BACKGROUND_NICE`` as an int, else 10; raises ValueError if it is no int."""
   return int(os.environ.get(BACKGROUND_NICE, str(DEFAULT_BACKGROUND_NICE)))
+
+
+def allow_symlinks() -> bool:
+  """``$FLAX_CKPT_ALLOW_SYMLINKS`` is ``1``: follow links that leave a checkpoint."""
+  return os.environ.get(ALLOW_SYMLINKS, "0") == "1"
 
 
 def staging_bytes() -> int:

@@ -39,6 +39,36 @@ class TruncatedDataError(FormatError, OSError):
   FormatError, and an OSError as a short read always was."""
 
 
+class CorruptCheckpointError(FormatError):
+  """Bytes read from a checkpoint do not match the checksum recorded when it was saved:
+  the checkpoint was damaged after it was written (a flipped bit, a truncated or edited
+  file). Nothing read is returned; load an earlier checkpoint, or pass ``verify=False`` to
+  read it anyway at your own risk. A :class:`FormatError` (so code that catches damaged
+  checkpoints as FormatError keeps working), hence a :class:`CheckpointError`.
+
+  Attributes:
+    checkpoint: the checkpoint's path ("" when unknown).
+    part: the part (checkpointable) the bytes belong to ("" when unknown).
+    leaf: the leaf path of the damaged bytes ("" for a file that is not a leaf's).
+    file: the damaged file.
+  """
+
+  def __init__(self, detail: str, *, checkpoint: str = "", part: str = "", leaf: str = "",
+               file: str = ""):
+    super().__init__(detail)
+    self.detail, self.checkpoint, self.part, self.leaf, self.file = (
+        detail, checkpoint, part, leaf, file)
+
+  def __str__(self) -> str:
+    where = ", ".join(x for x in (
+        f"checkpoint {self.checkpoint}" if self.checkpoint else "",
+        f"part {self.part!r}" if self.part else "",
+        f"leaf {self.leaf}" if self.leaf else "",
+        f"file {self.file}" if self.file else "") if x)
+    return (f"{where}: {self.detail}; the checkpoint is corrupt (damaged after it was "
+            "written). Load an earlier checkpoint, or pass verify=False to read it anyway.")
+
+
 class StorageError(CheckpointError, OSError):
   """The storage refused a request or could not be reached (object stores: a missing
   bucket, missing or wrong credentials, permission denied, an unreachable endpoint)."""

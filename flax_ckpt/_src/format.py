@@ -50,6 +50,15 @@ KIND_PYTREE, KIND_STATEFUL, KIND_HANDLER = "pytree", "stateful", "handler"
 TREE_FILE = "_TREE.json"
 CHUNKS_PREFIX = "_CHUNKS.p"  # _CHUNKS.p<i>.json: where process i wrote each chunk
 LEAVES_DIR = "leaves"  # leaves/<leaf-dir>/: files of handlers that write their own
+DATA_FILE_RE = re.compile(r"data\.p\d+\.bin(\.\d+)?")  # a data file (or its segment)
+
+# checksums (docs/format.md, "Checksums"): XXH3 64-bit, as 16 lowercase hex digits
+CHECKSUM_ALGORITHM = "xxh3_64"
+CHECKSUM_RE = re.compile(r"[0-9a-f]{16}")
+# A chunk's bytes are checksummed in blocks of whole rows (index 0 of the chunk's first
+# dimension) of at most this many bytes (one row if a row is bigger), so a read of some
+# rows verifies without reading the whole chunk.
+CHECKSUM_BLOCK_BYTES = 1 << 20
 
 
 def data_file(process_index: int) -> str:
@@ -177,6 +186,7 @@ class Manifest:
   manager: dict[str, Any] | None = None
   generation: str | None = None
   version: int = 0  # 0: the version this content needs (2 with a generation, else 1)
+  checksums: dict[str, str] | None = None  # {path in the checkpoint: digest}; None: none
 
   def __post_init__(self) -> None:
     if not self.version:
@@ -193,6 +203,8 @@ class Manifest:
       out["manager"] = self.manager
     if self.generation is not None:
       out["generation"] = self.generation
+    if self.checksums is not None:
+      out["checksums"] = {"algorithm": CHECKSUM_ALGORITHM, "files": self.checksums}
     return out
 
   def checkpointables(self) -> dict[str, dict[str, Any]]:
@@ -222,6 +234,7 @@ class Manifest:
     created = d.get("created_at")
     nproc = d.get("process_count", 1)
     return cls(
+        checksums=_file_checksums(d.get("checksums"), where),
         parts={n: PartEntry.from_json(n, e, where=where) for n, e in parts.items()},
         custom_metadata=custom if isinstance(custom, dict) else None,
         created_at=float(created) if isinstance(created, (int, float)) else None,
@@ -234,11 +247,37 @@ class Manifest:
     return cls.from_json(parse_json_object(raw, f"{where}/{COMMIT_MARKER}"), where=where)
 
 
+def _file_checksums(d: Any, where: str) -> dict[str, str] | None:
+  """The manifest's ``checksums`` (hostile input): None, or ``{relative path: digest}``."""
+  if d is None:
+    return None
+  if not isinstance(d, dict) or not isinstance(d.get("files"), dict):
+    raise errors.FormatError(f"{where}/{COMMIT_MARKER}: malformed checksums; the checkpoint "
+                             "is damaged.")
+  if d.get("algorithm") != CHECKSUM_ALGORITHM:
+    raise errors.FormatError(
+        f"{where}/{COMMIT_MARKER}: checksum algorithm {d.get('algorithm')!r} is not known to "
+        f"this flax_ckpt (knows {CHECKSUM_ALGORITHM}); upgrade flax_ckpt.")
+  files = d["files"]
+  for k, v in files.items():
+    parts = k.split("/")
+    if (not isinstance(v, str) or not CHECKSUM_RE.fullmatch(v) or not k
+        or any(p in ("", ".", "..") for p in parts)):
+      raise errors.FormatError(f"{where}/{COMMIT_MARKER}: malformed checksum entry {k!r}; "
+                               "the checkpoint is damaged.")
+  return files
+
+
 # ---------------------------------------------------------------------------------------
 # Records of a PyTree part (the one-letter keys are the format; these name them)
 
 
-class ChunkRecord(TypedDict):
+class _ChunkRecordOptional(TypedDict, total=False):
+  x: list[str]  # checksums of the chunk's blocks (CHECKSUM_RE each), in order
+  xb: int  # block size in bytes when there is more than one block (a multiple of a row)
+
+
+class ChunkRecord(_ChunkRecordOptional):
   """One chunk of a leaf in ``_CHUNKS.p<i>.json``: a box of the leaf's global array."""
 
   s: list[int]  # start index of the box
@@ -250,6 +289,7 @@ class ChunkRecord(TypedDict):
 
 class _ChunksFileOptional(TypedDict, total=False):
   segment_bytes: int  # object stores: data.p<i>.bin is stored as segments of this size
+  checksum: str  # CHECKSUM_ALGORITHM when the chunks carry checksums ("x")
 
 
 class ChunksFile(_ChunksFileOptional):

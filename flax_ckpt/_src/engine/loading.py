@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from etils import epath
 
-from flax_ckpt._src import errors
+from flax_ckpt._src import env, errors
 from flax_ckpt._src.format import (
     COMMIT_MARKER,
     DEFAULT_CHECKPOINTABLE,
@@ -81,6 +81,24 @@ def _manifest(root: storage.CheckpointDir, final: epath.Path,
   return Manifest.from_bytes(raw, where=os.fspath(final))
 
 
+def refuse_outside_links(ckpt: CommittedCheckpoint, name: str) -> None:
+  """A checkpoint is hostile input: a link in part ``name`` (or the part's directory
+  itself) must not make a load read files outside the checkpoint, unless the caller
+  trusts the layout (``$FLAX_CKPT_ALLOW_SYMLINKS``). Only the part's own directory is
+  walked, so a load of one part touches nothing of the others."""
+  if env.allow_symlinks():
+    return
+  part_dir = ckpt.part_dir(name)
+  links = storage.backend_for(ckpt.path).outside_links(os.fspath(part_dir),
+                                                       os.fspath(ckpt.path))
+  if links:
+    raise errors.FormatError(
+        f"{links[0]} is a symlink that resolves outside the checkpoint {ckpt.path} "
+        f"({len(links)} such link(s)); a crafted checkpoint could make a load read any "
+        f"file. If this layout is trusted (e.g. a cache of symlinked blobs), set "
+        f"{env.ALLOW_SYMLINKS}=1.")
+
+
 def read_committed(path: paths.PathLike, read: Callable[[CommittedCheckpoint], _T]) -> _T:
   """Runs ``read`` on the committed checkpoint at ``path``, again if it was replaced.
 
@@ -109,7 +127,9 @@ def read_committed(path: paths.PathLike, read: Callable[[CommittedCheckpoint], _
         if last:
           raise
         continue
-      except (OSError, errors.FormatError):
+      except (OSError, errors.FormatError, errors.CorruptCheckpointError):
+        # files read by path (checksummed files, custom handlers) may belong to the
+        # checkpoint that replaced this one: look again
         if root.is_gone() and not last:
           continue
         raise
@@ -120,6 +140,36 @@ def read_committed(path: paths.PathLike, read: Callable[[CommittedCheckpoint], _
   raise errors.CheckpointReplacedError(
       f"{final} was replaced by overwrites {_ATTEMPTS} times while loading; load it again "
       "once the writer is done.")
+
+
+def part_files(ckpt: CommittedCheckpoint, name: str) -> dict[str, str]:
+  """``{path in the checkpoint: checksum}`` of the files of part ``name`` the marker lists
+  (all of them for a part in the checkpoint directory itself: it is the only part)."""
+  sums = ckpt.manifest.checksums or {}
+  d = ckpt.manifest.parts[name].directory(name, where=os.fspath(ckpt.path))
+  if d == ROOT_DIR:
+    return dict(sums)
+  return {k: v for k, v in sums.items() if k.startswith(d + "/")}
+
+
+def verify_part_files(ckpt: CommittedCheckpoint, name: str) -> None:
+  """Checks the files of part ``name`` (all but its data files, whose chunks are checked
+  as they are read) against the marker's checksums, before the part is read.
+
+  Raises:
+    CorruptCheckpointError: naming the first file that is missing or differs.
+  """
+  want = part_files(ckpt, name)
+  if not want:
+    return
+  base = ckpt.path if ckpt.manifest.generation is None else ckpt.path / ckpt.manifest.generation
+  backend = storage.backend_for(base)
+  got = backend.file_digests(os.fspath(base), list(want))
+  for rel, digest in want.items():
+    if got[rel] != digest:
+      raise errors.CorruptCheckpointError(
+          "the file is missing" if got[rel] is None else "its bytes do not match their checksum",
+          checkpoint=os.fspath(ckpt.path), part=name, file=os.fspath(base / rel))
 
 
 def _check_requested(ckpt: CommittedCheckpoint, names: list[str]) -> None:
@@ -134,8 +184,23 @@ def _check_requested(ckpt: CommittedCheckpoint, names: list[str]) -> None:
         f"{', '.join(map(repr, parts))}{hint}.")
 
 
+def restore_part(ckpt: CommittedCheckpoint, name: str, restore: Callable[[], _T]) -> _T:
+  """Runs ``restore`` of part ``name``, first verifying its files when loads verify; a
+  CorruptCheckpointError names the checkpoint and the part."""
+  try:
+    refuse_outside_links(ckpt, name)
+    if storage.verifying():
+      verify_part_files(ckpt, name)
+    return restore()
+  except errors.CorruptCheckpointError as e:
+    e.checkpoint = e.checkpoint or os.fspath(ckpt.path)
+    e.part = e.part or name
+    raise
+
+
 def load_parts(path: paths.PathLike, abstract: Mapping[str, Any] | None, *,
-               partial: bool = False, restore_type: type | None = None) -> dict[str, Any]:
+               partial: bool = False, restore_type: type | None = None,
+               verify: bool = True) -> dict[str, Any]:
   """``load_checkpointables``' engine: the requested parts, each by its kind."""
   kinds = part_kinds()
 
@@ -152,10 +217,11 @@ def load_parts(path: paths.PathLike, abstract: Mapping[str, Any] | None, *,
       request = RestoreRequest(n, os.fspath(ckpt.path),
                                None if abstract is None else abstract[n], partial,
                                restore_type)
-      out[n] = found[n].restore(ckpt.part_dir(n), parts[n], request)
+      out[n] = restore_part(ckpt, n, lambda n=n, request=request: found[n].restore(
+          ckpt.part_dir(n), parts[n], request))
     return {n: out[n] for n in names}
 
-  with background.no_gc():
+  with background.no_gc(), storage.verify_reads(verify):
     return read_committed(path, read)
 
 
@@ -199,6 +265,7 @@ def _part_metadata(kinds: Any, ckpt: CommittedCheckpoint, name: str) -> Any:
     kind = kinds.get(entry, name, os.fspath(ckpt.path))
   except errors.FormatError:
     return None  # a kind of a newer flax_ckpt: still list the part
+  refuse_outside_links(ckpt, name)
   return kind.metadata(ckpt.part_dir(name), entry)
 
 

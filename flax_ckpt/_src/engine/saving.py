@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import posixpath
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -32,10 +33,14 @@ from etils import epath
 
 from flax_ckpt._src import errors
 from flax_ckpt._src.format import (
+    COMMIT_MARKER,
+    DATA_FILE_RE,
     DEFAULT_CHECKPOINTABLE,
+    KIND_PYTREE,
     PART_NAME_RE,
     ROOT_DIR,
     Manifest,
+    PartEntry,
 )
 from flax_ckpt._src.io import multihost, paths, storage
 from flax_ckpt._src.parts.protocol import PartFinish, PartWriter, part_kinds
@@ -256,16 +261,35 @@ class PendingSave:
     assert self._claim is not None and self.tmp is not None
     for t in self._claim[2]:  # earlier saves to this path commit (or fail) first
       t.wait()
+    entries = {p.name: dataclasses.replace(p.writer.entry(),
+                                           dir=None if p.dir == p.name else p.dir)
+               for p in self.parts}
+    sums = self._file_checksums(entries)
     if self.options.before_commit is not None:
       self.options.before_commit()
     manifest = Manifest(
-        parts={p.name: dataclasses.replace(p.writer.entry(),
-                                           dir=None if p.dir == p.name else p.dir)
-               for p in self.parts},
-        custom_metadata=self.options.custom_metadata, created_at=time.time(),
-        process_count=self.nproc, manager=self.options.manager)
+        parts=entries, custom_metadata=self.options.custom_metadata, created_at=time.time(),
+        process_count=self.nproc, manager=self.options.manager, checksums=sums)
     self.backend.commit(os.fspath(self.tmp), os.fspath(self.final), manifest,
                         overwrite=self.options.overwrite, fsync=self.options.fsync)
+
+  def _file_checksums(self, entries: dict[str, PartEntry]) -> dict[str, str]:
+    """The checksum of every file of the save but the commit marker and the PyTree parts'
+    data files (their chunks carry their own), read back once every process has written
+    its files: so the files of other processes and of custom handlers are covered too."""
+    assert self.tmp is not None
+    tmp = os.fspath(self.tmp)
+    data_dirs = {"" if p.dir == ROOT_DIR else p.dir for p in self.parts
+                 if entries[p.name].kind == KIND_PYTREE}
+    names = [n for n in self.backend.list_files(tmp) if n != COMMIT_MARKER and not (
+        DATA_FILE_RE.fullmatch(posixpath.basename(n)) and posixpath.dirname(n) in data_dirs)]
+    sums = self.backend.file_digests(tmp, names)
+    missing = [n for n, d in sums.items() if d is None]
+    if missing:
+      raise errors.CheckpointError(
+          f"files of the save to {self.final} vanished before the commit ({missing[:5]}); "
+          "something else writes into its temporary directory. Nothing was committed.")
+    return {n: d for n, d in sums.items() if d is not None}
 
   # --- failure and cleanup -----------------------------------------------------------
 

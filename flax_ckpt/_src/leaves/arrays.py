@@ -182,7 +182,7 @@ def read_plan_for(infos: Sequence[th.ParamInfo]) -> ReadPlan:
   files = getattr(ctx, "files", None)
   backend = ctx.backend if ctx is not None else None
   return ReadPlan(os.fspath(infos[0].parent_dir), files, backend,
-                  getattr(ctx, "segments", None))
+                  getattr(ctx, "segments", None), verify=getattr(ctx, "verify", True))
 
 
 def read_batched(infos: Sequence[th.ParamInfo], plan_leaf: Callable[[ReadPlan, int], Any],

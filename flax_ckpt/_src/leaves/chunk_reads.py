@@ -111,13 +111,18 @@ class ReadPlan:
   """
 
   def __init__(self, state_dir: str, files: Any = None, backend: Any = None,
-               segments: dict[int, int] | None = None):
+               segments: dict[int, int] | None = None, verify: bool = False):
     self.state_dir = state_dir
     self.files = files
     self.segments = segments or {}
     self.backend = backend if backend is not None else storage.backend_for(state_dir)
     self.requests: dict[int, list[tuple[int, memoryview]]] = {}
     self.staged: list[tuple[dict, np.ndarray, list[int], list[int], list[int]]] = []
+    # verify: every chunk read whole is checked after the reads (``checks``); a chunk read
+    # in part goes through the staged path, which reads and checks whole blocks of it
+    self.verify = verify
+    self.checks: list[tuple[dict, memoryview]] = []
+    self._leaf_of: dict[int, str] = {}  # id(chunk) -> leaf name, for errors
 
   def box(self, chunks: list[dict], dtype: np.dtype, start: Sequence[int],
           shape: Sequence[int]) -> np.ndarray:
@@ -131,6 +136,8 @@ class ReadPlan:
       if nbytes:
         whole = memoryview(dest)  # pyright: ignore[reportArgumentType]  # Buffer is typed on 3.12+
         self.requests.setdefault(chunks[0]["p"], []).append((chunks[0]["o"], whole))
+        if self.verify and "x" in chunks[0]:
+          self.checks.append((chunks[0], whole))
       return out
     dest_view = memoryview(dest)  # pyright: ignore[reportArgumentType]  # Buffer is typed on 3.12+
     stop = [a + n for a, n in zip(start, shape)]
@@ -143,12 +150,19 @@ class ReadPlan:
         continue
       at_chunk = [x - s for x, s in zip(lo, chunk_start)]  # overlap's corner in the chunk
       at_dest = [x - s for x, s in zip(lo, start)]  # and in the box
-      if _contiguous(overlap, chunk_shape) and _contiguous(overlap, shape):
+      checked = self.verify and "x" in chunk
+      if checked and overlap != list(chunk_shape):  # part of a chunk: verify whole blocks
+        self.staged.append((chunk, out, at_chunk, at_dest, overlap))
+      elif _contiguous(overlap, chunk_shape) and _contiguous(overlap, shape):
         n = math.prod(overlap) * item
         file_off = chunk["o"] + _flat(at_chunk, chunk_shape) * item
         dest_off = _flat(at_dest, shape) * item
         self.requests.setdefault(chunk["p"], []).append(
             (file_off, dest_view[dest_off:dest_off + n]))
+        if checked:
+          self.checks.append((chunk, dest_view[dest_off:dest_off + n]))
+      elif checked:  # the whole chunk, strided in the box
+        self.staged.append((chunk, out, at_chunk, at_dest, overlap))
       else:
         self._strided(chunk, item, overlap, at_chunk, at_dest, list(shape), dest_view, out)
     return out
@@ -209,11 +223,18 @@ class ReadPlan:
     first = min(a[0] for _, a, _, _ in items)
     last = max(a[0] + ov[0] for _, a, _, ov in items)
     per = max(1, budget // max(row, 1))
+    rpb = 0  # rows per checksum block, when verifying
+    if self.verify and "x" in chunk:
+      rpb = self._rows_per_block(chunk, row)
+      lo, hi = 0, row  # whole blocks are whole rows
+      first, last = first // rpb * rpb, min(chunk_shape[0], -(-last // rpb) * rpb)
+      per = max(1, per // rpb) * rpb
     path = os.path.join(self.state_dir, data_file(chunk["p"]))
     for r0 in range(first, last, per):
       r1 = min(last, r0 + per)
       if scratch is None or scratch.nbytes < (r1 - r0) * row:
-        scratch = storage.aligned_empty(max(min(budget, (last - first) * row), row))
+        scratch = storage.aligned_empty(max(min(budget, (last - first) * row),
+                                            (r1 - r0) * row))  # a checked block may exceed it
       view = memoryview(scratch)  # pyright: ignore[reportArgumentType]  # Buffer is typed on 3.12+
       if lo == 0 and hi == row:  # whole rows: one contiguous read for the slab
         reqs = [(chunk["o"] + r0 * row, view[:(r1 - r0) * row])]
@@ -221,6 +242,9 @@ class ReadPlan:
         reqs = [(chunk["o"] + r * row + lo, view[(r - r0) * row + lo:(r - r0) * row + hi])
                 for r in range(r0, r1)]
       self.backend.read_into(path, reqs, self.files, self.segments.get(chunk["p"]))
+      if rpb:
+        b0 = r0 // rpb
+        self._verify([(chunk, view[:(r1 - r0) * row], b0)])
       src = scratch[:(r1 - r0) * row].view(dtype).reshape((r1 - r0, *chunk_shape[1:]))
       for out, at_chunk, at_dest, overlap in items:
         s0, s1 = max(r0, at_chunk[0]), min(r1, at_chunk[0] + overlap[0])
@@ -233,6 +257,34 @@ class ReadPlan:
                                                                         overlap[1:])))]
     return scratch
 
+  def _rows_per_block(self, chunk: dict, row: int) -> int:
+    xb = chunk.get("xb", chunk["n"])
+    if row <= 0 or xb % row:
+      raise errors.FormatError(
+          f"leaf {self._leaf_of.get(id(chunk), '?')}: checksum block size {xb} of a chunk in "
+          f"{self.state_dir} is not a whole number of its {row}-byte rows; the checkpoint "
+          "is damaged or crafted.")
+    return xb // row
+
+  def _verify(self, items: list[tuple[dict, memoryview, int]]) -> None:
+    """Checks ``(chunk, bytes from its block b0 on, b0)`` against the chunks' checksums."""
+    work = []
+    for chunk, view, b0 in items:
+      xb = chunk.get("xb", chunk["n"])
+      work.append((view, xb, chunk["x"][b0:b0 + -(-view.nbytes // xb)]))
+
+    def mismatch(i: int, k: int) -> None:
+      chunk, _, b0 = items[i]
+      xb = chunk.get("xb", chunk["n"])
+      a = chunk["o"] + (b0 + k) * xb
+      raise errors.CorruptCheckpointError(
+          f"bytes {a}..{min(a + xb, chunk['o'] + chunk['n'])} (the chunk at index "
+          f"{chunk['s']}, block {b0 + k}) do not match their checksum",
+          leaf=self._leaf_of.get(id(chunk), ""),
+          file=os.path.join(self.state_dir, data_file(chunk["p"])))
+
+    storage.verify_all(work, mismatch)
+
   def check_extents(self, leaves: Sequence[tuple[str, dict, list[dict]]]) -> None:
     """Before anything is allocated: each (name, record, chunks) leaf's chunk byte counts
     match its boxes and its record's ``nbytes``, and every data file really holds the
@@ -241,6 +293,8 @@ class ReadPlan:
     ends: dict[int, tuple[int, str]] = {}
     prod = math.prod
     for name, record, chunks in leaves:  # one pass: this runs once per leaf on every load
+      for c in chunks:
+        self._leaf_of[id(c)] = name
       shape, nbytes = record.get("shape"), record.get("nbytes")
       elems = prod(shape) if isinstance(shape, list) else 0
       item, rest = divmod(nbytes, elems) if isinstance(nbytes, int) and elems else (None, 0)
@@ -270,11 +324,45 @@ class ReadPlan:
             f"{self.state_dir}, which is truncated ({e}); the checkpoint is damaged or "
             "crafted, nothing was allocated.") from e
 
+  def verify_chunk(self, chunk: dict) -> list[int]:
+    """Reads one whole chunk, a slab of blocks at a time within :func:`staging_bytes`,
+    and returns the indexes of its blocks that do not match their checksums
+    (:func:`flax_ckpt.verify`; raises OSError when the bytes cannot be read)."""
+    n, xb = chunk["n"], chunk.get("xb", chunk["n"])
+    per = max(1, staging_bytes() // xb) * xb
+    scratch = storage.aligned_empty(min(n, per))
+    view = memoryview(scratch)  # pyright: ignore[reportArgumentType]  # Buffer is typed on 3.12+
+    path = os.path.join(self.state_dir, data_file(chunk["p"]))
+    bad: list[int] = []
+    for a in range(0, n, per):
+      m = min(per, n - a)
+      self.backend.read_into(path, [(chunk["o"] + a, view[:m])], self.files,
+                             self.segments.get(chunk["p"]))
+      b0 = a // xb
+
+      def note(i: int, k: int, b0: int = b0) -> None:
+        del i
+        bad.append(b0 + k)
+
+      while True:  # every bad block of the slab, not only the first
+        start = (bad[-1] + 1 - b0) if bad and bad[-1] >= b0 else 0
+        if start * xb >= m:
+          break
+        before = len(bad)
+        storage.verify_all([(view[start * xb:m], xb, chunk["x"][b0 + start:b0 + -(-m // xb)])],
+                           lambda i, k, s=start: note(i, s + k))
+        if len(bad) == before:
+          break
+    return bad
+
   def execute(self) -> None:
     for p, reqs in self.requests.items():
       path = os.path.join(self.state_dir, data_file(p))
       self.backend.read_into(path, reqs, self.files, self.segments.get(p))
     self.requests.clear()
+    if self.checks:
+      self._verify([(chunk, view, 0) for chunk, view in self.checks])
+      self.checks.clear()
     if self.staged:
       self._run_staged()
       self.staged.clear()

@@ -191,10 +191,12 @@ class LoadContext(LeafContext):
       through which the data files are read; None to open them by path.
     segments: ``{process index: segment bytes}`` for data files stored as segments
       (object stores; ``_CHUNKS.p<i>.json``'s ``segment_bytes``).
+    verify: check every byte read from the data files against its recorded checksum.
   """
 
   files: Any = None
   segments: dict[int, int] = dataclasses.field(default_factory=dict)
+  verify: bool = True
 
 
 @dataclasses.dataclass

@@ -17,6 +17,8 @@ from etils import epath
 
 from flax_ckpt._src import errors
 from flax_ckpt._src.format import (
+  CHECKSUM_ALGORITHM,
+  CHECKSUM_RE,
   CHUNKS_PREFIX,
   LEAVES_DIR,
   TREE_FILE,
@@ -130,6 +132,19 @@ async def _serialize_all(plan: SavePlan, infos: list[th.ParamInfo], primary: boo
   return futs
 
 
+def _add_checksums(chunks: dict[str, list[ChunkRecord]],
+                   sums: dict[int, tuple[int, list[str]]]) -> None:
+  """Records each chunk's block checksums (``x``, and ``xb`` for several blocks)."""
+  for records in chunks.values():
+    for c in records:
+      if not c["n"]:
+        continue  # nothing to check (a chunk of a custom handler may hold no bytes)
+      xb, digests = sums[c["o"]]
+      c["x"] = digests
+      if len(digests) > 1:
+        c["xb"] = xb
+
+
 class TreeWrite:
   """The writing half of a tree save: :meth:`finish` (``fsync``) or :meth:`abort`.
 
@@ -156,7 +171,9 @@ class TreeWrite:
       raise
     chunks = {str(i): info.chunks for i, info in enumerate(self._infos) if info.chunks}
     index: ChunksFile = {"process_index": ctx.process_index,
-                         "data_file": data_file(ctx.process_index), "chunks": chunks}
+                         "data_file": data_file(ctx.process_index), "chunks": chunks,
+                         "checksum": CHECKSUM_ALGORITHM}
+    _add_checksums(chunks, ctx.writer.checksums())
     segment_bytes = getattr(ctx.writer, "segment_bytes", None)
     if segment_bytes:  # object stores: the data file is stored as segments
       index["segment_bytes"] = segment_bytes
@@ -231,6 +248,17 @@ def _is_count(v: Any) -> bool:
   return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
+def _sums_ok(c: dict, summed: bool) -> bool:
+  """A chunk's checksums (``x``, ``xb``) are absent, or one well-formed digest per block."""
+  x = c.get("x")
+  if x is None:
+    return "xb" not in c
+  xb = c.get("xb", c["n"])
+  return (summed and isinstance(x, list) and _is_count(xb) and xb > 0
+          and len(x) == max(1, -(-c["n"] // xb))
+          and all(isinstance(d, str) and CHECKSUM_RE.fullmatch(d) for d in x))
+
+
 def _read_chunk_index(files: storage.CheckpointDir, cp_dir: epath.Path, n_leaves: int
                       ) -> tuple[dict[int, list[ChunkRecord]], dict[int, int]]:
   """Every ``_CHUNKS.p<i>.json``, merged by leaf id; and each process's segment size."""
@@ -244,12 +272,17 @@ def _read_chunk_index(files: storage.CheckpointDir, cp_dir: epath.Path, n_leaves
     by_leaf = data.get("chunks")
     if not isinstance(by_leaf, dict) or not _is_count(data.get("process_index")):
       raise errors.FormatError(f"{where}: malformed chunk index; the checkpoint is damaged.")
+    summed = data.get("checksum")
+    if summed is not None and summed != CHECKSUM_ALGORITHM:
+      raise errors.FormatError(
+          f"{where}: checksum algorithm {summed!r} is not known to this flax_ckpt (knows "
+          f"{CHECKSUM_ALGORITHM}); upgrade flax_ckpt.")
     for k, v in by_leaf.items():
       leaf = int(k) if isinstance(k, str) and k.isdigit() else -1
       if not 0 <= leaf < n_leaves or not isinstance(v, list) or not all(
           isinstance(c, dict) and all(_is_count(c.get(f)) for f in "onp")
           and all(isinstance(c.get(f), list) and all(_is_count(x) for x in c[f])
-                  for f in "sh") for c in v):
+                  for f in "sh") and _sums_ok(c, summed is not None) for c in v):
         raise errors.FormatError(f"{where}: leaf id {k!r} is out of range or its chunk "
                                  "records are malformed; the checkpoint is damaged.")
       chunks.setdefault(leaf, []).extend(v)
@@ -287,7 +320,7 @@ def read_saved_tree(cp_dir: epath.Path) -> _SavedTree:
 def _infos_for(saved: _SavedTree, ids: list[int]) -> list[th.ParamInfo]:
   ctx = th.LoadContext(parent_dir=saved.cp_dir, backend=saved.backend, files=saved.files,
                        naming=_naming([leaf["path"] for leaf in saved.leaves]),
-                       segments=saved.segments)
+                       segments=saved.segments, verify=storage.verifying())
   out = []
   for i in ids:
     leaf = saved.leaves[i]

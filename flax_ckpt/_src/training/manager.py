@@ -347,7 +347,8 @@ class CheckpointManager:
   # --- restoring ---------------------------------------------------------------------
 
   def restore(self, step: int | None = None, abstract_state: Any = None, *,
-              dataset: Any = None, only: str | Sequence[str] | None = None) -> Any:
+              dataset: Any = None, only: str | Sequence[str] | None = None,
+              verify: bool = True) -> Any:
     """Loads a checkpoint: the latest committed one unless ``step`` is given.
 
     Args:
@@ -359,6 +360,8 @@ class CheckpointManager:
       dataset: an iterator to restore in place (``set_state``) from the saved ``dataset``.
       only: a part name (``'params'``) or names to load; nothing else is read. With
         ``'params'`` the params tree is returned.
+      verify: check every byte read against its recorded checksum (a
+        :class:`CorruptCheckpointError` on a mismatch); False skips the checks.
 
     Returns:
       The state (or the requested part).
@@ -368,14 +371,14 @@ class CheckpointManager:
     """
     self.wait_until_finished()
     if step is not None:
-      return self._restore(step, abstract_state, dataset, only)
+      return self._restore(step, abstract_state, dataset, only, verify)
     for attempt in range(5):  # the latest may be deleted by its writer's retention meanwhile
       self.reload()
       latest = self.latest_step()
       if latest is None:
         raise errors.CheckpointNotFoundError(f"no committed checkpoint in {self._root}")
       try:
-        return self._restore(latest, abstract_state, dataset, only)
+        return self._restore(latest, abstract_state, dataset, only, verify)
       except (errors.CheckpointNotFoundError, errors.CheckpointReplacedError,
               FileNotFoundError):
         if attempt == 4 or step_dirs.is_committed(self._step_path(latest)):
@@ -383,7 +386,7 @@ class CheckpointManager:
     raise AssertionError("unreachable")
 
   def _restore(self, step: int, abstract_state: Any, dataset: Any,
-               only: str | Sequence[str] | None) -> Any:
+               only: str | Sequence[str] | None, verify: bool) -> Any:
     latest = self.latest_step()
     self._rolled_back_to = step if latest is not None and step < latest else None
     path = self._step_path(step)
@@ -409,7 +412,7 @@ class CheckpointManager:
       if DATASET not in entries:
         raise errors.StructureMismatchError(f"step {step} was saved without a dataset")
       req[DATASET] = dataset
-    out = step_io.load(path, req)
+    out = step_io.load(path, req, verify=verify)
     out.pop(DATASET, None)
     if isinstance(only, str):
       return out[only]
@@ -425,6 +428,16 @@ class CheckpointManager:
       if step is None:
         raise errors.CheckpointNotFoundError(f"no committed checkpoint in {self._root}")
     return step_io.metadata(self._step_path(step))
+
+  def verify(self, step: int | None = None) -> step_io.VerifyReport:
+    """:func:`flax_ckpt.verify` of a step (default: the latest): every checksum and
+    structural invariant checked, every problem listed; the report is falsy if any."""
+    self.wait_until_finished()
+    if step is None:
+      step = self.latest_step()
+      if step is None:
+        raise errors.CheckpointNotFoundError(f"no committed checkpoint in {self._root}")
+    return step_io.verify(self._step_path(step))
 
   # --- lifecycle ---------------------------------------------------------------------
 

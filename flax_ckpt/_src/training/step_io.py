@@ -19,8 +19,10 @@ from flax_ckpt._src.engine.loading import (
     read_committed,
 )
 from flax_ckpt._src.engine.saving import PendingSave, SaveOptions, parts_from
+from flax_ckpt._src.engine.verifying import VerifyReport, verify_checkpoint
 
-__all__ = ["CheckpointMetadata", "load", "metadata", "part_names", "read_record", "start_save"]
+__all__ = ["CheckpointMetadata", "VerifyReport", "load", "metadata", "part_names", "read_record",
+           "start_save", "verify"]
 
 
 def start_save(path: str, parts: Mapping[str, Any], record: dict, *,
@@ -58,9 +60,14 @@ def part_names(path: str) -> list[str]:
   return read_committed(path, lambda ckpt: list(ckpt.manifest.parts))
 
 
-def load(path: str, requests: Mapping[str, Any]) -> dict[str, Any]:
+def load(path: str, requests: Mapping[str, Any], *, verify: bool = True) -> dict[str, Any]:
   """Loads the named parts (``{name: template or None}``) of the step at ``path``."""
-  return load_parts(path, requests)
+  return load_parts(path, requests, verify=verify)
+
+
+def verify(path: str) -> VerifyReport:
+  """:func:`flax_ckpt.verify` of the step at ``path``."""
+  return verify_checkpoint(path)
 
 
 def metadata(path: str) -> CheckpointMetadata:

@@ -42,6 +42,10 @@ class DataWriter(Protocol):
     """Writes everything, fsyncs when asked, and closes."""
     ...
 
+  def checksums(self) -> dict[int, tuple[int, list[str]]]:
+    """``{offset: (block bytes, block checksums)}`` of every buffer added (waits)."""
+    ...
+
   def close(self) -> None:
     """Drops the writer without finishing the file (also after a failure)."""
     ...
@@ -111,6 +115,19 @@ class StorageBackend(Protocol):
 
   def heartbeat(self, path: str, data: bytes, version: Any) -> Any:
     """Marks ``path`` as refreshed; its new version, or None if it was replaced."""
+    ...
+
+  def list_files(self, directory: str) -> list[str]:
+    """Every file under ``directory``, recursively, as ``/``-joined relative paths."""
+    ...
+
+  def outside_links(self, directory: str, root: str) -> list[str]:
+    """Symlinks at or under ``directory`` that resolve outside ``root`` (none on object
+    stores)."""
+    ...
+
+  def file_digests(self, directory: str, names: Sequence[str]) -> dict[str, str | None]:
+    """The checksum (``digest``) of each file ``directory/name``; None where it is missing."""
     ...
 
   def remove_file(self, path: str) -> None: ...
@@ -245,6 +262,15 @@ class PosixBackend:
     except FileNotFoundError:
       return None
     return (st.st_ino, st.st_mtime_ns)
+
+  def list_files(self, directory: str) -> list[str]:
+    return posix.list_files(directory)
+
+  def outside_links(self, directory: str, root: str) -> list[str]:
+    return posix.outside_links(directory, root)
+
+  def file_digests(self, directory: str, names: Sequence[str]) -> dict[str, str | None]:
+    return {n: posix.file_digest(os.path.join(directory, n)) for n in names}
 
   def remove_file(self, path: str) -> None:
     try:

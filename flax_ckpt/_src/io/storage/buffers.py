@@ -6,6 +6,8 @@ import threading
 
 import numpy as np
 
+from flax_ckpt._src.io.storage import checksums
+
 ALIGN = 64  # every buffer starts at a multiple of this in the data file (and in memory)
 IOV_MAX = 1024
 MAX_CALL_BYTES = 1 << 30  # Linux caps one read/write at ~2 GiB
@@ -36,10 +38,12 @@ def flat_bytes(view: memoryview) -> memoryview:
 
 
 class Packer:
-  """Assigns each added buffer its 64-byte aligned offset in the data file."""
+  """Assigns each added buffer its 64-byte aligned offset in the data file, and
+  checksums it (on a thread pool, in blocks of whole rows of ``arr``)."""
 
   def __init__(self):
     self.size = 0
+    self.hasher = checksums.Hasher()
 
   def place(self, arr: np.ndarray) -> tuple[int, memoryview]:
     """Returns (offset, byte view) for ``arr``: the next 64-byte aligned offset."""
@@ -47,7 +51,17 @@ class Packer:
     self.size += (-self.size) % ALIGN
     offset = self.size
     self.size += view.nbytes
+    self.checksum(offset, view, arr.shape)
     return offset, view
+
+  def checksum(self, offset: int, view: memoryview, shape: tuple[int, ...]) -> None:
+    """Queues the checksums of the buffer of ``shape`` placed at ``offset``."""
+    if n := view.nbytes:
+      self.hasher.add(offset, view, checksums.block_bytes(n, checksums.row_bytes(shape, n)))
+
+  def checksums(self) -> dict[int, tuple[int, list[str]]]:
+    """``{offset: (block bytes, block checksums)}`` of every buffer placed (waits)."""
+    return self.hasher.results()
 
 
 def advance(views: list[memoryview], n: int) -> None:

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import posixpath
 import secrets
 import socket
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from flax_ckpt._src import env, errors
@@ -34,7 +36,7 @@ from flax_ckpt._src.format import (
     load_json_bytes,
 )
 from flax_ckpt._src.io import paths
-from flax_ckpt._src.io.storage import cloud, objstore
+from flax_ckpt._src.io.storage import checksums, cloud, objstore
 
 STALE_AFTER_S = 6 * 3600.0  # an unfinished generation this old is a crashed save's
 _CAS_ATTEMPTS = 8
@@ -135,6 +137,22 @@ class ObjectStoreBackend:
     """Rewrites ``path`` (compare-and-swap on ``version``); its new version, or None when
     someone else replaced it meanwhile."""
     return objstore.write(path, data, if_generation=version)
+
+  def list_files(self, directory: str) -> list[str]:
+    return sorted(objstore.list_keys(directory))
+
+  def outside_links(self, directory: str, root: str) -> list[str]:
+    del directory, root  # an object store has no links
+    return []
+
+  def file_digests(self, directory: str, names: Sequence[str]) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    names = list(names)
+    for i in range(0, len(names), 32):  # read in parallel, 32 objects at a time
+      batch = names[i:i + 32]
+      got = objstore.read_many([posixpath.join(directory, n) for n in batch])
+      out.update({n: None if g is None else checksums.digest(g) for n, g in zip(batch, got)})
+    return out
 
   def remove_file(self, path: str) -> None:
     objstore.delete(path)

@@ -15,6 +15,8 @@ import stat
 import threading
 from collections.abc import Sequence
 
+import xxhash
+
 from flax_ckpt._src import errors
 from flax_ckpt._src.io import background
 from flax_ckpt._src.io.storage.buffers import (
@@ -314,3 +316,48 @@ def _preadv_all(fd: int, offset: int, iov: list[memoryview]) -> None:
     offset += n
     advance(views, n)
 
+
+
+def list_files(directory: str) -> list[str]:
+  """Every file under ``directory`` (not following links to directories), relative."""
+  out = []
+  for d, _, files in os.walk(directory):
+    rel = os.path.relpath(d, directory)
+    out.extend(f if rel == "." else f"{rel}/{f}".replace(os.sep, "/") for f in files)
+  return sorted(out)
+
+
+def file_digest(path: str) -> str | None:
+  """The checksum of the regular file at ``path``, read in pieces; None if it is missing."""
+  try:
+    fd = open_regular(path)
+  except FileNotFoundError:
+    return None
+  h = xxhash.xxh3_64()
+  try:
+    with os.fdopen(fd, "rb", buffering=0) as f:
+      while piece := f.read(_PIECE // 4):
+        h.update(piece)
+  except OSError as e:
+    if e.filename is None:
+      raise type(e)(e.errno, f"{e.strerror or e} (reading to checksum)", path) from e
+    raise
+  return h.hexdigest()
+
+
+def outside_links(directory: str, root: str) -> list[str]:
+  """Symlinks at or under ``directory`` (not followed) that resolve outside ``root``;
+  ``root`` itself may be a link."""
+  root = os.path.realpath(root)
+  out = []
+  if os.path.islink(directory) and not (
+      os.path.realpath(directory) + os.sep).startswith(root + os.sep):
+    return [directory]
+  for d, dirs, files in os.walk(directory):
+    for name in dirs + files:
+      p = os.path.join(d, name)
+      if os.path.islink(p):
+        target = os.path.realpath(p)
+        if target != root and not target.startswith(root + os.sep):
+          out.append(p)
+  return out

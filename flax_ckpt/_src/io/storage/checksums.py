@@ -1,0 +1,163 @@
+"""Checksums of what a save writes, and their verification when it is read.
+
+The algorithm is XXH3-64 (the ``xxhash`` package, about 10 GB/s per core, and it releases
+the GIL, so hashing runs on a thread pool next to the file I/O). Array chunks are
+checksummed in blocks of whole rows (:func:`block_bytes`) so that a load that reads only
+some rows of a chunk (resharding) verifies the blocks it reads, not the whole chunk; every
+other file of a checkpoint gets one checksum of its bytes (docs/format.md, "Checksums").
+
+Example:
+  >>> digest(b"flax_ckpt")
+  'ec520f4c29d54d8e'
+  >>> block_bytes(8 << 20, 1000)  # 1000-byte rows: blocks of 1048 rows
+  1048000
+  >>> len(block_digests(memoryview(bytes(3000)), 1000))
+  3
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import contextvars
+import math
+import threading
+from collections.abc import Callable, Iterator, Sequence
+
+import xxhash
+
+from flax_ckpt._src.format import CHECKSUM_BLOCK_BYTES
+
+_VERIFY = contextvars.ContextVar("flax_ckpt_verify", default=True)
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+_BATCH_BYTES = 8 << 20  # hash work is handed to the pool in batches of this many bytes
+
+
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+  global _POOL
+  with _POOL_LOCK:
+    if _POOL is None:
+      _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=2,
+                                                    thread_name_prefix="flax_ckpt_hash")
+    return _POOL
+
+
+def verifying() -> bool:
+  """Whether the load running in this thread verifies checksums (the default)."""
+  return _VERIFY.get()
+
+
+@contextlib.contextmanager
+def verify_reads(on: bool) -> Iterator[None]:
+  """Loads in this block verify checksums (``on``) or not; handlers' ``restore`` methods
+  are called inside it, so the setting reaches them without an argument."""
+  token = _VERIFY.set(bool(on))
+  try:
+    yield
+  finally:
+    _VERIFY.reset(token)
+
+
+def digest(data: bytes | bytearray | memoryview) -> str:
+  """The checksum of ``data`` as 16 lowercase hex digits."""
+  return xxhash.xxh3_64_hexdigest(data)
+
+
+def block_bytes(nbytes: int, row_bytes: int) -> int:
+  """The block size of a chunk of ``nbytes`` whose rows have ``row_bytes`` bytes: as many
+  whole rows as fit in ``CHECKSUM_BLOCK_BYTES`` (at least one), or the whole chunk."""
+  if nbytes <= CHECKSUM_BLOCK_BYTES or row_bytes <= 0:
+    return max(nbytes, 1)
+  return max(1, CHECKSUM_BLOCK_BYTES // row_bytes) * row_bytes
+
+
+def block_digests(view: memoryview, xb: int) -> list[str]:
+  """The checksums of ``view``'s consecutive blocks of ``xb`` bytes (the last shorter)."""
+  n = view.nbytes
+  if n <= xb:
+    return [xxhash.xxh3_64_hexdigest(view)]
+  return [xxhash.xxh3_64_hexdigest(view[i:i + xb]) for i in range(0, n, xb)]
+
+
+def row_bytes(shape: Sequence[int], nbytes: int) -> int:
+  """Bytes of one index of the first dimension of a C-order box of ``shape``."""
+  return nbytes // shape[0] if len(shape) and shape[0] else nbytes
+
+
+class Hasher:
+  """Checksums the buffers a data writer places, on a thread pool, while it writes.
+
+  ``add`` only queues (it runs on the save's critical path); full batches go to the pool.
+  ``results`` waits and returns ``{offset: (block bytes, digests)}``. Queued views keep
+  their buffers alive until hashed; the writer's caller keeps them unchanged until the
+  write finishes, so the checksums are of exactly the bytes written.
+  """
+
+  def __init__(self) -> None:
+    self._batch: list[tuple[int, memoryview, int]] = []
+    self._batch_bytes = 0
+    self._futures: list[concurrent.futures.Future] = []
+
+  def add(self, offset: int, view: memoryview, xb: int) -> None:
+    self._batch.append((offset, view, xb))
+    self._batch_bytes += view.nbytes
+    if self._batch_bytes >= _BATCH_BYTES:
+      self._submit()
+
+  def _submit(self) -> None:
+    if self._batch:
+      self._futures.append(_pool().submit(_hash_batch, self._batch))
+      self._batch, self._batch_bytes = [], 0
+
+  def results(self) -> dict[int, tuple[int, list[str]]]:
+    self._submit()
+    out: dict[int, tuple[int, list[str]]] = {}
+    for f in self._futures:
+      out.update(f.result())
+    self._futures = []
+    return out
+
+  def discard(self) -> None:
+    """Drops queued work (a failed save); running batches finish on their own."""
+    self._batch = []
+    for f in self._futures:
+      f.cancel()
+    self._futures = []
+
+
+def _hash_batch(batch: list[tuple[int, memoryview, int]]) -> dict[int, tuple[int, list[str]]]:
+  return {off: (xb, block_digests(view, xb)) for off, view, xb in batch}
+
+
+def verify_all(items: Sequence[tuple[memoryview, int, list[str]]],
+               on_mismatch: Callable[[int, int], None]) -> None:
+  """Checks each ``(view, block bytes, expected digests)`` on the pool; calls
+  ``on_mismatch(item index, block index)`` in this thread for the first mismatch found
+  (it is expected to raise)."""
+  # work units of about _BATCH_BYTES: (item, first block, view of whole blocks, xb, want)
+  units: list[tuple[int, int, memoryview, int, list[str]]] = []
+  for i, (view, xb, want) in enumerate(items):
+    per = max(1, _BATCH_BYTES // xb)  # blocks per unit
+    for k in range(0, max(len(want), 1), per):
+      units.append((i, k, view[k * xb:(k + per) * xb], xb, want[k:k + per]))
+  total = sum(u[2].nbytes for u in units)
+  if total < 2 * _BATCH_BYTES:
+    bad = _check(units)
+  else:  # about four groups per worker, so both cores stay busy to the end
+    step = max(1, math.ceil(len(units) / 8))
+    futs = [_pool().submit(_check, units[j:j + step]) for j in range(0, len(units), step)]
+    found = [f.result() for f in futs]
+    bad = next((b for b in found if b is not None), None)
+  if bad is not None:
+    on_mismatch(*bad)
+
+
+def _check(units: Sequence[tuple[int, int, memoryview, int, list[str]]]
+           ) -> tuple[int, int] | None:
+  for i, k, view, xb, want in units:
+    got = block_digests(view, xb) if view.nbytes else [digest(b"")]
+    if got != want:
+      return i, k + next((j for j, (a, b) in enumerate(zip(got, want)) if a != b),
+                         min(len(got), len(want)))
+  return None
