@@ -8,6 +8,9 @@ Prints, per state and method: median time, throughput, files on disk, the median
 per-repetition ratios to the raw baseline (same bytes as one file + fsync; read cold, i.e.
 after evicting the file from the page cache, and warm), and the ratio of best times (this
 VM's memory and disk timings are noisy; the best of several repetitions is the steadiest).
+"load cold" verifies checksums (the default); "load cold verify=False" is the same load
+without, so their ratio is what verification costs; "verify() cold" is flax_ckpt.verify
+reading and checking the whole checkpoint, against a cold raw read of the same bytes.
 """
 
 from __future__ import annotations
@@ -60,6 +63,13 @@ def bench_state(name, state, root, reps, use_orbax):
     del out
     t_load_w, out = C.timed(lambda: jax.block_until_ready(flax_ckpt.load(fc, abstract)))
     del out
+    C.drop_cache(fc)  # the same cold load without checksum checks: what verifying costs
+    t_load_nv, out = C.timed(lambda: jax.block_until_ready(
+        flax_ckpt.load(fc, abstract, verify=False)))
+    del out
+    C.drop_cache(fc)
+    t_verify, report = C.timed(lambda: flax_ckpt.verify(fc))
+    assert report, report
     C.rm(fc)
     resp = None
     def start():
@@ -89,6 +99,8 @@ def bench_state(name, state, root, reps, use_orbax):
     add("flax_ckpt save_async total", t_async_total, t_raw_w)
     add("flax_ckpt load cold", t_load_c, t_raw_rc)
     add("flax_ckpt load warm", t_load_w, t_raw_rw)
+    add("flax_ckpt load cold verify=False", t_load_nv, t_raw_rc)
+    add("flax_ckpt verify() cold", t_verify, t_raw_rc)
     if ocp is not None:
       add("orbax save", t_ob_save, t_raw_w, ob_files)
       add("orbax save blocking", t_ob_block, t_raw_w)
