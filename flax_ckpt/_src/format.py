@@ -56,9 +56,11 @@ DATA_FILE_RE = re.compile(r"data\.p\d+\.bin(\.\d+)?")  # a data file (or its seg
 CHECKSUM_ALGORITHM = "xxh3_64"
 CHECKSUM_RE = re.compile(r"[0-9a-f]{16}")
 # A chunk's bytes are checksummed in blocks of whole rows (index 0 of the chunk's first
-# dimension) of at most this many bytes (one row if a row is bigger), so a read of some
-# rows verifies without reading the whole chunk.
+# dimension), so a read of some rows verifies without reading the whole chunk. Writers
+# aim at a 16th of the chunk, within these bounds (one row if a row is bigger); readers
+# take the block size from the record.
 CHECKSUM_BLOCK_BYTES = 1 << 20
+CHECKSUM_MIN_BLOCK_BYTES = 64 << 10
 
 
 def data_file(process_index: int) -> str:

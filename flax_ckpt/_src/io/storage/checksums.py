@@ -9,8 +9,8 @@ other file of a checkpoint gets one checksum of its bytes (docs/format.md, "Chec
 Example:
   >>> digest(b"flax_ckpt")
   'ec520f4c29d54d8e'
-  >>> block_bytes(8 << 20, 1000)  # 1000-byte rows: blocks of 1048 rows
-  1048000
+  >>> block_bytes(8 << 20, 1000)  # 1000-byte rows: blocks of 524 rows (8 MiB / 16)
+  524000
   >>> len(block_digests(memoryview(bytes(3000)), 1000))
   3
 """
@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import xxhash
 
-from flax_ckpt._src.format import CHECKSUM_BLOCK_BYTES
+from flax_ckpt._src.format import CHECKSUM_BLOCK_BYTES, CHECKSUM_MIN_BLOCK_BYTES
 
 _VERIFY = contextvars.ContextVar("flax_ckpt_verify", default=True)
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
@@ -66,10 +66,15 @@ def digest(data: bytes | bytearray | memoryview) -> str:
 
 def block_bytes(nbytes: int, row_bytes: int) -> int:
   """The block size of a chunk of ``nbytes`` whose rows have ``row_bytes`` bytes: as many
-  whole rows as fit in ``CHECKSUM_BLOCK_BYTES`` (at least one), or the whole chunk."""
-  if nbytes <= CHECKSUM_BLOCK_BYTES or row_bytes <= 0:
+  whole rows (at least one) as fit in about a 16th of the chunk, but at least
+  ``CHECKSUM_MIN_BLOCK_BYTES`` and at most ``CHECKSUM_BLOCK_BYTES``; a small chunk is one
+  block. Why: a resharding load that needs some rows of a chunk reads whole blocks, so a
+  block is small next to the chunk (little extra reading), yet big enough that the
+  checksums stay a tiny part of the metadata (one per MiB of big chunks)."""
+  if nbytes <= CHECKSUM_MIN_BLOCK_BYTES or row_bytes <= 0:
     return max(nbytes, 1)
-  return max(1, CHECKSUM_BLOCK_BYTES // row_bytes) * row_bytes
+  target = min(CHECKSUM_BLOCK_BYTES, max(CHECKSUM_MIN_BLOCK_BYTES, nbytes // 16))
+  return max(1, target // row_bytes) * row_bytes
 
 
 def block_digests(view: memoryview, xb: int) -> list[str]:
