@@ -911,3 +911,55 @@ def test_verify_of_a_damaged_marker_is_a_problem_not_an_exception(ckpt_dir):
   assert "_CHECKPOINT" in str(report)
   with pytest.raises(flax_ckpt.FormatError):
     flax_ckpt.load(path)
+
+
+@pytest.mark.parametrize("staging", [None, 2 << 20], ids=["default", "2MiB"])
+def test_verify_counts_every_bad_block_of_a_large_chunk(ckpt_dir, monkeypatch, staging):
+  """40 blocks (hashed on the pool, in several slabs with a small staging budget)."""
+  if staging:
+    monkeypatch.setenv("FLAX_CKPT_STAGING_BYTES", str(staging))
+  x = np.arange(40 * 256 * 1024, dtype=np.float32).reshape(40 * 256, 1024)  # 40 MiB
+  path = os.fspath(ckpt_dir / "c")
+  flax_ckpt.save(path, {"x": x})
+  data = os.path.join(path, "state", "data.p0.bin")
+  (c,) = _leaf_chunks(os.path.join(path, "state"))["['x']"]
+  assert c["xb"] == _MIB and len(c["x"]) == 40
+  assert flax_ckpt.verify(path).bytes_checked == 40 * _MIB
+  for k in (39, 17, 18, 2):
+    _flip(data, c["o"] + k * _MIB + 1000)
+  report = flax_ckpt.verify(path)
+  assert len(report.problems) == 1, str(report)
+  msg = report.problems[0].message
+  assert "4 of 40" in msg and f"bytes {c['o'] + 2 * _MIB}" in msg, msg
+  with pytest.raises(flax_ckpt.CorruptCheckpointError) as info:
+    flax_ckpt.load(path)
+  assert "block 2)" in str(info.value)  # the first damaged block is named
+  got = np.asarray(flax_ckpt.load(path, verify=False)["x"])
+  assert (got != x).sum() == 4
+
+
+def test_object_store_chunk_split_over_segments(s3_root, monkeypatch):
+  """A 2 MiB chunk stored as 64 KiB segment objects: damage in a later segment is caught
+  by a whole load, a resharded load and verify."""
+  from _objstore_helpers import keys, put, read
+
+  monkeypatch.setenv("FLAX_CKPT_OBJECT_BYTES", str(65536))
+  x = np.arange(512 * 1024, dtype=np.float32).reshape(512, 1024)
+  path = f"{s3_root}/ckpt"
+  flax_ckpt.save(path, {"x": x})
+  segs = sorted(_objstore_segments(path), key=lambda k: int(k.rsplit(".", 1)[-1]))
+  assert len(segs) >= 32, keys(path)
+  seg = f"{path}/{segs[20]}"  # bytes 1.25 MiB.. of the data file: block 1 of x
+  data = bytearray(read(seg))
+  data[10] ^= 0x01
+  put(seg, bytes(data))
+  with pytest.raises(flax_ckpt.CorruptCheckpointError, match="block 1"):
+    flax_ckpt.load(path)
+  mesh = _mesh8()
+  template = {"x": jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                        sharding=NamedSharding(mesh, P(None, "x")))}
+  with pytest.raises(flax_ckpt.CorruptCheckpointError, match="block 1"):
+    flax_ckpt.load(path, template)
+  report = flax_ckpt.verify(path)
+  assert [(p.part, p.leaf) for p in report.problems] == [("state", "['x']")]
+  assert "1 of 2" in report.problems[0].message
