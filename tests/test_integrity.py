@@ -1061,3 +1061,110 @@ def test_damaged_marker_report_does_not_claim_an_old_format(ckpt_dir):
   report = flax_ckpt.verify(path)
   assert not report
   assert "saved by a flax_ckpt without them" not in str(report), str(report)
+
+
+# ----------------------------------------------------------------------------- leaf kinds
+
+
+@pytest.mark.parametrize("kind", ["bytes", "key", "keys", "bfloat16", "bool", "int8_sharded"])
+def test_every_leaf_kind_in_the_data_file_is_checked(ckpt_dir, kind):
+  import jax.numpy as jnp
+
+  if kind == "bytes":
+    value = bytes(range(256)) * 400  # > 64 KiB: goes to the data file
+  elif kind == "key":
+    value = jax.random.key(0)
+  elif kind == "keys":
+    value = jax.random.split(jax.random.key(1), 50)
+  elif kind == "bfloat16":
+    value = jnp.arange(100, dtype=jnp.bfloat16)
+  elif kind == "bool":
+    value = np.ones(100, bool)
+  else:
+    value = jax.device_put(np.arange(64, dtype=np.int8).reshape(8, 8),
+                           NamedSharding(_mesh8(), P("x")))
+  path = os.fspath(ckpt_dir / "c")
+  flax_ckpt.save(path, {"v": value})
+  (c, *_) = _leaf_chunks(os.path.join(path, "state"))["['v']"]
+  assert c["x"]
+  with open(os.path.join(path, "state", "data.p0.bin"), "rb") as f:
+    f.seek(c["o"])
+    assert xxhash.xxh3_64_hexdigest(f.read(c["n"])) == c["x"][0]
+  _flip(os.path.join(path, "state", "data.p0.bin"), c["o"] + c["n"] - 1)
+  with pytest.raises(flax_ckpt.CorruptCheckpointError) as info:
+    flax_ckpt.load(path)
+  assert info.value.leaf == "['v']"
+  assert _problems(flax_ckpt.verify(path)) == [("data.p0.bin", "state", "['v']")]
+
+
+def test_inline_value_in_the_tree_file_is_checked(ckpt_dir):
+  path = os.fspath(ckpt_dir / "c")
+  flax_ckpt.save(path, {"name": "run-12345", "lr": 0.125, "n": 12345})
+  tree_file = os.path.join(path, "state", "_TREE.json")
+  with open(tree_file) as f:
+    text = f.read()
+  assert text.count("12345") >= 2
+  with open(tree_file, "w") as f:
+    f.write(text.replace("run-12345", "run-12346"))
+  with pytest.raises(flax_ckpt.CorruptCheckpointError) as info:
+    flax_ckpt.load(path)
+  assert info.value.file.endswith("_TREE.json") and info.value.leaf == ""
+  assert flax_ckpt.load(path, verify=False)["name"] == "run-12346"
+
+
+class Note:
+  """A leaf type with a TypeHandler that writes its own file."""
+
+  def __init__(self, text):
+    self.text = text
+
+
+class NoteHandler(flax_ckpt.type_handlers.TypeHandler):
+
+  def typestr(self):
+    return "test_integrity.Note"
+
+  async def serialize(self, values, infos, args=None):
+    del args
+    for value, info in zip(values, infos, strict=True):
+      info.path.mkdir(exist_ok=True)
+      (info.path / "note.txt").write_text(value.text)
+    return []
+
+  async def deserialize(self, infos, args=None):
+    del args
+    return [Note((info.path / "note.txt").read_text()) for info in infos]
+
+  async def metadata(self, infos):
+    return [flax_ckpt.metadata.Metadata(name=info.name, directory=info.path) for info in infos]
+
+
+def test_files_of_a_custom_type_handler_are_checked(ckpt_dir):
+  flax_ckpt.type_handlers.register_type_handler(Note, NoteHandler(), override=True)
+  path = os.fspath(ckpt_dir / "c")
+  flax_ckpt.save(path, {"note": Note("step 12345"), "w": np.ones(3)})
+  assert flax_ckpt.load(path)["note"].text == "step 12345"
+  (note,) = [os.path.join(d, n) for d, _, ns in os.walk(path) for n in ns if n == "note.txt"]
+  with open(note, "w") as f:
+    f.write("step 12346")
+  with pytest.raises(flax_ckpt.CorruptCheckpointError) as info:
+    flax_ckpt.load(path)
+  assert info.value.file == note and info.value.part == "state"
+  report = flax_ckpt.verify(path)
+  assert [p.file for p in report.problems] == [note]
+  assert flax_ckpt.load(path, verify=False)["note"].text == "step 12346"
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["sync", "async"])
+def test_overwriting_a_damaged_checkpoint_gives_a_sound_one(ckpt_dir, use_async):
+  path = os.fspath(ckpt_dir / "c")
+  flax_ckpt.save(path, _params())
+  _flip(os.path.join(path, "state", "data.p0.bin"), 0)
+  assert not flax_ckpt.verify(path)
+  new = {"w": np.full(5, 3.0, np.float32)}
+  if use_async:
+    flax_ckpt.save_async(path, new, overwrite=True).result()
+  else:
+    flax_ckpt.save(path, new, overwrite=True)
+  assert flax_ckpt.verify(path)
+  np.testing.assert_array_equal(flax_ckpt.load(path)["w"], new["w"])
