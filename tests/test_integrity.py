@@ -130,6 +130,21 @@ def _strip_checksums(path):
           json.dump(c, f)
 
 
+def _geometry(c, row_bytes):
+  """Checks a chunk record's block geometry against its bytes' layout; returns (xb, n
+  blocks). The block size is the library's choice (whole rows, at most 1 MiB); the tests
+  only rely on what the record says."""
+  xb = c.get("xb", c["n"])
+  nb = len(c["x"])
+  assert xb % row_bytes == 0 or xb == c["n"], (xb, row_bytes)
+  assert 0 < xb <= max(_MIB, row_bytes) and (nb - 1) * xb < c["n"] <= nb * xb, c
+  return xb, nb
+
+
+def _block_digests(raw, xb):
+  return [xxhash.xxh3_64_hexdigest(raw[i:i + xb]) for i in range(0, len(raw), xb)]
+
+
 def _problems(report):
   return [(os.path.basename(p.file), p.part, p.leaf) for p in report.problems]
 
@@ -476,23 +491,24 @@ def test_large_chunk_damage_in_block_two_names_its_bytes(ckpt_dir):
   flax_ckpt.save(path, {"big": _big(), "small": np.ones(4)})
   part_dir = os.path.join(path, "state")
   (c,) = _leaf_chunks(part_dir)["['big']"]
-  assert c["n"] == 4 * _MIB and c["xb"] == _MIB and len(c["x"]) == 4
+  xb, nb = _geometry(c, 4096)
+  assert c["n"] == 4 * _MIB and nb >= 4
   with open(os.path.join(part_dir, "data.p0.bin"), "rb") as f:
     f.seek(c["o"])
     raw = f.read(c["n"])
-  assert c["x"] == [xxhash.xxh3_64_hexdigest(raw[i:i + _MIB]) for i in range(0, c["n"], _MIB)]
+  assert c["x"] == _block_digests(raw, xb)
 
-  a = c["o"] + 2 * _MIB
-  _flip(os.path.join(part_dir, "data.p0.bin"), a + 12345)
+  a = c["o"] + 2 * xb
+  _flip(os.path.join(part_dir, "data.p0.bin"), a + 12345 % xb)
   with pytest.raises(flax_ckpt.CorruptCheckpointError) as info:
     flax_ckpt.load(path)
   e = info.value
   assert e.leaf == "['big']"
-  assert f"{a}..{a + _MIB}" in str(e) and "block 2" in str(e)
+  assert f"{a}..{a + xb}" in str(e) and "block 2" in str(e)
   report = flax_ckpt.verify(path)
   assert _problems(report) == [("data.p0.bin", "state", "['big']")]
-  assert "1 of 4" in report.problems[0].message
-  assert str(a) in report.problems[0].message and str(a + _MIB) in report.problems[0].message
+  assert f"1 of {nb}" in report.problems[0].message
+  assert str(a) in report.problems[0].message and str(a + xb) in report.problems[0].message
   got = flax_ckpt.load(path, verify=False)["big"]
   assert (got != _big()).sum() == 1
 
@@ -502,12 +518,13 @@ def test_large_chunk_damage_in_several_blocks_counted(ckpt_dir):
   flax_ckpt.save(path, {"big": _big()})
   part_dir = os.path.join(path, "state")
   (c,) = _leaf_chunks(part_dir)["['big']"]
+  xb, nb = _geometry(c, 4096)
   for k in (1, 3):
-    _flip(os.path.join(part_dir, "data.p0.bin"), c["o"] + k * _MIB + 5)
+    _flip(os.path.join(part_dir, "data.p0.bin"), c["o"] + k * xb + 5)
   report = flax_ckpt.verify(path)
   assert len(report.problems) == 1  # one chunk: one problem naming its bad blocks
   msg = report.problems[0].message
-  assert "2 of 4" in msg and str(c["o"] + _MIB) in msg
+  assert f"2 of {nb}" in msg and str(c["o"] + xb) in msg
   with pytest.raises(flax_ckpt.CorruptCheckpointError, match="block 1"):
     flax_ckpt.load(path)
 
@@ -533,19 +550,21 @@ def test_resharded_load_reads_parts_of_chunks_and_verifies_them(ckpt_dir, spec):
 
   part_dir = os.path.join(path, "state")
   (c,) = _leaf_chunks(part_dir)["['big']"]
-  a = c["o"] + 2 * _MIB
-  _flip(os.path.join(part_dir, "data.p0.bin"), a + 4096 * 3 + 8)  # row 515
+  xb, _ = _geometry(c, 4096)
+  a = c["o"] + 2 * xb
+  row = 2 * xb // 4096 + 3
+  _flip(os.path.join(part_dir, "data.p0.bin"), a + 4096 * 3 + 8)  # block 2, row `row`, col 2
   before = _snapshot(path)
   with pytest.raises(flax_ckpt.CorruptCheckpointError) as info:
     flax_ckpt.load(path, template)
-  assert info.value.leaf == "['big']" and f"{a}..{a + _MIB}" in str(info.value)
+  assert info.value.leaf == "['big']" and f"{a}..{a + xb}" in str(info.value)
   got = np.asarray(flax_ckpt.load(path, template, verify=False)["big"])
-  assert (got != _big()).sum() == 1 and got[515, 2] != _big()[515, 2]
+  assert (got != _big()).sum() == 1 and got[row, 2] != _big()[row, 2]
   assert _snapshot(path) == before
 
 
 def test_resharding_from_sharded_multi_block_chunks(ckpt_dir):
-  """Saved row-sharded (8 chunks of 2 blocks), loaded column-sharded."""
+  """Saved row-sharded (8 chunks of 2 MiB, several blocks each), loaded column-sharded."""
   mesh = _mesh8()
   x = np.arange(8192 * 512, dtype=np.float32).reshape(8192, 512)
   arr = jax.device_put(x, NamedSharding(mesh, P("x", None)))
@@ -553,7 +572,7 @@ def test_resharding_from_sharded_multi_block_chunks(ckpt_dir):
   flax_ckpt.save(path, {"x": arr})
   part_dir = os.path.join(path, "state")
   chunks = _leaf_chunks(part_dir)["['x']"]
-  assert len(chunks) == 8 and all(len(c["x"]) == 2 for c in chunks)
+  assert len(chunks) == 8 and all(_geometry(c, 2048)[1] >= 2 for c in chunks)
   template = {"x": jax.ShapeDtypeStruct(x.shape, x.dtype,
                                         sharding=NamedSharding(mesh, P(None, "x")))}
   np.testing.assert_array_equal(np.asarray(flax_ckpt.load(path, template)["x"]), x)
@@ -564,7 +583,7 @@ def test_resharding_from_sharded_multi_block_chunks(ckpt_dir):
   assert info.value.leaf == "['x']" and str(c["s"]) in str(info.value)
   report = flax_ckpt.verify(path)
   assert _problems(report) == [("data.p0.bin", "state", "['x']")]
-  assert "1 of 2" in report.problems[0].message
+  assert f"1 of {len(c['x'])}" in report.problems[0].message
 
 
 def test_partial_load_skips_damaged_leaf_it_does_not_need(ckpt_dir):
@@ -818,10 +837,11 @@ def test_every_read_path_verifies(ckpt_dir, monkeypatch, storage_kind, direct_io
   assert info.value.leaf == "['w']"
   assert _problems(flax_ckpt.verify(path)) == [("data.p0.bin", "state", "['w']")]
   c = chunks["['big']"][0]
-  _flip(os.path.join(part_dir, "data.p0.bin"), c["o"] + c["n"] - 1)  # last byte, block 3
+  _, nb = _geometry(c, 4096)
+  _flip(os.path.join(part_dir, "data.p0.bin"), c["o"] + c["n"] - 1)  # last byte, last block
   report = flax_ckpt.verify(path)
   assert {p.leaf for p in report.problems} == {"['w']", "['big']"}
-  with pytest.raises(flax_ckpt.CorruptCheckpointError, match="block 3"):
+  with pytest.raises(flax_ckpt.CorruptCheckpointError, match=rf"block {nb - 1}\)"):
     flax_ckpt.load(path, {"big": jax.ShapeDtypeStruct((1024, 1024), np.float32)},
                    partial=True)
 
@@ -837,36 +857,39 @@ def test_small_staging_budget_still_verifies_whole_blocks(ckpt_dir, monkeypatch)
   np.testing.assert_array_equal(np.asarray(flax_ckpt.load(path, template)["big"]), _big())
   assert flax_ckpt.verify(path)
   (c,) = _leaf_chunks(os.path.join(path, "state"))["['big']"]
-  _flip(os.path.join(path, "state", "data.p0.bin"), c["o"] + _MIB + 77)
+  xb, _ = _geometry(c, 4096)
+  _flip(os.path.join(path, "state", "data.p0.bin"), c["o"] + xb + 77)
   with pytest.raises(flax_ckpt.CorruptCheckpointError, match="block 1"):
     flax_ckpt.load(path, template)
   assert not flax_ckpt.verify(path)
 
 
 def test_uneven_blocks_last_block_shorter(ckpt_dir):
-  """Rows of 4000 bytes: blocks of 262 rows (1,048,000 bytes), the last one shorter."""
+  """Rows of 4000 bytes: blocks of whole rows (not a power of two), the last one shorter."""
   x = np.arange(1000 * 1000, dtype=np.float32).reshape(1000, 1000)
   path = os.fspath(ckpt_dir / "c")
   flax_ckpt.save(path, {"x": x})
   part_dir = os.path.join(path, "state")
   (c,) = _leaf_chunks(part_dir)["['x']"]
-  assert c["xb"] == 262 * 4000 and len(c["x"]) == 4
+  xb, nb = _geometry(c, 4000)
+  assert nb >= 4 and c["n"] % xb  # the last block is shorter
   with open(os.path.join(part_dir, "data.p0.bin"), "rb") as f:
     f.seek(c["o"])
     raw = f.read(c["n"])
-  assert c["x"][-1] == xxhash.xxh3_64_hexdigest(raw[3 * c["xb"]:])
+  assert c["x"] == _block_digests(raw, xb)
+  assert c["x"][-1] == xxhash.xxh3_64_hexdigest(raw[(nb - 1) * xb:])
   _flip(os.path.join(part_dir, "data.p0.bin"), c["o"] + c["n"] - 2)
   end = c["o"] + c["n"]
   with pytest.raises(flax_ckpt.CorruptCheckpointError) as info:
     flax_ckpt.load(path)
-  assert f"{c['o'] + 3 * c['xb']}..{end}" in str(info.value)
+  assert f"{c['o'] + (nb - 1) * xb}..{end}" in str(info.value)
   mesh = _mesh8()
   template = {"x": jax.ShapeDtypeStruct(x.shape, x.dtype,
                                         sharding=NamedSharding(mesh, P("x", None)))}
   with pytest.raises(flax_ckpt.CorruptCheckpointError):
     flax_ckpt.load(path, template)
   report = flax_ckpt.verify(path)
-  assert "1 of 4" in report.problems[0].message and str(end) in report.problems[0].message
+  assert f"1 of {nb}" in report.problems[0].message and str(end) in report.problems[0].message
 
 
 def test_rows_larger_than_a_block(ckpt_dir):
@@ -876,7 +899,7 @@ def test_rows_larger_than_a_block(ckpt_dir):
   flax_ckpt.save(path, {"x": x})
   part_dir = os.path.join(path, "state")
   (c,) = _leaf_chunks(part_dir)["['x']"]
-  assert c["xb"] == 2_400_000 and len(c["x"]) == 3
+  assert _geometry(c, 2_400_000) == (2_400_000, 3)
   mesh = _mesh8()
   template = {"x": jax.ShapeDtypeStruct(x.shape, x.dtype,
                                         sharding=NamedSharding(mesh, P(None, "x")))}
@@ -915,7 +938,8 @@ def test_verify_of_a_damaged_marker_is_a_problem_not_an_exception(ckpt_dir):
 
 @pytest.mark.parametrize("staging", [None, 2 << 20], ids=["default", "2MiB"])
 def test_verify_counts_every_bad_block_of_a_large_chunk(ckpt_dir, monkeypatch, staging):
-  """40 blocks (hashed on the pool, in several slabs with a small staging budget)."""
+  """A 40 MiB chunk of many blocks (hashed on the pool; in several slabs with a small
+  staging budget)."""
   if staging:
     monkeypatch.setenv("FLAX_CKPT_STAGING_BYTES", str(staging))
   x = np.arange(40 * 256 * 1024, dtype=np.float32).reshape(40 * 256, 1024)  # 40 MiB
@@ -923,14 +947,15 @@ def test_verify_counts_every_bad_block_of_a_large_chunk(ckpt_dir, monkeypatch, s
   flax_ckpt.save(path, {"x": x})
   data = os.path.join(path, "state", "data.p0.bin")
   (c,) = _leaf_chunks(os.path.join(path, "state"))["['x']"]
-  assert c["xb"] == _MIB and len(c["x"]) == 40
+  xb, nb = _geometry(c, 4096)
+  assert nb >= 40
   assert flax_ckpt.verify(path).bytes_checked == 40 * _MIB
-  for k in (39, 17, 18, 2):
-    _flip(data, c["o"] + k * _MIB + 1000)
+  for k in (nb - 1, 17, 18, 2):
+    _flip(data, c["o"] + k * xb + 1000)
   report = flax_ckpt.verify(path)
   assert len(report.problems) == 1, str(report)
   msg = report.problems[0].message
-  assert "4 of 40" in msg and f"bytes {c['o'] + 2 * _MIB}" in msg, msg
+  assert f"4 of {nb}" in msg and f"bytes {c['o'] + 2 * xb}" in msg, msg
   with pytest.raises(flax_ckpt.CorruptCheckpointError) as info:
     flax_ckpt.load(path)
   assert "block 2)" in str(info.value)  # the first damaged block is named
@@ -949,20 +974,24 @@ def test_object_store_chunk_split_over_segments(s3_root, monkeypatch):
   flax_ckpt.save(path, {"x": x})
   segs = sorted(_objstore_segments(path), key=lambda k: int(k.rsplit(".", 1)[-1]))
   assert len(segs) >= 32, keys(path)
-  seg = f"{path}/{segs[20]}"  # bytes 1.25 MiB.. of the data file: block 1 of x
+  (index,) = [k for k in keys(path) if k.endswith("state/_CHUNKS.p0.json")]
+  (c,) = json.loads(read(f"{path}/{index}"))["chunks"]["0"]
+  xb, nb = _geometry(c, 4096)
+  seg = f"{path}/{segs[20]}"  # bytes 1.25 MiB.. of the data file
+  block = (20 * 65536 + 10 - c["o"]) // xb
   data = bytearray(read(seg))
   data[10] ^= 0x01
   put(seg, bytes(data))
-  with pytest.raises(flax_ckpt.CorruptCheckpointError, match="block 1"):
+  with pytest.raises(flax_ckpt.CorruptCheckpointError, match=rf"block {block}\)"):
     flax_ckpt.load(path)
   mesh = _mesh8()
   template = {"x": jax.ShapeDtypeStruct(x.shape, x.dtype,
                                         sharding=NamedSharding(mesh, P(None, "x")))}
-  with pytest.raises(flax_ckpt.CorruptCheckpointError, match="block 1"):
+  with pytest.raises(flax_ckpt.CorruptCheckpointError, match=rf"block {block}\)"):
     flax_ckpt.load(path, template)
   report = flax_ckpt.verify(path)
   assert [(p.part, p.leaf) for p in report.problems] == [("state", "['x']")]
-  assert "1 of 2" in report.problems[0].message
+  assert f"1 of {nb}" in report.problems[0].message
 
 
 def test_manager_damaged_dataset_leaves_the_iterator_alone(ckpt_dir):
@@ -1089,7 +1118,7 @@ def test_every_leaf_kind_in_the_data_file_is_checked(ckpt_dir, kind):
   assert c["x"]
   with open(os.path.join(path, "state", "data.p0.bin"), "rb") as f:
     f.seek(c["o"])
-    assert xxhash.xxh3_64_hexdigest(f.read(c["n"])) == c["x"][0]
+    assert _block_digests(f.read(c["n"]), c.get("xb", c["n"])) == c["x"]
   _flip(os.path.join(path, "state", "data.p0.bin"), c["o"] + c["n"] - 1)
   with pytest.raises(flax_ckpt.CorruptCheckpointError) as info:
     flax_ckpt.load(path)
