@@ -43,6 +43,7 @@ class Dataset:
     self.pos = state["pos"]
 
 
+
 def _params():
   return {"w": np.arange(1000, dtype=np.float32), "b": np.full((1000,), 7, np.float32)}
 
@@ -408,12 +409,6 @@ def test_deleted_data_file_is_reported_once(ckpt_dir, kind):
   assert _snapshot(path) == before
 
 
-@pytest.mark.xfail(strict=True, raises=FileNotFoundError, reason=(
-    "a load of a checkpoint whose data file was deleted raises a plain FileNotFoundError "
-    "(pytree_io.load re-raises it as 'a data file of this checkpoint is missing ... the "
-    "checkpoint is damaged'), not a FormatError as issue 14 asks for a deleted data file "
-    "(a truncated one is a TruncatedDataError, a FormatError); code catching damaged "
-    "checkpoints as FormatError misses it"))
 def test_deleted_data_file_load_is_a_format_error(ckpt_dir):
   path = os.fspath(ckpt_dir / "c")
   flax_ckpt.save(path, _params())
@@ -1064,10 +1059,6 @@ def test_load_inside_a_running_event_loop_verifies(ckpt_dir):
 # ----------------------------------------------------------------------------- report details
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "verify of a truncated data file reports Problem.file as the part directory "
-    "(verifying._leaf_structure adds plan.state_dir), not the data file itself, while a "
-    "deleted data file or a damaged chunk is reported with file=<part>/data.p0.bin"))
 def test_truncated_data_file_problem_names_the_file(ckpt_dir):
   path = os.fspath(ckpt_dir / "c")
   flax_ckpt.save(path, _params())
@@ -1078,10 +1069,6 @@ def test_truncated_data_file_problem_names_the_file(ckpt_dir):
   assert all(p.file == data for p in report.problems), [p.file for p in report.problems]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "verify of a checkpoint whose _CHECKPOINT marker is damaged (not JSON) prints 'no "
-    "checksums: saved by a flax_ckpt without them' (VerifyReport default has_checksums="
-    "False), a false claim about a checkpoint that may well carry checksums"))
 def test_damaged_marker_report_does_not_claim_an_old_format(ckpt_dir):
   path = os.fspath(ckpt_dir / "c")
   flax_ckpt.save(path, _params())

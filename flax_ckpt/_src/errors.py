@@ -36,7 +36,9 @@ class FormatError(CheckpointError, ValueError):
 
 class TruncatedDataError(FormatError, OSError):
   """A data file holds fewer bytes than its chunk index claims (truncated or crafted); a
-  FormatError, and an OSError as a short read always was."""
+  FormatError, and an OSError as a short read always was. ``path``: the data file."""
+
+  path: str | None = None
 
 
 class CorruptCheckpointError(FormatError):
@@ -65,8 +67,21 @@ class CorruptCheckpointError(FormatError):
         f"part {self.part!r}" if self.part else "",
         f"leaf {self.leaf}" if self.leaf else "",
         f"file {self.file}" if self.file else "") if x)
-    return (f"{where}: {self.detail}; the checkpoint is corrupt (damaged after it was "
-            "written). Load an earlier checkpoint, or pass verify=False to read it anyway.")
+    return f"{where}: {self.detail}; {self._advice}"
+
+  _advice = ("the checkpoint is corrupt (damaged after it was written). Load an earlier "
+             "checkpoint, or pass verify=False to read it anyway.")
+
+
+class MissingDataError(CorruptCheckpointError, FileNotFoundError):
+  """A data file of a committed checkpoint is gone: a CorruptCheckpointError (so a
+  FormatError), and a FileNotFoundError as a missing data file always was."""
+
+  _advice = "the checkpoint is damaged."
+
+  def __init__(self, detail: str, **where: str):
+    super().__init__(detail, **where)
+    self.errno, self.filename = 2, where.get("file")  # ENOENT
 
 
 class StorageError(CheckpointError, OSError):

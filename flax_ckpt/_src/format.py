@@ -19,6 +19,8 @@ import json
 import re
 from typing import Any, TypedDict
 
+import numpy as np
+
 from flax_ckpt._src import errors
 
 FORMAT_NAME = "flax_ckpt"
@@ -98,8 +100,26 @@ def dump_json_bytes(obj: Any, *, compact: bool = True) -> bytes:
       "utf-8", "surrogatepass")
 
 
+MAX_JSON_DEPTH = 5000  # deeper JSON is refused before it is parsed
+
+
+def _too_deep(raw: bytes) -> bool:
+  """Whether ``raw`` nests arrays/objects deeper than MAX_JSON_DEPTH (brackets inside
+  strings count too: an upper bound, exact for every file flax_ckpt writes)."""
+  if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+    return False  # the common case: too few brackets to nest that deep
+  b = np.frombuffer(raw, np.uint8)
+  step = ((b == 91) | (b == 123)).astype(np.int32) - ((b == 93) | (b == 125))
+  return int(np.cumsum(step).max()) > MAX_JSON_DEPTH
+
+
 def load_json_bytes(raw: bytes) -> Any:
-  """The inverse of :func:`dump_json_bytes` (raises ``ValueError`` on bad bytes)."""
+  """The inverse of :func:`dump_json_bytes` (raises ``ValueError`` on bad bytes).
+
+  Why the depth check: the C JSON parser recurses per level, and with a raised recursion
+  limit a crafted file of 100k nested brackets crashes the interpreter (SIGSEGV)."""
+  if _too_deep(raw):
+    raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
   return json.loads(raw.decode("utf-8", "surrogatepass"))
 
 

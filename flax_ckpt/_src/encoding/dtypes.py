@@ -41,6 +41,11 @@ def dtype_name(dtype: np.dtype) -> str:
   return name
 
 
+def known_names() -> frozenset[str]:
+  """Every dtype name a checkpoint may hold (docs/format.md)."""
+  return frozenset(_BY_NAME)
+
+
 def dtype_from_name(name: str) -> np.dtype:
   """The numpy dtype for an on-disk dtype name."""
   try:

@@ -18,21 +18,29 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from typing import Any
 
 from flax_ckpt._src import errors
-from flax_ckpt._src.encoding import dtypes
 from flax_ckpt._src.engine.loading import (
     CommittedCheckpoint,
     part_files,
     read_committed,
     refuse_outside_links,
 )
-from flax_ckpt._src.format import KIND_PYTREE, data_file
+from flax_ckpt._src.format import (
+    CHUNKS_PREFIX,
+    KIND_HANDLER,
+    KIND_PYTREE,
+    LEAVES_DIR,
+    ROOT_DIR,
+    STATE_FILE_RE,
+    TREE_FILE,
+    data_file,
+)
 from flax_ckpt._src.io import paths, storage
+from flax_ckpt._src.leaves.arrays import ARRAY_TYPESTRS, check_array_record
 from flax_ckpt._src.leaves.chunk_reads import ReadPlan, chunks_tile
 from flax_ckpt._src.parts import pytree_io
 from flax_ckpt._src.tree import treespec
@@ -68,7 +76,8 @@ class VerifyReport:
     path: the checkpoint verified.
     problems: every problem found, in the order found (empty: the checkpoint is sound).
     has_checksums: whether the checkpoint carries checksums; one saved by a flax_ckpt
-      before checksums existed can only be checked for structure and file lengths.
+      before checksums existed can only be checked for structure and file lengths. None
+      when its commit marker could not be read.
     files_checked: files compared against their checksums.
     chunks_checked: array chunks read and compared against their checksums.
     bytes_checked: bytes read and checksummed.
@@ -77,7 +86,7 @@ class VerifyReport:
 
   path: str
   problems: list[Problem] = dataclasses.field(default_factory=list)
-  has_checksums: bool = False
+  has_checksums: bool | None = None
   files_checked: int = 0
   chunks_checked: int = 0
   bytes_checked: int = 0
@@ -99,7 +108,7 @@ class VerifyReport:
             f"{self.files_checked} files, {self.chunks_checked} chunks, "
             f"{self.bytes_checked / 1e6:.1f} MB checked in {self.seconds:.2f} s")
     lines = [head]
-    if not self.has_checksums:
+    if self.has_checksums is False:
       lines.append("  no checksums: saved by a flax_ckpt without them; only the structure "
                    "and file lengths were checked")
     lines += [f"  {p}" for p in self.problems]
@@ -123,6 +132,7 @@ def verify_checkpoint(path: paths.PathLike) -> VerifyReport:
       _check_files(ckpt, name, report)
       if entry.kind == KIND_PYTREE:
         _check_tree(part_dir, name, report)
+    _check_unlisted(ckpt, report)
     return report
 
   try:
@@ -149,6 +159,26 @@ def _check_files(ckpt: CommittedCheckpoint, part: str, report: VerifyReport) -> 
       report.add(base / rel, "its bytes do not match their checksum (damaged)", part)
 
 
+def _check_unlisted(ckpt: CommittedCheckpoint, report: VerifyReport) -> None:
+  """Files the save did not write (or wrote under another name): a checksummed
+  checkpoint lists every file but its data files, whose chunks carry their own."""
+  sums = ckpt.manifest.checksums
+  if sums is None:
+    return
+  base = ckpt.path if ckpt.manifest.generation is None else ckpt.path / ckpt.manifest.generation
+  data_dirs = {e.directory(n, where=os.fspath(ckpt.path)) for n, e in
+               ckpt.manifest.parts.items() if e.kind != KIND_HANDLER}  # handlers: any files
+  for rel in storage.backend_for(base).list_files(os.fspath(base)):
+    head, _, name = rel.rpartition("/")
+    in_leaves = f"/{LEAVES_DIR}/" in f"/{head}/"
+    if rel in sums or ((head or ROOT_DIR) not in data_dirs and not in_leaves):
+      continue  # listed, or not where a reader looks (a user's notes, a blob cache)
+    if name == TREE_FILE or name.startswith(CHUNKS_PREFIX) or in_leaves or (
+        STATE_FILE_RE.fullmatch(name)):
+      report.add(base / rel, "a file readers use that the save did not write (its commit "
+                 "marker has no checksum for it): added or renamed after the commit")
+
+
 def _check_tree(part_dir: Any, part: str, report: VerifyReport) -> None:
   """A PyTree part: its metadata, every leaf's structure, every chunk's bytes."""
   try:
@@ -162,36 +192,32 @@ def _check_tree(part_dir: Any, part: str, report: VerifyReport) -> None:
     for i, leaf in enumerate(saved.leaves):
       name = treespec.path_str(leaf["path"])
       chunks = saved.chunks.get(i, [])
-      if _leaf_structure(plan, name, leaf["record"], chunks, part, report):
+      if _leaf_structure(plan, name, leaf, chunks, part, report):
         for c in chunks:
           _check_chunk(plan, c, name, part, report, dead)
   finally:
     saved.close()
 
 
-def _leaf_structure(plan: ReadPlan, name: str, record: dict, chunks: list[Any], part: str,
+def _leaf_structure(plan: ReadPlan, name: str, leaf: Any, chunks: list[Any], part: str,
                     report: VerifyReport) -> bool:
   """Checks a leaf's record against its chunks and the files; whether to read them."""
-  shape, dtype = record.get("shape"), record.get("dtype")
+  record = leaf["record"]
   try:
-    if dtype is not None:
-      if not isinstance(dtype, str):
-        raise errors.FormatError(f"dtype {dtype!r} is not a dtype name")
-      dtypes.dtype_from_name(dtype)
-    if isinstance(shape, list) and not (
-        all(isinstance(n, int) and n >= 0 for n in shape) and chunks_tile(chunks, shape)):
-      raise errors.FormatError(f"its chunks do not tile its shape {shape}")
-    if isinstance(shape, list) and isinstance(record.get("nbytes"), int) and dtype and (
-        record["nbytes"] != math.prod(shape) * dtypes.dtype_from_name(dtype).itemsize):
-      raise errors.FormatError(f"nbytes {record['nbytes']} does not match shape {shape} "
-                               f"and dtype {dtype}")
+    key = ARRAY_TYPESTRS.get(leaf["typestr"])
+    if key is not None:  # a built-in array leaf: its record must be well formed
+      check_array_record(record, name, plan.state_dir, key)
+      if not chunks_tile(chunks, record["shape"]):
+        raise errors.FormatError(f"leaf {name}: its chunks do not tile its shape "
+                                 f"{record['shape']}")
     plan.check_extents([(name, record, chunks)])
-  except FileNotFoundError as e:  # a missing data file: reported once, not once per leaf
-    file = e.filename or plan.state_dir
-    if not any(p.file == os.fspath(file) for p in report.problems):
-      report.add(file, "missing: the data file of this leaf and others", part, name)
+  except OSError as e:  # a missing or short data file: reported once, not once per leaf
+    file = os.fspath(getattr(e, "path", None) or e.filename or plan.state_dir)
+    if not any(p.file == file for p in report.problems):
+      what = ("missing" if isinstance(e, FileNotFoundError) else f"truncated ({e})")
+      report.add(file, f"{what}: the data file of this leaf and maybe others", part, name)
     return False
-  except (errors.FormatError, TypeError, OSError) as e:
+  except (errors.FormatError, TypeError) as e:
     report.add(plan.state_dir, str(e), part, name)
     return False
   return True
@@ -213,5 +239,5 @@ def _check_chunk(plan: ReadPlan, c: Any, name: str, part: str, report: VerifyRep
   if bad:
     xb = c.get("xb", c["n"])
     report.add(file, f"{len(bad)} of {len(c['x'])} checksum block(s) of the chunk at index "
-               f"{c['s']} differ (first: bytes {c['o'] + bad[0] * xb}..."
+               f"{c['s']} differ (first: bytes {c['o'] + bad[0] * xb}.."
                f"{min(c['o'] + (bad[0] + 1) * xb, c['o'] + c['n'])})", part, name)

@@ -152,8 +152,47 @@ class ArrayHandler(BuiltinHandler):
     return [_array_metadata(info) for info in infos]
 
 
+_MAX_DIM = 1 << 62  # no real dimension comes near; larger ones could overflow offsets
+
+
+def checked_record(info: th.ParamInfo, key: bool = False) -> dict:
+  """``info``'s record, checked by :func:`check_array_record`."""
+  return check_array_record(info.record, info.name, os.fspath(info.parent_dir), key)
+
+
+ARRAY_TYPESTRS = {"jax.Array": False, "np.ndarray": False, "jax.PRNGKey": True}  # -> key
+
+
+def check_array_record(r: dict, name: str, where: str, key: bool = False) -> dict:
+  """An array leaf's record (hostile input), checked before any of it is used: ``dtype``
+  a known dtype name, ``shape`` a list of non-negative ints, ``nbytes`` their size (and for
+  a PRNG key, ``impl`` a string and ``key_shape`` a leading part of ``shape``).
+
+  Raises:
+    FormatError: naming the leaf and what is wrong.
+  """
+  shape, dtype, nbytes = r.get("shape"), r.get("dtype"), r.get("nbytes")
+  problem = ""
+  if not isinstance(dtype, str) or dtype not in dtypes.known_names():
+    problem = f"dtype {dtype!r} is not a dtype this flax_ckpt knows"
+  elif not isinstance(shape, list) or not all(
+      type(n) is int and 0 <= n < _MAX_DIM for n in shape):
+    problem = f"shape {shape!r} is not a list of non-negative ints"
+  elif type(nbytes) is not int or nbytes != math.prod(shape) * np.dtype(
+      dtypes.dtype_from_name(dtype)).itemsize:
+    problem = f"nbytes {nbytes!r} does not match shape {shape} and dtype {dtype}"
+  elif key and (not isinstance(r.get("impl"), str) or not isinstance(r.get("key_shape"), list)
+                or r["key_shape"] != shape[:len(r["key_shape"])]):
+    problem = f"impl {r.get('impl')!r} / key_shape {r.get('key_shape')!r} are malformed"
+  if problem:
+    raise errors.FormatError(
+        f"leaf {name}: its record in {where}/_TREE.json is malformed "
+        f"({problem}); the checkpoint is damaged or crafted.")
+  return r
+
+
 def _array_metadata(info: th.ParamInfo) -> th.ArrayMetadata:
-  r = info.record
+  r = checked_record(info)
   typestrs: dict[Any, Any] = {"jax": "jax.Array", "numpy": "np.ndarray"}
   typ = typestrs.get(r.get("kind"), r.get("kind", ""))
   return th.ArrayMetadata(
@@ -226,7 +265,7 @@ def _plan_device_boxes(plan: ReadPlan, info: th.ParamInfo, dtype: np.dtype, shar
 def _plan_array(plan: ReadPlan, info: th.ParamInfo, arg: th.RestoreArgs | None,
                 default_kind: str) -> tuple:
   """Plans one array leaf's reads; returns (kind, host buffer(s), target, dtype, weak)."""
-  r = info.record
+  r = checked_record(info)
   saved_dtype = dtypes.dtype_from_name(r["dtype"])
   shape = tuple(r["shape"])
   check_coverage(info, shape)
@@ -249,6 +288,8 @@ def _plan_array(plan: ReadPlan, info: th.ParamInfo, arg: th.RestoreArgs | None,
 def load_arrays(infos: Sequence[th.ParamInfo], args: Sequence[th.RestoreArgs] | None,
                 default_kind: str) -> list[Any]:
   """Reads array leaves described by ``infos``; batches all reads and device puts."""
+  for info in infos:  # before anything is planned or read
+    checked_record(info)
   config: Any = jax.config  # its stubs do not declare options such as jax_default_device
   default_dev = (None if config.jax_default_device is not None
                  else jax.local_devices()[0])
@@ -319,7 +360,7 @@ def key_dtype(impl: str) -> Any:
 def _plan_key(plan: ReadPlan, info: th.ParamInfo, arg: th.RestoreArgs | None) -> tuple:
   """Plans one key leaf's reads, only each device's slice when the template gives a
   sharding; returns (impl, target, host buffer(s))."""
-  r = info.record
+  r = checked_record(info, key=True)
   impl = r["impl"]
   if isinstance(key_dtype(impl), str):  # this jax cannot make keys of that impl
     raise ValueError(f"leaf {info.name}: PRNG impl {impl!r} is not known to this jax "
@@ -362,11 +403,15 @@ class PRNGKeyHandler(BuiltinHandler):
 
   async def deserialize(self, infos, args=None):
     """Reads key data, only each device's slice when the template gives a sharding."""
+    for info in infos:  # before anything is planned or read
+      checked_record(info, key=True)
     return read_batched(
         infos, lambda plan, i: _plan_key(plan, infos[i], args[i] if args else None),
         _wrap_key)
 
   async def metadata(self, infos):
+    for info in infos:
+      checked_record(info, key=True)
     return [th.ArrayMetadata(name=info.name, shape=tuple(info.record["key_shape"]),
                              dtype=key_dtype(info.record["impl"]), type="jax.PRNGKey",
                              nbytes=info.record["nbytes"], sharding=info.record.get("sharding"))

@@ -319,10 +319,12 @@ class ReadPlan:
       except OSError as e:
         if isinstance(e, FileNotFoundError):
           raise  # a load racing an overwrite looks again; else the caller names it
-        raise errors.TruncatedDataError(
+        err = errors.TruncatedDataError(
             f"leaf {name}: its chunks claim {end} bytes of {data_file(p)} in "
             f"{self.state_dir}, which is truncated ({e}); the checkpoint is damaged or "
-            "crafted, nothing was allocated.") from e
+            "crafted, nothing was allocated.")
+        err.path = os.path.join(self.state_dir, data_file(p))  # for verify's report
+        raise err from e
 
   def verify_chunk(self, chunk: dict) -> list[int]:
     """Reads one whole chunk, a slab of blocks at a time within :func:`staging_bytes`,

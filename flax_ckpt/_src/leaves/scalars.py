@@ -11,6 +11,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from flax_ckpt._src import errors
 from flax_ckpt._src.encoding import dtypes
 from flax_ckpt._src.leaves import type_handlers as th
 from flax_ckpt._src.leaves.arrays import check_coverage, checked_dtype_name, read_plan_for
@@ -35,8 +36,8 @@ class NumpyScalarHandler(BuiltinHandler):
   async def deserialize(self, infos, args=None):
     out = []
     for i, info in enumerate(infos):
-      dt = dtypes.dtype_from_name(info.record["dtype"])
-      v = np.frombuffer(base64.b64decode(info.record["b64"]), dtype=dt)[0]
+      v = _decoded(info, lambda info=info: np.frombuffer(
+          _b64(info.record["b64"]), dtype=dtypes.dtype_from_name(info.record["dtype"]))[0])
       arg = args[i] if args else None
       if arg is not None and arg.dtype is not None:
         v = np.asarray(v).astype(arg.dtype)[()]
@@ -44,11 +45,31 @@ class NumpyScalarHandler(BuiltinHandler):
     return out
 
   async def metadata(self, infos):
-    return [th.ArrayMetadata(name=info.name, shape=(),
-                             dtype=dtypes.dtype_from_name(info.record["dtype"]),
-                             type="np.generic",
-                             nbytes=dtypes.dtype_from_name(info.record["dtype"]).itemsize)
-            for info in infos]
+    dts = [_decoded(info, lambda info=info: dtypes.dtype_from_name(info.record["dtype"]))
+           for info in infos]
+    return [th.ArrayMetadata(name=info.name, shape=(), dtype=dt, type="np.generic",
+                             nbytes=dt.itemsize)
+            for info, dt in zip(infos, dts)]
+
+
+_BAD_RECORD = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError)
+
+
+def _decoded(info: th.ParamInfo, fn: Any) -> Any:
+  """``fn()``, turning what a malformed record (hostile input) raises into a FormatError
+  naming the leaf."""
+  try:
+    return fn()
+  except errors.CheckpointError:
+    raise
+  except _BAD_RECORD as e:  # incl. binascii.Error (a ValueError)
+    raise errors.FormatError(
+        f"leaf {info.name}: its record in {info.parent_dir}/_TREE.json is malformed "
+        f"({type(e).__name__}: {str(e)[:200]}); the checkpoint is damaged or crafted.") from None
+
+
+def _b64(s: Any) -> bytes:
+  return base64.b64decode(s, validate=True)
 
 
 def _enc_float(x: float) -> str:
@@ -103,14 +124,14 @@ class ScalarHandler(BuiltinHandler):
     return []
 
   async def deserialize(self, infos, args=None):
-    return [self._dec(info.record.get("v")) for info in infos]
+    return [_decoded(info, lambda info=info: self._dec(info.record.get("v"))) for info in infos]
 
   async def metadata(self, infos):
     out = []
     for info in infos:
       v = info.record.get("v")
-      n = len(v.encode("utf-8", "surrogatepass")) if self._ty is str else (
-          0 if v is None else 8)
+      n = len(v.encode("utf-8", "surrogatepass")) if self._ty is str and isinstance(
+          v, str) else (0 if v is None else 8)
       out.append(th.ValueMetadata(name=info.name, type=self.typestr(), nbytes=n))
     return out
 
@@ -136,8 +157,16 @@ class BytesHandler(BuiltinHandler):
     out: list[Any] = [None] * len(infos)
     big = []
     for i, info in enumerate(infos):
+      n = info.record.get("nbytes")
+      if type(n) is not int or n < 0:
+        raise errors.FormatError(f"leaf {info.name}: its record in {info.parent_dir}/"
+                                 f"_TREE.json has no valid nbytes ({n!r}); the checkpoint is "
+                                 "damaged or crafted.")
       if "b64" in info.record:
-        out[i] = base64.b64decode(info.record["b64"])
+        out[i] = _decoded(info, lambda info=info: _b64(info.record["b64"]))
+        if len(out[i]) != n:
+          raise errors.FormatError(f"leaf {info.name}: {len(out[i])} bytes, but its record "
+                                   f"says {n}; the checkpoint is damaged or crafted.")
       else:
         big.append(i)
     for i in big:

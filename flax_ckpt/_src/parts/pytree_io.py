@@ -236,16 +236,28 @@ def _read_tree(files: storage.CheckpointDir, cp_dir: epath.Path) -> dict:
         f"flax_ckpt (knows {TREE_VERSION}); upgrade flax_ckpt.")
   leaves = tree.get("leaves")
   if not isinstance(tree.get("root"), dict) or not isinstance(leaves, list) or not all(
-      isinstance(leaf, dict) and isinstance(leaf.get("path"), list)
+      isinstance(leaf, dict) and _path_ok(leaf.get("path"))
       and isinstance(leaf.get("typestr"), str) and isinstance(leaf.get("record"), dict)
       for leaf in leaves):
     raise errors.FormatError(f"{where}: malformed tree (root, leaves, or a leaf's path, "
                              "typestr or record); the checkpoint is damaged.")
+  treespec.check_structure(tree["root"], len(leaves), where)
   return tree
 
 
+def _path_ok(path: Any) -> bool:
+  """A leaf path: a list of ``[kind, key]`` (kind d/a/i/f, key a str or an int)."""
+  return isinstance(path, list) and all(
+      isinstance(e, list) and len(e) == 2 and e[0] in ("d", "a", "i", "f")
+      and (isinstance(e[1], str) or (isinstance(e[1], int) and not isinstance(e[1], bool)))
+      for e in path)
+
+
+_MAX_COUNT = 1 << 62  # offsets, sizes and indexes beyond this are crafted (and overflow)
+
+
 def _is_count(v: Any) -> bool:
-  return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+  return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < _MAX_COUNT
 
 
 def _sums_ok(c: dict, summed: bool) -> bool:
@@ -253,9 +265,10 @@ def _sums_ok(c: dict, summed: bool) -> bool:
   x = c.get("x")
   if x is None:
     return "xb" not in c
-  xb = c.get("xb", c["n"])
+  n, h, xb = c["n"], c["h"], c.get("xb", c["n"])
+  row = n // h[0] if h and h[0] else n  # blocks are whole rows
   return (summed and isinstance(x, list) and _is_count(xb) and xb > 0
-          and len(x) == max(1, -(-c["n"] // xb))
+          and (xb >= n or (row > 0 and xb % row == 0)) and len(x) == max(1, -(-n // xb))
           and all(isinstance(d, str) and CHECKSUM_RE.fullmatch(d) for d in x))
 
 
@@ -391,9 +404,9 @@ def load(cp_dir: epath.Path, abstract: Any, *, partial: bool,
       raise errors.CheckpointReplacedError(f"{cp_dir} was replaced while loading ({e})") from e
     if isinstance(e, errors.FormatError):
       raise
-    raise FileNotFoundError(
-        e.errno, f"{cp_dir}: a data file of this checkpoint is missing ({e.filename}); the "
-        "checkpoint is damaged, load an earlier one.", e.filename) from e
+    raise errors.MissingDataError(
+        f"a data file of this checkpoint is missing ({e.filename}); load an earlier one",
+        file=os.fspath(e.filename or cp_dir)) from e
   finally:
     saved.close()
 

@@ -304,6 +304,70 @@ def _warn(warned: set[str] | None, name: str, why: str, rebuilt: bool = False) -
   )
 
 
+_KINDS = frozenset(("leaf", "dict", "list", "tuple", "namedtuple", "node"))
+
+
+def _is_key(k: Any) -> bool:
+  return isinstance(k, str) or (isinstance(k, int) and not isinstance(k, bool))
+
+
+def _node_problem(node: Any, n_leaves: int, seen: set[int]) -> str:
+  """What is wrong with one structure node read from a checkpoint ("" if nothing)."""
+  if not isinstance(node, dict) or not isinstance(node.get("t"), str) or node["t"] not in _KINDS:
+    return f"a node that is not an object with a known 't' ({str(node)[:80]})"
+  kind = node["t"]
+  if kind == "leaf":
+    i = node.get("id")
+    if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n_leaves or i in seen:
+      return f"leaf id {i!r} (out of range of {n_leaves} leaves, or used twice)"
+    seen.add(i)
+    return ""
+  c = node.get("c")
+  if not isinstance(c, list):
+    return f"a {kind} node without a list of children"
+  if kind == "dict":
+    k = node.get("k")
+    if not isinstance(k, list) or len(k) != len(c) or not all(map(_is_key, k)) or len(
+        set(k)) != len(k):
+      return "a dict node whose keys do not match its children (or repeat)"
+  elif kind == "namedtuple":
+    f = node.get("f")
+    if not isinstance(node.get("cls"), str) or not isinstance(f, list) or len(f) != len(
+        c) or not all(isinstance(x, str) for x in f):
+      return "a namedtuple node without a class name or field names for its children"
+  elif kind == "node":
+    keys = node.get("keys")
+    if not isinstance(node.get("cls"), str) or not isinstance(keys, list) or len(
+        keys) != len(c) or not all(
+            isinstance(k, list) and len(k) == 2 and k[0] in ("d", "a", "i", "f")
+            and _is_key(k[1]) for k in keys):
+      return "a node without a class name or keys for its children"
+  return ""
+
+
+def check_structure(root: Any, n_leaves: int, where: str) -> None:
+  """Validates a saved structure (hostile input) before it is decoded: every node well
+  formed, every leaf id in range and used exactly once. Iterative: no recursion limit.
+
+  Raises:
+    FormatError: naming ``where`` and the first problem.
+  """
+  seen: set[int] = set()
+  stack = [root]
+  while stack:
+    node = stack.pop()
+    problem = _node_problem(node, n_leaves, seen)
+    if problem:
+      raise errors.FormatError(f"{where}: malformed structure: {problem}; the checkpoint is "
+                               "damaged or crafted.")
+    if node["t"] != "leaf":
+      stack.extend(node["c"])
+  if len(seen) != n_leaves:
+    raise errors.FormatError(f"{where}: malformed structure: {n_leaves - len(seen)} of its "
+                             f"{n_leaves} leaves are not in the tree; the checkpoint is "
+                             "damaged or crafted.")
+
+
 def leaf_ids(node: dict) -> list[int]:
   """Ids of all leaves under ``node``."""
   if node["t"] == "leaf":

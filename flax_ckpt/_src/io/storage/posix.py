@@ -180,10 +180,22 @@ def open_regular(path: str, dir_fd: int | None = None) -> int:
   O_NONBLOCK: opening a FIFO planted in a checkpoint must not hang (it changes nothing for
   regular files); a FIFO, device or socket is a FormatError at once.
   """
-  fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK, dir_fd=dir_fd)
-  if not stat.S_ISREG(os.fstat(fd).st_mode):
-    os.close(fd)
-    where = path if dir_fd is None else f"{path} (in the checkpoint directory)"
+  where = path if dir_fd is None else f"{path} (in the checkpoint directory)"
+  try:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK, dir_fd=dir_fd)
+  except OSError as e:  # e.g. ENXIO: a socket cannot be opened at all
+    if isinstance(e, FileNotFoundError):
+      raise
+    try:
+      regular = stat.S_ISREG(os.stat(path, dir_fd=dir_fd).st_mode)
+    except OSError:
+      raise e from None
+    if regular:
+      raise
+    fd = -1
+  if fd < 0 or not stat.S_ISREG(os.fstat(fd).st_mode):
+    if fd >= 0:
+      os.close(fd)
     raise errors.FormatError(f"{where} is not a regular file (a FIFO, device or socket); "
                              "the checkpoint is damaged or crafted, nothing was read.")
   return fd
