@@ -108,9 +108,13 @@ def _too_deep(raw: bytes) -> bool:
   strings count too: an upper bound, exact for every file flax_ckpt writes)."""
   if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
     return False  # the common case: too few brackets to nest that deep
-  b = np.frombuffer(raw, np.uint8)
-  step = ((b == 91) | (b == 123)).astype(np.int32) - ((b == 93) | (b == 125))
-  return int(np.cumsum(step).max()) > MAX_JSON_DEPTH
+  step = _BRACKET_STEP[np.frombuffer(raw, np.uint8)]  # +1 [ {, -1 ] }, else 0
+  return int(np.cumsum(step, dtype=np.int32).max()) > MAX_JSON_DEPTH
+
+
+_BRACKET_STEP = np.zeros(256, np.int8)
+_BRACKET_STEP[[ord("["), ord("{")]] = 1
+_BRACKET_STEP[[ord("]"), ord("}")]] = -1
 
 
 def load_json_bytes(raw: bytes) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import ml_dtypes
 import numpy as np
 
@@ -41,9 +43,9 @@ def dtype_name(dtype: np.dtype) -> str:
   return name
 
 
-def known_names() -> frozenset[str]:
-  """Every dtype name a checkpoint may hold (docs/format.md)."""
-  return frozenset(_BY_NAME)
+def known_names() -> Mapping[str, np.dtype]:
+  """Every dtype name a checkpoint may hold (docs/format.md), with its dtype."""
+  return _BY_NAME
 
 
 def dtype_from_name(name: str) -> np.dtype:

@@ -156,14 +156,15 @@ _MAX_DIM = 1 << 62  # no real dimension comes near; larger ones could overflow o
 
 
 def checked_record(info: th.ParamInfo, key: bool = False) -> dict:
-  """``info``'s record, checked by :func:`check_array_record`."""
-  return check_array_record(info.record, info.name, os.fspath(info.parent_dir), key)
+  """``info``'s record, checked by :func:`check_array_record` (names made only on error:
+  this runs once per leaf of every load)."""
+  return check_array_record(info.record, info, "", key)
 
 
 ARRAY_TYPESTRS = {"jax.Array": False, "np.ndarray": False, "jax.PRNGKey": True}  # -> key
 
 
-def check_array_record(r: dict, name: str, where: str, key: bool = False) -> dict:
+def check_array_record(r: dict, name: Any, where: str, key: bool = False) -> dict:
   """An array leaf's record (hostile input), checked before any of it is used: ``dtype``
   a known dtype name, ``shape`` a list of non-negative ints, ``nbytes`` their size (and for
   a PRNG key, ``impl`` a string and ``key_shape`` a leading part of ``shape``).
@@ -173,18 +174,20 @@ def check_array_record(r: dict, name: str, where: str, key: bool = False) -> dic
   """
   shape, dtype, nbytes = r.get("shape"), r.get("dtype"), r.get("nbytes")
   problem = ""
-  if not isinstance(dtype, str) or dtype not in dtypes.known_names():
+  if type(dtype) is not str or dtype not in dtypes.known_names():
     problem = f"dtype {dtype!r} is not a dtype this flax_ckpt knows"
-  elif not isinstance(shape, list) or not all(
-      type(n) is int and 0 <= n < _MAX_DIM for n in shape):
+  elif type(shape) is not list or any(type(n) is not int or not 0 <= n < _MAX_DIM
+                                      for n in shape):
     problem = f"shape {shape!r} is not a list of non-negative ints"
-  elif type(nbytes) is not int or nbytes != math.prod(shape) * np.dtype(
-      dtypes.dtype_from_name(dtype)).itemsize:
+  elif type(nbytes) is not int or nbytes != math.prod(shape) * dtypes.dtype_from_name(
+      dtype).itemsize:
     problem = f"nbytes {nbytes!r} does not match shape {shape} and dtype {dtype}"
   elif key and (not isinstance(r.get("impl"), str) or not isinstance(r.get("key_shape"), list)
                 or r["key_shape"] != shape[:len(r["key_shape"])]):
     problem = f"impl {r.get('impl')!r} / key_shape {r.get('key_shape')!r} are malformed"
   if problem:
+    if not isinstance(name, str):  # a ParamInfo: its names are made only now
+      name, where = name.name, os.fspath(name.parent_dir)
     raise errors.FormatError(
         f"leaf {name}: its record in {where}/_TREE.json is malformed "
         f"({problem}); the checkpoint is damaged or crafted.")
@@ -265,7 +268,7 @@ def _plan_device_boxes(plan: ReadPlan, info: th.ParamInfo, dtype: np.dtype, shar
 def _plan_array(plan: ReadPlan, info: th.ParamInfo, arg: th.RestoreArgs | None,
                 default_kind: str) -> tuple:
   """Plans one array leaf's reads; returns (kind, host buffer(s), target, dtype, weak)."""
-  r = checked_record(info)
+  r = info.record  # checked by load_arrays
   saved_dtype = dtypes.dtype_from_name(r["dtype"])
   shape = tuple(r["shape"])
   check_coverage(info, shape)
@@ -360,7 +363,7 @@ def key_dtype(impl: str) -> Any:
 def _plan_key(plan: ReadPlan, info: th.ParamInfo, arg: th.RestoreArgs | None) -> tuple:
   """Plans one key leaf's reads, only each device's slice when the template gives a
   sharding; returns (impl, target, host buffer(s))."""
-  r = checked_record(info, key=True)
+  r = info.record  # checked by deserialize
   impl = r["impl"]
   if isinstance(key_dtype(impl), str):  # this jax cannot make keys of that impl
     raise ValueError(f"leaf {info.name}: PRNG impl {impl!r} is not known to this jax "

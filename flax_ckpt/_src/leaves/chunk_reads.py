@@ -270,7 +270,10 @@ class ReadPlan:
     """Checks ``(chunk, bytes from its block b0 on, b0)`` against the chunks' checksums."""
     work = []
     for chunk, view, b0 in items:
-      xb = chunk.get("xb", chunk["n"])
+      if "xb" not in chunk:  # one block: the whole chunk
+        work.append((view, chunk["n"], chunk["x"]))
+        continue
+      xb = chunk["xb"]
       work.append((view, xb, chunk["x"][b0:b0 + -(-view.nbytes // xb)]))
 
     def mismatch(i: int, k: int) -> None:
