@@ -7,6 +7,7 @@ chunk record (docs/format.md) is ``{"s": start, "h": shape, "o": file offset, "n
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -100,6 +101,43 @@ def chunks_tile(chunks: list[dict], shape: Sequence[int]) -> bool:
   return not overlap.any()  # no overlaps + total volume == array volume: exact cover
 
 
+_GROUP_BYTES = 4 << 20  # a verifying load reads and checks groups of about this size
+
+
+def _split_checked(reqs: list[tuple[int, memoryview]], checked: dict[int, dict]) -> list:
+  """``(offset, view, check item or None)`` per request; a checked request bigger than a
+  group is cut at block boundaries, so its blocks are checked while the rest is read."""
+  out = []
+  for off, view in reqs:
+    chunk = checked.get(id(view))
+    if chunk is None:
+      out.append((off, view, None))
+      continue
+    xb = chunk.get("xb", chunk["n"])
+    step = max(1, _GROUP_BYTES // xb) * xb
+    if view.nbytes <= step:
+      out.append((off, view, (chunk, view, 0)))
+      continue
+    flat = storage.flat_bytes(view)
+    for a in range(0, flat.nbytes, step):
+      piece = flat[a:a + step]
+      out.append((off + a, piece, (chunk, piece, a // xb)))
+  return out
+
+
+def _read_groups(reqs: list) -> list[list]:
+  """Requests in file order, cut into groups of about ``_GROUP_BYTES``."""
+  groups: list[list] = [[]]
+  size = 0
+  for r in sorted(reqs, key=lambda r: r[0]):
+    if size >= _GROUP_BYTES:
+      groups.append([])
+      size = 0
+    groups[-1].append(r)
+    size += r[1].nbytes
+  return [g for g in groups if g]
+
+
 class ReadPlan:
   """Collects reads for many destination boxes, then executes them in one pass.
 
@@ -157,10 +195,10 @@ class ReadPlan:
         n = math.prod(overlap) * item
         file_off = chunk["o"] + _flat(at_chunk, chunk_shape) * item
         dest_off = _flat(at_dest, shape) * item
-        self.requests.setdefault(chunk["p"], []).append(
-            (file_off, dest_view[dest_off:dest_off + n]))
+        part = dest_view[dest_off:dest_off + n]
+        self.requests.setdefault(chunk["p"], []).append((file_off, part))
         if checked:
-          self.checks.append((chunk, dest_view[dest_off:dest_off + n]))
+          self.checks.append((chunk, part))  # the request's own view (execute pairs them)
       elif checked:  # the whole chunk, strided in the box
         self.staged.append((chunk, out, at_chunk, at_dest, overlap))
       else:
@@ -268,6 +306,10 @@ class ReadPlan:
 
   def _verify(self, items: list[tuple[dict, memoryview, int]]) -> None:
     """Checks ``(chunk, bytes from its block b0 on, b0)`` against the chunks' checksums."""
+    storage.verify_all(self._work(items), lambda i, k: self._mismatch(items, i, k))
+
+  @staticmethod
+  def _work(items: list[tuple[dict, memoryview, int]]) -> list[tuple[memoryview, int, list]]:
     work = []
     for chunk, view, b0 in items:
       if "xb" not in chunk:  # one block: the whole chunk
@@ -275,18 +317,17 @@ class ReadPlan:
         continue
       xb = chunk["xb"]
       work.append((view, xb, chunk["x"][b0:b0 + -(-view.nbytes // xb)]))
+    return work
 
-    def mismatch(i: int, k: int) -> None:
-      chunk, _, b0 = items[i]
-      xb = chunk.get("xb", chunk["n"])
-      a = chunk["o"] + (b0 + k) * xb
-      raise errors.CorruptCheckpointError(
-          f"bytes {a}..{min(a + xb, chunk['o'] + chunk['n'])} (the chunk at index "
-          f"{chunk['s']}, block {b0 + k}) do not match their checksum",
-          leaf=self._leaf_of.get(id(chunk), ""),
-          file=os.path.join(self.state_dir, data_file(chunk["p"])))
-
-    storage.verify_all(work, mismatch)
+  def _mismatch(self, items: list[tuple[dict, memoryview, int]], i: int, k: int) -> None:
+    chunk, _, b0 = items[i]
+    xb = chunk.get("xb", chunk["n"])
+    a = chunk["o"] + (b0 + k) * xb
+    raise errors.CorruptCheckpointError(
+        f"bytes {a}..{min(a + xb, chunk['o'] + chunk['n'])} (the chunk at index "
+        f"{chunk['s']}, block {b0 + k}) do not match their checksum",
+        leaf=self._leaf_of.get(id(chunk), ""),
+        file=os.path.join(self.state_dir, data_file(chunk["p"])))
 
   def check_extents(self, leaves: Sequence[tuple[str, dict, list[dict]]]) -> None:
     """Before anything is allocated: each (name, record, chunks) leaf's chunk byte counts
@@ -361,13 +402,30 @@ class ReadPlan:
     return bad
 
   def execute(self) -> None:
+    checked = {id(view): chunk for chunk, view in self.checks}
+    groups: list[tuple[Any, list[tuple[dict, memoryview, int]]]] = []
+    # Local files: read in groups and check each group as soon as it is read (two at a
+    # time), while it is still in the CPU cache. Other stores (object stores: all ranged
+    # GETs in flight at once) read everything first, then check on the pool.
+    grouped = getattr(self.backend, "name", "") == "posix"
     for p, reqs in self.requests.items():
       path = os.path.join(self.state_dir, data_file(p))
-      self.backend.read_into(path, reqs, self.files, self.segments.get(p))
+      if not checked or not grouped:
+        self.backend.read_into(path, reqs, self.files, self.segments.get(p))
+        continue
+      for group in _read_groups(_split_checked(reqs, checked)):  # read one, check another
+        items = [item for _, _, item in group if item is not None]
+        groups.append((functools.partial(self.backend.read_into, path,
+                                         [(o, v) for o, v, _ in group], self.files,
+                                         self.segments.get(p)), items))
     self.requests.clear()
-    if self.checks:
+    if checked and not grouped:
       self._verify([(chunk, view, 0) for chunk, view in self.checks])
-      self.checks.clear()
+    self.checks.clear()
+    if groups:
+      bad = storage.read_and_verify([(read, self._work(items)) for read, items in groups])
+      if bad is not None:
+        self._mismatch(groups[bad[0]][1], bad[1], bad[2])
     if self.staged:
       self._run_staged()
       self.staged.clear()

@@ -140,15 +140,7 @@ def verify_all(items: Sequence[tuple[memoryview, int, list[str]]],
   """Checks each ``(view, block bytes, expected digests)`` on the pool; calls
   ``on_mismatch(item index, block index)`` in this thread for the first mismatch found
   (it is expected to raise)."""
-  # work units of about _BATCH_BYTES: (item, first block, view of whole blocks, xb, want)
-  units: list[tuple[int, int, memoryview, int, list[str]]] = []
-  for i, (view, xb, want) in enumerate(items):
-    if len(want) == 1 and view.nbytes <= xb:  # one block (most chunks): as it is
-      units.append((i, 0, view, xb, want))
-      continue
-    per = max(1, _BATCH_BYTES // xb)  # blocks per unit
-    for k in range(0, max(len(want), 1), per):
-      units.append((i, k, view[k * xb:(k + per) * xb], xb, want[k:k + per]))
+  units = _units(items)
   total = sum(u[2].nbytes for u in units)
   if total < 2 * _BATCH_BYTES:
     bad = _check(units)
@@ -159,6 +151,43 @@ def verify_all(items: Sequence[tuple[memoryview, int, list[str]]],
     bad = next((b for b in found if b is not None), None)
   if bad is not None:
     on_mismatch(*bad)
+
+
+def read_and_verify(groups: Sequence[tuple[Callable[[], None],
+                                           Sequence[tuple[memoryview, int, list[str]]]]]
+                    ) -> tuple[int, int, int] | None:
+  """Runs each group's read and then checks the group's ``(view, block bytes, expected)``
+  items in the same pool thread, two groups at a time: one group is checked while the next
+  one is read, from memory the read just wrote. Returns ``(group, item, block)`` of the
+  first mismatch, or None; a failed read raises, once every group has stopped."""
+
+  def run(g: int) -> tuple[int, int] | None:
+    read, items = groups[g]
+    read()
+    return _check(_units(items))
+
+  futs = [_pool().submit(run, g) for g in range(len(groups))]
+  concurrent.futures.wait(futs)  # nothing writes into the caller's buffers after this
+  first = None
+  for g, f in enumerate(futs):
+    r = f.result()
+    if r is not None and first is None:
+      first = (g, *r)
+  return first
+
+
+def _units(items: Sequence[tuple[memoryview, int, list[str]]]
+           ) -> list[tuple[int, int, memoryview, int, list[str]]]:
+  """Work units of about _BATCH_BYTES: (item, first block, view of whole blocks, xb, want)."""
+  units: list[tuple[int, int, memoryview, int, list[str]]] = []
+  for i, (view, xb, want) in enumerate(items):
+    if len(want) == 1 and view.nbytes <= xb:  # one block (most chunks): as it is
+      units.append((i, 0, view, xb, want))
+      continue
+    per = max(1, _BATCH_BYTES // xb)  # blocks per unit
+    for k in range(0, max(len(want), 1), per):
+      units.append((i, k, view[k * xb:(k + per) * xb], xb, want[k:k + per]))
+  return units
 
 
 def _check(units: Sequence[tuple[int, int, memoryview, int, list[str]]]
