@@ -127,7 +127,7 @@ def read_committed(path: paths.PathLike, read: Callable[[CommittedCheckpoint], _
         if last:
           raise
         continue
-      except (OSError, errors.FormatError, errors.CorruptCheckpointError):
+      except (OSError, errors.FormatError):  # incl. CorruptCheckpointError
         # files read by path (checksummed files, custom handlers) may belong to the
         # checkpoint that replaced this one: look again
         if root.is_gone() and not last:

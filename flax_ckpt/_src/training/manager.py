@@ -422,22 +422,29 @@ class CheckpointManager:
 
   def metadata(self, step: int | None = None) -> step_io.CheckpointMetadata:
     """:func:`flax_ckpt.metadata` of a step (default: the latest): parts, custom metadata."""
-    self.wait_until_finished()
-    if step is None:
-      step = self.latest_step()
-      if step is None:
-        raise errors.CheckpointNotFoundError(f"no committed checkpoint in {self._root}")
-    return step_io.metadata(self._step_path(step))
+    return step_io.metadata(self._finished_step_path(step))
 
   def verify(self, step: int | None = None) -> step_io.VerifyReport:
     """:func:`flax_ckpt.verify` of a step (default: the latest): every checksum and
-    structural invariant checked, every problem listed; the report is falsy if any."""
+    structural invariant checked, every problem listed; the report is falsy if any.
+
+    Example:
+      >>> import numpy as np, flax_ckpt, tempfile
+      >>> with flax_ckpt.CheckpointManager(tempfile.mkdtemp()) as mngr:
+      ...   _ = mngr.save(1, {'w': np.ones(3)}, force=True)
+      ...   bool(mngr.verify())
+      True
+    """
+    return step_io.verify(self._finished_step_path(step))
+
+  def _finished_step_path(self, step: int | None) -> str:
+    """The path of ``step`` (default: the latest), once the save in flight finished."""
     self.wait_until_finished()
     if step is None:
       step = self.latest_step()
       if step is None:
         raise errors.CheckpointNotFoundError(f"no committed checkpoint in {self._root}")
-    return step_io.verify(self._step_path(step))
+    return self._step_path(step)
 
   # --- lifecycle ---------------------------------------------------------------------
 
