@@ -33,6 +33,7 @@ from flax_ckpt import policies as policies
 from flax_ckpt import type_handlers as type_handlers
 from flax_ckpt._src import registration as _registration
 from flax_ckpt._src.api import CheckpointMetadata as CheckpointMetadata
+from flax_ckpt._src.api import is_orbax_checkpoint as is_orbax_checkpoint
 from flax_ckpt._src.api import kvstore_spec as kvstore_spec
 from flax_ckpt._src.api import load as load
 from flax_ckpt._src.api import load_checkpointables as load_checkpointables
@@ -126,6 +127,7 @@ __all__ = [
   "args",
   "checkpoints_iterator",
   "handlers",
+  "is_orbax_checkpoint",
   "kvstore_spec",
   "load",
   "load_checkpointables",

@@ -16,7 +16,7 @@ from flax_ckpt._src.engine.loading import CheckpointMetadata, checkpoint_metadat
 from flax_ckpt._src.engine.saving import PendingSave, SaveOptions, parts_from
 from flax_ckpt._src.engine.verifying import VerifyReport, verify_checkpoint
 from flax_ckpt._src.format import DEFAULT_CHECKPOINTABLE
-from flax_ckpt._src.io import background, paths, storage
+from flax_ckpt._src.io import background, orbax_layout, paths, storage
 from flax_ckpt._src.parts.pytree import check_restore_type
 
 
@@ -164,6 +164,24 @@ def load(path: paths.PathLike, abstract_state: Any = None, *, partial: bool = Fa
 def metadata(path: paths.PathLike) -> CheckpointMetadata:
   """:func:`flax_ckpt.metadata` (documented there, in ``flax_ckpt/metadata.py``)."""
   return checkpoint_metadata(path)
+
+
+def is_orbax_checkpoint(path: paths.PathLike) -> bool:
+  """Whether ``path`` holds a committed checkpoint written by Orbax, not by flax_ckpt.
+
+  True for an Orbax ``Checkpointer``/``StandardCheckpointer`` directory, a
+  ``CheckpointManager`` step, or one of a step's PyTree items (e.g. ``<step>/default``);
+  False for flax_ckpt checkpoints, unfinished Orbax saves and anything else. It only
+  looks at file names and Orbax's commit record; orbax is never imported.
+
+  Example:
+    >>> import numpy as np, flax_ckpt, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), 'ckpt')
+    >>> flax_ckpt.save(path, {'w': np.ones(2)})
+    >>> flax_ckpt.is_orbax_checkpoint(path)
+    False
+  """
+  return orbax_layout.is_orbax_checkpoint(path)
 
 
 def verify(path: paths.PathLike) -> VerifyReport:

@@ -32,7 +32,7 @@ from flax_ckpt._src.format import (
     ROOT_DIR,
     Manifest,
 )
-from flax_ckpt._src.io import background, paths, storage
+from flax_ckpt._src.io import background, orbax_layout, paths, storage
 from flax_ckpt._src.parts.protocol import RestoreRequest, part_kinds
 
 _ATTEMPTS = 5  # reads retried when an overwrite replaces the checkpoint mid-read
@@ -76,7 +76,7 @@ def _manifest(root: storage.CheckpointDir, final: epath.Path,
     raw = root.read_bytes(COMMIT_MARKER)
   except FileNotFoundError:
     if not root.is_gone():
-      raise backend.explain_missing(os.fspath(final)) from None
+      raise _explain_missing(backend, final) from None
     return None
   return Manifest.from_bytes(raw, where=os.fspath(final))
 
@@ -97,6 +97,18 @@ def refuse_outside_links(ckpt: CommittedCheckpoint, name: str) -> None:
         f"({len(links)} such link(s)); a crafted checkpoint could make a load read any "
         f"file. If this layout is trusted (e.g. a cache of symlinked blobs), set "
         f"{env.ALLOW_SYMLINKS}=1.")
+
+
+def _explain_missing(backend: storage.StorageBackend, final: epath.Path) -> Exception:
+  """Why there is no flax_ckpt checkpoint at ``final``: a clear word for an Orbax one."""
+  marker = orbax_layout.orbax_marker(backend, os.fspath(final))
+  if marker is not None:
+    return errors.FormatError(
+        f"{final} is a checkpoint written by Orbax (it has {marker}), not by flax_ckpt, and "
+        "this flax_ckpt does not read Orbax checkpoints yet: restore it with orbax and save "
+        "it again with flax_ckpt.save. (flax_ckpt.is_orbax_checkpoint(path) tells them "
+        "apart.)")
+  return backend.explain_missing(os.fspath(final))
 
 
 def read_committed(path: paths.PathLike, read: Callable[[CommittedCheckpoint], _T]) -> _T:

@@ -1,0 +1,83 @@
+"""Checkpoints written by Orbax (orbax-checkpoint, from the test extra) are told apart from
+flax_ckpt's: ``flax_ckpt.is_orbax_checkpoint`` and a load error that says what the
+directory is, never "the save did not finish" (issue 15; reading them comes next)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+import flax_ckpt
+
+
+@pytest.fixture(scope="module")
+def ocp():
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    return pytest.importorskip("orbax.checkpoint")
+
+
+def _tree():
+  return {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.int32)}
+
+
+def test_an_orbax_checkpoint_is_recognised_and_a_load_says_so(ocp, tmp_path):
+  path = tmp_path / "orbax_ckpt"
+  with ocp.StandardCheckpointer() as ck:
+    ck.save(path, _tree())
+    ck.wait_until_finished()
+  assert flax_ckpt.is_orbax_checkpoint(path)
+  assert flax_ckpt.is_orbax_checkpoint(str(path))
+  with pytest.raises(flax_ckpt.FormatError, match="written by Orbax") as e:
+    flax_ckpt.load(path)
+  assert "did not finish" not in str(e.value) and str(path) in str(e.value)
+  with pytest.raises(flax_ckpt.FormatError, match="Orbax"):
+    flax_ckpt.metadata(path)
+  report = flax_ckpt.verify(path)
+  assert not report and "Orbax" in str(report.problems[0])
+
+
+def test_orbax_manager_steps_and_items_are_recognised(ocp, tmp_path):
+  root = tmp_path / "run"
+  with ocp.CheckpointManager(root) as mngr:
+    mngr.save(3, args=ocp.args.StandardSave(_tree()))
+    mngr.wait_until_finished()
+  step = root / "3"
+  assert flax_ckpt.is_orbax_checkpoint(step)  # the step (_CHECKPOINT_METADATA)
+  items = [p for p in step.iterdir() if p.is_dir()]
+  assert items and all(flax_ckpt.is_orbax_checkpoint(p) for p in items)  # its items
+  assert not flax_ckpt.is_orbax_checkpoint(root)  # the run directory is not a checkpoint
+
+
+def test_flax_ckpt_checkpoints_and_other_directories_are_not_orbax(tmp_path):
+  path = tmp_path / "ckpt"
+  flax_ckpt.save(path, _tree())
+  assert not flax_ckpt.is_orbax_checkpoint(path)
+  assert not flax_ckpt.is_orbax_checkpoint(tmp_path / "missing")
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  assert not flax_ckpt.is_orbax_checkpoint(empty)
+  with pytest.raises(flax_ckpt.IncompleteCheckpointError, match="did not finish"):
+    flax_ckpt.load(empty)  # not Orbax either: the usual error
+
+
+def test_an_unfinished_orbax_save_is_not_a_checkpoint(tmp_path):
+  """Orbax writes _CHECKPOINT_METADATA without a commit time, in a tmp directory, until
+  the save commits; neither counts. A marker that is not JSON is not trusted either."""
+  tmp = tmp_path / "7.orbax-checkpoint-tmp-1234"
+  tmp.mkdir()
+  (tmp / "_CHECKPOINT_METADATA").write_text('{"commit_timestamp_nsecs": 5}')
+  assert not flax_ckpt.is_orbax_checkpoint(tmp)
+  uncommitted = tmp_path / "8"
+  uncommitted.mkdir()
+  (uncommitted / "_CHECKPOINT_METADATA").write_text(
+      '{"init_timestamp_nsecs": 1, "commit_timestamp_nsecs": null}')
+  assert not flax_ckpt.is_orbax_checkpoint(uncommitted)
+  (uncommitted / "_CHECKPOINT_METADATA").write_bytes(b"\xff{not json")
+  assert not flax_ckpt.is_orbax_checkpoint(uncommitted)
+  os.remove(uncommitted / "_CHECKPOINT_METADATA")
+  with pytest.raises(flax_ckpt.IncompleteCheckpointError):
+    flax_ckpt.load(uncommitted)
