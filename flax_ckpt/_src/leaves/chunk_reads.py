@@ -156,8 +156,8 @@ class ReadPlan:
     self.backend = backend if backend is not None else storage.backend_for(state_dir)
     self.requests: dict[int, list[tuple[int, memoryview]]] = {}
     self.staged: list[tuple[dict, np.ndarray, list[int], list[int], list[int]]] = []
-    # verify: every chunk read whole is checked after the reads (``checks``); a chunk read
-    # in part goes through the staged path, which reads and checks whole blocks of it
+    # verify: every chunk read whole is checked as it is read (``checks``, see execute); a
+    # chunk read in part goes through the staged path, which reads and checks whole blocks
     self.verify = verify
     self.checks: list[tuple[dict, memoryview]] = []
     self._leaf_of: dict[int, str] = {}  # id(chunk) -> leaf name, for errors
@@ -385,20 +385,8 @@ class ReadPlan:
       self.backend.read_into(path, [(chunk["o"] + a, view[:m])], self.files,
                              self.segments.get(chunk["p"]))
       b0 = a // xb
-
-      def note(i: int, k: int, b0: int = b0) -> None:
-        del i
-        bad.append(b0 + k)
-
-      while True:  # every bad block of the slab, not only the first
-        start = (bad[-1] + 1 - b0) if bad and bad[-1] >= b0 else 0
-        if start * xb >= m:
-          break
-        before = len(bad)
-        storage.verify_all([(view[start * xb:m], xb, chunk["x"][b0 + start:b0 + -(-m // xb)])],
-                           lambda i, k, s=start: note(i, s + k))
-        if len(bad) == before:
-          break
+      bad += [b0 + k for k in storage.bad_blocks(view[:m], xb,
+                                                chunk["x"][b0:b0 + -(-m // xb)])]
     return bad
 
   def execute(self) -> None:

@@ -123,13 +123,6 @@ class Hasher:
     self._futures = []
     return out
 
-  def discard(self) -> None:
-    """Drops queued work (a failed save); running batches finish on their own."""
-    self._batch = []
-    for f in self._futures:
-      f.cancel()
-    self._futures = []
-
 
 def _hash_batch(batch: list[tuple[int, memoryview, int]]) -> dict[int, tuple[int, list[str]]]:
   return {off: (xb, block_digests(view, xb)) for off, view, xb in batch}
@@ -151,6 +144,22 @@ def verify_all(items: Sequence[tuple[memoryview, int, list[str]]],
     bad = next((b for b in found if b is not None), None)
   if bad is not None:
     on_mismatch(*bad)
+
+
+def bad_blocks(view: memoryview, xb: int, want: list[str]) -> list[int]:
+  """The indexes of every block of ``view`` whose checksum is not ``want``'s, hashed on
+  the pool (``verify`` reports them all, not just the first)."""
+  units = _units([(view, xb, want)])
+  step = max(1, math.ceil(len(units) / 8))
+  parts = [units[j:j + step] for j in range(0, len(units), step)]
+  found = (map(_all_bad, parts) if len(parts) == 1
+           else (f.result() for f in [_pool().submit(_all_bad, u) for u in parts]))
+  return [k for ks in found for k in ks]
+
+
+def _all_bad(units: Sequence[tuple[int, int, memoryview, int, list[str]]]) -> list[int]:
+  return [k + j for _, k, v, xb, want in units
+          for j, (a, b) in enumerate(zip(block_digests(v, xb), want)) if a != b]
 
 
 def read_and_verify(groups: Sequence[tuple[Callable[[], None],
