@@ -56,6 +56,7 @@ from flax_ckpt._src.errors import IncompleteCheckpointError as IncompleteCheckpo
 from flax_ckpt._src.errors import StorageError as StorageError
 from flax_ckpt._src.errors import StructureMismatchError as StructureMismatchError
 from flax_ckpt._src.errors import UnsupportedLeafError as UnsupportedLeafError
+from flax_ckpt._src.interop.safetensors_io import export_safetensors as export_safetensors
 from flax_ckpt._src.io.background import AsyncResponse as AsyncResponse
 from flax_ckpt._src.parts.handlers import RegistrationError as RegistrationError
 from flax_ckpt._src.training.manager import CheckpointManager as CheckpointManager
@@ -126,6 +127,7 @@ __all__ = [
   "abstract_with_sharding",
   "args",
   "checkpoints_iterator",
+  "export_safetensors",
   "handlers",
   "is_orbax_checkpoint",
   "kvstore_spec",

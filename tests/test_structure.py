@@ -23,7 +23,7 @@ LAYERS = {
     "tree": 3, "leaves": 4,
     "parts": 5,
     "engine": 6,
-    "api": 7, "checkpointer": 7, "registration": 7,
+    "api": 7, "checkpointer": 7, "registration": 7, "interop": 7,
     "training": 8,
 }
 PUBLIC = 9  # flax_ckpt/*.py

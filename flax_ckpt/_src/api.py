@@ -16,6 +16,7 @@ from flax_ckpt._src.engine.loading import CheckpointMetadata, checkpoint_metadat
 from flax_ckpt._src.engine.saving import PendingSave, SaveOptions, parts_from
 from flax_ckpt._src.engine.verifying import VerifyReport, verify_checkpoint
 from flax_ckpt._src.format import DEFAULT_CHECKPOINTABLE
+from flax_ckpt._src.interop import files
 from flax_ckpt._src.io import background, orbax_layout, paths, storage
 from flax_ckpt._src.parts.pytree import check_restore_type
 
@@ -157,6 +158,9 @@ def load(path: paths.PathLike, abstract_state: Any = None, *, partial: bool = Fa
     >>> flax_ckpt.load(path, template)['w'].dtype
     dtype(bfloat16)
   """
+  if files.is_single_file(path):  # a safetensors or flax msgpack file, not a checkpoint
+    return files.load_file(path, abstract_state, partial=partial,
+                           restore_type=check_restore_type(restore_type))
   return load_checkpointables(path, {checkpointable_name: abstract_state}, partial=partial,
                               restore_type=restore_type, verify=verify)[checkpointable_name]
 
