@@ -1,0 +1,102 @@
+"""One process of a multi-process job for tests/test_orbax_read.py.
+
+  python tests/_orbax_mp_worker.py PORT NPROC PID NDEV SCENARIO PATH
+
+``save``: orbax-checkpoint saves, from every process, a NamedSharding array over all devices
+(w: P('x', 'y') on a 2x2 mesh with 2 processes x 2 devices), a replicated array and a
+Python int, as ``PATH/std`` (StandardCheckpointer), ``PATH/z3`` (zarr3) and a
+CheckpointManager run ``PATH/run`` (steps 2 and 4, item ``state``, w + step).
+``load``: flax_ckpt (orbax is never imported) loads ``PATH`` onto a 2x4 mesh of another
+layout and checks this process's shards and how many bytes it read.
+
+Every process builds the same global data from a fixed seed. Prints one ``RESULT {...}``
+JSON line; exits non-zero on a failed check.
+"""
+
+import json
+import os
+import sys
+import warnings
+
+port, nproc, pid, ndev = (int(a) for a in sys.argv[1:5])
+scenario, path = sys.argv[5:7]
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={ndev}"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+if scenario == "save":  # orbax's barriers are collectives: gloo on CPU
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{port}", nproc, pid, initialization_timeout=60,
+                           heartbeat_timeout_seconds=60, shutdown_timeout_seconds=10)
+
+
+def host_data():
+  w = np.random.default_rng(0).standard_normal((256, 1024)).astype(np.float32)
+  b = np.arange(-6, 6, dtype=np.int32)
+  return w, b
+
+
+def result(**kw):
+  print("RESULT " + json.dumps(kw), flush=True)
+
+
+def rchar():
+  with open("/proc/self/io") as f:
+    return int(next(ln for ln in f if ln.startswith("rchar:")).split()[1])
+
+
+def save():
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import orbax.checkpoint as ocp
+  w, b = host_data()
+  mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 2), ("x", "y"))
+
+  def tree(plus=0):
+    return {"w": jax.make_array_from_callback(w.shape, NamedSharding(mesh, P("x", "y")),
+                                              lambda i: w[i] + np.float32(plus)),
+            "b": jax.make_array_from_callback(b.shape, NamedSharding(mesh, P()),
+                                              lambda i: b[i]),
+            "step": 7}
+
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    with ocp.StandardCheckpointer() as ck:
+      ck.save(os.path.join(path, "std"), tree())
+      ck.wait_until_finished()
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_zarr3=True)) as ck:
+      ck.save(os.path.join(path, "z3"), args=ocp.args.PyTreeSave(tree()))
+    with ocp.CheckpointManager(os.path.join(path, "run")) as mngr:
+      for step in (2, 4):
+        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree(step))))
+      mngr.wait_until_finished()
+  result(saved=True)
+
+
+def load():
+  import flax_ckpt
+  w, b = host_data()
+  mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("x", "y"))
+  target = NamedSharding(mesh, P("y", "x"))  # saved as P('x', 'y') on 2x2
+  template = {"w": jax.ShapeDtypeStruct(w.shape, w.dtype, sharding=target),
+              "b": jax.ShapeDtypeStruct(b.shape, b.dtype, sharding=NamedSharding(mesh, P())),
+              "step": 0}
+  before = rchar()
+  out = flax_ckpt.load(path, template)
+  read = rchar() - before
+  assert out["w"].sharding == target
+  for shard in out["w"].addressable_shards:
+    np.testing.assert_array_equal(np.asarray(shard.data), w[shard.index])
+  for shard in out["b"].addressable_shards:
+    np.testing.assert_array_equal(np.asarray(shard.data), b[shard.index])
+  assert out["step"] == 7, out["step"]
+  assert "orbax" not in sys.modules
+  result(ok=True, read=read, w_bytes=w.nbytes)
+
+
+if __name__ == "__main__":
+  {"save": save, "load": load}[scenario]()
