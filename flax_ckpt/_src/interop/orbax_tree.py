@@ -115,6 +115,7 @@ def parse_metadata(raw: bytes, where: str) -> TreeMetadata:
   zarr3, ocdbt = meta.get("use_zarr3", False), meta.get("use_ocdbt")
   if not isinstance(zarr3, bool) or not (ocdbt is None or isinstance(ocdbt, bool)):
     raise errors.FormatError(f"{where}: use_zarr3/use_ocdbt must be true or false")
+  build_tree(entries, None, where)  # the structure is checked before any data is read
   return TreeMetadata(entries, zarr3, ocdbt, meta.get("custom_metadata"))
 
 
@@ -134,11 +135,12 @@ class _Node:
     self.children: dict[str, Any] = {}
 
 
-def build_tree(entries: Sequence[Entry], values: Mapping[tuple[str, ...], Any],
+def build_tree(entries: Sequence[Entry], values: Mapping[tuple[str, ...], Any] | None,
                where: str, prefix: tuple[str, ...] = ()) -> Any:
   """The tree as Orbax recorded it: nested dicts, lists where keys are positions.
 
-  ``values`` holds each data leaf's value by key path; empty nodes come from their entry.
+  ``values`` holds each data leaf's value by key path (None: only check the structure,
+  with None for every leaf); empty nodes come from their entry.
   Only entries under ``prefix`` are used (``prefix`` itself is the root).
   """
   root: Any = None
@@ -146,7 +148,7 @@ def build_tree(entries: Sequence[Entry], values: Mapping[tuple[str, ...], Any],
   for e in entries:
     if e.keys[:n] != prefix:
       continue
-    value = empty_value(e) if e.skip else values[e.keys]
+    value = empty_value(e) if e.skip or values is None else values[e.keys]
     keys, kinds = e.keys[n:], e.kinds[n:]
     if not keys:
       if root is not None:
