@@ -1,12 +1,14 @@
 """Checkpoints written by Orbax (orbax-checkpoint, from the test extra) are told apart from
 flax_ckpt's: ``flax_ckpt.is_orbax_checkpoint`` and a load error that says what the
-directory is, never "the save did not finish" (issue 15; reading them comes next)."""
+directory is, never "the save did not finish" (issue 15; tests/test_orbax_read.py
+tests the reading)."""
 
 from __future__ import annotations
 
 import os
 import warnings
 
+import jax
 import numpy as np
 import pytest
 
@@ -31,11 +33,15 @@ def test_an_orbax_checkpoint_is_recognised_and_a_load_says_so(ocp, tmp_path):
     ck.wait_until_finished()
   assert flax_ckpt.is_orbax_checkpoint(path)
   assert flax_ckpt.is_orbax_checkpoint(str(path))
+  with pytest.warns(flax_ckpt.UnregisteredClassWarning, match="written by Orbax"):
+    got = flax_ckpt.load(path)  # read by the Orbax reader (tests/test_orbax_read.py)
+  want = _tree()
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with pytest.raises(flax_ckpt.FormatError, match="written by Orbax") as e:
-    flax_ckpt.load(path)
+    flax_ckpt.metadata(path)  # the other APIs say what it is, never "did not finish"
   assert "did not finish" not in str(e.value) and str(path) in str(e.value)
-  with pytest.raises(flax_ckpt.FormatError, match="Orbax"):
-    flax_ckpt.metadata(path)
   report = flax_ckpt.verify(path)
   assert not report and "Orbax" in str(report.problems[0])
 

@@ -12,11 +12,12 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from flax_ckpt._src import errors
 from flax_ckpt._src.engine.loading import CheckpointMetadata, checkpoint_metadata, load_parts
 from flax_ckpt._src.engine.saving import PendingSave, SaveOptions, parts_from
 from flax_ckpt._src.engine.verifying import VerifyReport, verify_checkpoint
 from flax_ckpt._src.format import DEFAULT_CHECKPOINTABLE
-from flax_ckpt._src.interop import files
+from flax_ckpt._src.interop import files, orbax_reading
 from flax_ckpt._src.io import background, orbax_layout, paths, storage
 from flax_ckpt._src.parts.pytree import check_restore_type
 
@@ -161,8 +162,13 @@ def load(path: paths.PathLike, abstract_state: Any = None, *, partial: bool = Fa
   if files.is_single_file(path):  # a safetensors or flax msgpack file, not a checkpoint
     return files.load_file(path, abstract_state, partial=partial,
                            restore_type=check_restore_type(restore_type))
-  return load_checkpointables(path, {checkpointable_name: abstract_state}, partial=partial,
-                              restore_type=restore_type, verify=verify)[checkpointable_name]
+  try:
+    return _load_native(path, {checkpointable_name: abstract_state}, partial=partial,
+                        restore_type=restore_type, verify=verify)[checkpointable_name]
+  except errors.ForeignCheckpointError:  # an Orbax checkpoint: its reader picks the item
+    item = None if checkpointable_name == DEFAULT_CHECKPOINTABLE else checkpointable_name
+    return orbax_reading.load(path, abstract_state, partial=partial,
+                              restore_type=check_restore_type(restore_type), item=item)
 
 
 def metadata(path: paths.PathLike) -> CheckpointMetadata:
@@ -324,12 +330,21 @@ def load_checkpointables(path: paths.PathLike,
     >>> flax_ckpt.load_checkpointables(path, {'step': None})
     {'step': 5}
   """
+  try:
+    return _load_native(path, abstract_checkpointables, partial=partial,
+                        restore_type=restore_type, verify=verify)
+  except errors.ForeignCheckpointError:  # written by Orbax: read with the Orbax reader
+    return orbax_reading.load_items(path, abstract_checkpointables, partial=partial,
+                                    restore_type=check_restore_type(restore_type))
+
+
+def _load_native(path: paths.PathLike, abstract: Mapping[str, Any] | None, *, partial: bool,
+                 restore_type: type | None, verify: bool) -> dict[str, Any]:
+  """The parts of a flax_ckpt checkpoint (ForeignCheckpointError: it is Orbax's)."""
   restore_type = check_restore_type(restore_type)
-  if abstract_checkpointables is not None and not isinstance(abstract_checkpointables,
-                                                             Mapping):
+  if abstract is not None and not isinstance(abstract, Mapping):
     raise TypeError("abstract_checkpointables must be a dict {name: template or args} or None")
-  return load_parts(path, abstract_checkpointables, partial=partial, restore_type=restore_type,
-                    verify=verify)
+  return load_parts(path, abstract, partial=partial, restore_type=restore_type, verify=verify)
 
 
 def kvstore_spec(path: paths.PathLike) -> dict:

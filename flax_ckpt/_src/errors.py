@@ -34,6 +34,18 @@ class FormatError(CheckpointError, ValueError):
   """The checkpoint's metadata is unreadable or of an unknown format version."""
 
 
+class ForeignCheckpointError(FormatError):
+  """``path`` holds a checkpoint of another tool (Orbax); internal: ``flax_ckpt.load``,
+  ``load_checkpointables`` and the CheckpointManager catch it and read it with the
+  matching reader, every other API reports it as the FormatError it is. ``marker``: the
+  file that identified it."""
+
+  def __init__(self, message: str, path: str, marker: str):
+    super().__init__(message)
+    self.path = path
+    self.marker = marker
+
+
 class TruncatedDataError(FormatError, OSError):
   """A data file holds fewer bytes than its chunk index claims (truncated or crafted); a
   FormatError, and an OSError as a short read always was. ``path``: the data file."""

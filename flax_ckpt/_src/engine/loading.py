@@ -103,11 +103,12 @@ def _explain_missing(backend: storage.StorageBackend, final: epath.Path) -> Exce
   """Why there is no flax_ckpt checkpoint at ``final``: a clear word for an Orbax one."""
   marker = orbax_layout.orbax_marker(backend, os.fspath(final))
   if marker is not None:
-    return errors.FormatError(
-        f"{final} is a checkpoint written by Orbax (it has {marker}), not by flax_ckpt, and "
-        "this flax_ckpt does not read Orbax checkpoints yet: restore it with orbax and save "
-        "it again with flax_ckpt.save. (flax_ckpt.is_orbax_checkpoint(path) tells them "
-        "apart.)")
+    return errors.ForeignCheckpointError(
+        f"{final} is a checkpoint written by Orbax (it has {marker}), not by flax_ckpt: "
+        "flax_ckpt.load, flax_ckpt.load_checkpointables and CheckpointManager.restore read "
+        "it; this function reads flax_ckpt checkpoints only. "
+        "(flax_ckpt.is_orbax_checkpoint(path) tells them apart.)",
+        os.fspath(final), marker)
   return backend.explain_missing(os.fspath(final))
 
 
