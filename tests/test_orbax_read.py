@@ -260,11 +260,17 @@ def test_load_with_template_gives_exact_types_and_shardings(form):
 
 
 def test_load_checkpointables_reads_the_same_tree(form):
+  """A PyTree item is one checkpointable, named ``default`` as Orbax names a Checkpointer's
+  single item."""
   path, tree = form
   template = _template(tree)
-  got = flax_ckpt.load_checkpointables(path, {"state": template})
-  assert list(got) == ["state"]
-  _check_templated(got["state"], tree, template)
+  got = flax_ckpt.load_checkpointables(path, {"default": template})
+  assert list(got) == ["default"]
+  _check_templated(got["default"], tree, template)
+  with pytest.warns(UserWarning, match=LOST_TYPES):
+    everything = flax_ckpt.load_checkpointables(path)
+  assert list(everything) == ["default"]
+  _check_as_saved(everything["default"], tree)
 
 
 def test_restore_type_numpy(saved):
@@ -525,11 +531,16 @@ def test_a_truncated_chunk_file_is_a_flax_ckpt_error(saved, tmp_path, form_name)
   _expect_a_flax_ckpt_error(path, _template(tree))
 
 
-def test_a_truncated_ocdbt_data_file_is_a_flax_ckpt_error(saved, tmp_path):
-  path, tree = _copy(saved, "zarr3_ocdbt", tmp_path)
-  for f in os.listdir(path / "ocdbt.process_0" / "d"):
-    _truncate(path / "ocdbt.process_0" / "d" / f, 0.3)
-  _expect_a_flax_ckpt_error(path, _template(tree))
+@pytest.mark.parametrize("use_zarr3", [False, True], ids=["zarr2", "zarr3"])
+def test_a_truncated_ocdbt_data_file_is_a_flax_ckpt_error(ocp, tmp_path, use_zarr3):
+  """Values over 1 KiB live in ocdbt.process_0/d/ (smaller ones inline in the B-tree)."""
+  big = np.random.default_rng(2).random(16 << 10, dtype=np.float32)  # 64 KiB
+  path = tmp_path / "c"
+  _pytree_handler(ocp, use_zarr3=use_zarr3)(str(path), {"big": big, "n": 1})
+  data = path / "ocdbt.process_0" / "d"
+  for f in os.listdir(data):
+    _truncate(data / f, 0.3)
+  _expect_a_flax_ckpt_error(path, {"big": np.zeros_like(big), "n": 0})
 
 
 def test_a_corrupted_ocdbt_manifest_is_a_flax_ckpt_error(saved, tmp_path):
@@ -564,6 +575,11 @@ def test_a_leaf_type_flax_ckpt_cannot_read_is_named_in_the_error(saved, tmp_path
   _expect_a_flax_ckpt_error(path, match="my.CustomLeaf")
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "flax_ckpt bug: loading '<name>.orbax-checkpoint-tmp' (an unfinished Orbax save) raises "
+    "IncompleteCheckpointError '<path> is not a committed flax_ckpt checkpoint (no _CHECKPOINT "
+    "marker): the save that wrote it did not finish, or the directory was made by something "
+    "else.', which neither names Orbax nor avoids 'did not finish' (io/paths.explain_missing)"))
 def test_an_unfinished_orbax_save_is_a_clear_error(saved, tmp_path):
   """What a failed or running Orbax save leaves: ``<name>.orbax-checkpoint-tmp`` with an
   uncommitted _CHECKPOINT_METADATA (here also with all the data, as mid-commit)."""
