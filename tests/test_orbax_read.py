@@ -629,6 +629,9 @@ def test_loading_never_imports_orbax(saved, ocp, tmp_path):
         assert np.asarray(tree["sharded"]).shape == (8, 16), name
         got = flax_ckpt.load(path, {{"py_int": 0}}, partial=True)
         assert got == {{"py_int": 7}}, (name, got)
+      bad = sorted(m for m in sys.modules if m == "orbax" or m.startswith("orbax."))
+      assert not bad, bad
+      print("LOADS_WITHOUT_ORBAX", flush=True)
       mngr = flax_ckpt.CheckpointManager({str(run)!r}, read_only=True)
       assert mngr.all_steps() == [2], mngr.all_steps()
       out = mngr.restore(abstract_state={{"w": np.zeros(3)}})
@@ -641,7 +644,9 @@ def test_loading_never_imports_orbax(saved, ocp, tmp_path):
              JAX_PLATFORMS="cpu")
   r = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(HERE), env=env,
                      capture_output=True, text=True, timeout=240)
-  assert r.returncode == 0 and "NO_ORBAX_OK" in r.stdout, r.stdout[-3000:] + r.stderr[-5000:]
+  out = r.stdout[-3000:] + r.stderr[-5000:]
+  assert "LOADS_WITHOUT_ORBAX" in r.stdout, out  # every form loaded, orbax not imported
+  assert r.returncode == 0 and "NO_ORBAX_OK" in r.stdout, out  # and the manager too
 
 
 # ---- a 2-process sharded save by orbax ----
