@@ -147,11 +147,11 @@ def test_unfinished_orbax_saves_and_root_metadata_are_not_steps(ocp, tmp_path):
     mngr.save(1, args=ocp.args.StandardSave(_tree(1)))
     mngr.wait_until_finished()
   assert (root / "metadata").is_dir()
-  tmp = root / "2.orbax-checkpoint-tmp"
-  tmp.mkdir()
-  (tmp / "_CHECKPOINT_METADATA").write_text(json.dumps(
-      {"item_handlers": None, "metrics": {}, "performance_metrics": {},
-       "init_timestamp_nsecs": 1, "commit_timestamp_nsecs": None, "custom_metadata": {}}))
+  for name in ("2.orbax-checkpoint-tmp", "3.orbax-checkpoint-tmp-1796318904", "4"):
+    (root / name).mkdir()  # 0.12's tmp name, older ones', and a step not committed yet
+    (root / name / "_CHECKPOINT_METADATA").write_text(json.dumps(
+        {"item_handlers": None, "metrics": {}, "performance_metrics": {},
+         "init_timestamp_nsecs": 1, "commit_timestamp_nsecs": None, "custom_metadata": {}}))
   with flax_ckpt.CheckpointManager(root) as mngr:
     assert mngr.all_steps() == [1] and mngr.latest_step() == 1
     _check(mngr.restore(abstract_state=_template()), 1)
@@ -194,6 +194,27 @@ def test_retention_counts_orbax_and_flax_ckpt_steps(ocp, tmp_path):
     assert mngr.all_steps() == [4, 5]
   assert _step_dirs(root) == ["4", "5"]
   assert not any(".orbax-checkpoint-tmp" in n for n in os.listdir(root))
+
+
+def test_best_fn_retention_reads_the_orbax_metrics(ocp, tmp_path):
+  """Orbax's ``metrics`` item gives its steps their metrics: the best ones are kept, of
+  both kinds."""
+  root = tmp_path / "run"
+  losses = {1: 0.3, 2: 0.1, 3: 0.2}
+  with _quiet(), ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(
+      best_fn=lambda m: m["loss"], best_mode="min")) as mngr:
+    for step, loss in losses.items():
+      mngr.save(step, args=ocp.args.StandardSave(_tree(step)), metrics={"loss": loss})
+    mngr.wait_until_finished()
+  with flax_ckpt.CheckpointManager(root, max_to_keep=2, best_fn=lambda m: m["loss"],
+                                   best_mode="min") as mngr:
+    assert mngr.metrics(2) == {"loss": 0.1}
+    assert mngr.best_step() == 2
+    assert mngr.save(4, _tree(4), metrics={"loss": 0.15})
+    mngr.wait_until_finished()
+    assert mngr.all_steps() == [2, 4]
+    assert mngr.best_step() == 2
+  assert _step_dirs(root) == ["2", "4"]
 
 
 def test_delete_an_orbax_step(ocp, tmp_path):
