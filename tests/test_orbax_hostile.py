@@ -211,3 +211,29 @@ def test_a_string_leaf_missing_from_strings_json(files_ckpt):
   _edit_metadata(files_ckpt, edit)
   with pytest.raises(flax_ckpt.FormatError, match="_strings.json"):
     _load(files_ckpt)
+
+
+def _upload(local, url):
+  import _objstore_helpers as oh
+
+  for dirpath, _, names in os.walk(local):
+    for n in names:
+      rel = os.path.relpath(os.path.join(dirpath, n), local)
+      with open(os.path.join(dirpath, n), "rb") as f:
+        oh.put(f"{url}/{rel}", f.read())
+
+
+@pytest.mark.parametrize("layout", ["files", "ocdbt"])
+def test_an_orbax_checkpoint_in_an_object_store_loads(pristine, objstore_root, layout):
+  import jax
+
+  url = f"{objstore_root}/orbax_{layout}"
+  _upload(pristine / layout, url)
+  assert flax_ckpt.is_orbax_checkpoint(url)
+  got = _load(url)
+  np.testing.assert_array_equal(got["w"], _tree()["w"])
+  template = {"w": jax.ShapeDtypeStruct((2, 3), np.float32),
+              "b": jax.ShapeDtypeStruct((3,), np.int32)}
+  got = _load(url, template)
+  assert isinstance(got["b"], jax.Array)
+  np.testing.assert_array_equal(got["b"], _tree()["b"])
