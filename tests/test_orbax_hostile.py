@@ -237,3 +237,28 @@ def test_an_orbax_checkpoint_in_an_object_store_loads(pristine, objstore_root, l
   got = _load(url, template)
   assert isinstance(got["b"], jax.Array)
   np.testing.assert_array_equal(got["b"], _tree()["b"])
+
+
+def test_an_unfinished_orbax_save_says_so(ocdbt_ckpt, tmp_path):
+  tmp = tmp_path / "7.orbax-checkpoint-tmp"
+  shutil.copytree(ocdbt_ckpt, tmp)
+  meta = tmp / "_CHECKPOINT_METADATA"
+  meta.write_text(json.dumps({"item_handlers": None, "commit_timestamp_nsecs": None}))
+  os.remove(tmp / "_METADATA")
+  for p in (tmp, ocdbt_ckpt):
+    if p is ocdbt_ckpt:
+      shutil.copy(meta, p / "_CHECKPOINT_METADATA")
+      os.remove(p / "_METADATA")
+    assert not flax_ckpt.is_orbax_checkpoint(p)
+    with pytest.raises(flax_ckpt.IncompleteCheckpointError, match="unfinished Orbax save") as e:
+      _load(p)
+    assert "did not finish" not in str(e.value)
+
+
+def test_a_pre_0_5_orbax_checkpoint_says_it_is_not_read(tmp_path):
+  old = tmp_path / "old"
+  old.mkdir()
+  (old / "checkpoint").write_bytes(b"\x81\xa1w\xc0")  # the msgpack of {"w": None}
+  with pytest.raises(flax_ckpt.FormatError, match="before 0.5") as e:
+    _load(old)
+  assert "did not finish" not in str(e.value)
