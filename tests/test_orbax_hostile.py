@@ -211,3 +211,54 @@ def test_a_string_leaf_missing_from_strings_json(files_ckpt):
   _edit_metadata(files_ckpt, edit)
   with pytest.raises(flax_ckpt.FormatError, match="_strings.json"):
     _load(files_ckpt)
+
+
+def _upload(local, url):
+  import _objstore_helpers as oh
+
+  for dirpath, _, names in os.walk(local):
+    for n in names:
+      rel = os.path.relpath(os.path.join(dirpath, n), local)
+      with open(os.path.join(dirpath, n), "rb") as f:
+        oh.put(f"{url}/{rel}", f.read())
+
+
+@pytest.mark.parametrize("layout", ["files", "ocdbt"])
+def test_an_orbax_checkpoint_in_an_object_store_loads(pristine, objstore_root, layout):
+  import jax
+
+  url = f"{objstore_root}/orbax_{layout}"
+  _upload(pristine / layout, url)
+  assert flax_ckpt.is_orbax_checkpoint(url)
+  got = _load(url)
+  np.testing.assert_array_equal(got["w"], _tree()["w"])
+  template = {"w": jax.ShapeDtypeStruct((2, 3), np.float32),
+              "b": jax.ShapeDtypeStruct((3,), np.int32)}
+  got = _load(url, template)
+  assert isinstance(got["b"], jax.Array)
+  np.testing.assert_array_equal(got["b"], _tree()["b"])
+
+
+def test_an_unfinished_orbax_save_says_so(ocdbt_ckpt, tmp_path):
+  tmp = tmp_path / "7.orbax-checkpoint-tmp"
+  shutil.copytree(ocdbt_ckpt, tmp)
+  meta = tmp / "_CHECKPOINT_METADATA"
+  meta.write_text(json.dumps({"item_handlers": None, "commit_timestamp_nsecs": None}))
+  os.remove(tmp / "_METADATA")
+  for p in (tmp, ocdbt_ckpt):
+    if p is ocdbt_ckpt:
+      shutil.copy(meta, p / "_CHECKPOINT_METADATA")
+      os.remove(p / "_METADATA")
+    assert not flax_ckpt.is_orbax_checkpoint(p)
+    with pytest.raises(flax_ckpt.IncompleteCheckpointError, match="unfinished Orbax save") as e:
+      _load(p)
+    assert "did not finish" not in str(e.value)
+
+
+def test_a_pre_0_5_orbax_checkpoint_says_it_is_not_read(tmp_path):
+  old = tmp_path / "old"
+  old.mkdir()
+  (old / "checkpoint").write_bytes(b"\x81\xa1w\xc0")  # the msgpack of {"w": None}
+  with pytest.raises(flax_ckpt.FormatError, match="before 0.5") as e:
+    _load(old)
+  assert "did not finish" not in str(e.value)

@@ -109,6 +109,10 @@ def _explain_missing(backend: storage.StorageBackend, final: epath.Path) -> Exce
         "it; this function reads flax_ckpt checkpoints only. "
         "(flax_ckpt.is_orbax_checkpoint(path) tells them apart.)",
         os.fspath(final), marker)
+  if backend.is_dir(os.fspath(final)):
+    err = orbax_layout.orbax_unreadable(backend, os.fspath(final))
+    if err is not None:
+      return err
   return backend.explain_missing(os.fspath(final))
 
 

@@ -54,6 +54,29 @@ def orbax_marker(backend: storage.StorageBackend, path: str) -> str | None:
   return None
 
 
+LEGACY_AGGREGATE = "checkpoint"  # orbax-checkpoint before 0.5: one msgpack file
+
+
+def orbax_unreadable(backend: storage.StorageBackend, path: str) -> errors.CheckpointError | None:
+  """The error for an Orbax directory flax_ckpt cannot load (None if it is not one): an
+  unfinished Orbax save, or a checkpoint of Orbax before 0.5."""
+  base = os.path.basename(path.rstrip("/"))
+  names = set(backend.listdir(path))
+  if COMMIT_MARKER in names:
+    return None
+  if ORBAX_TMP_TAG in base or ORBAX_CHECKPOINT_METADATA in names:
+    return errors.IncompleteCheckpointError(
+        f"{path} is an unfinished Orbax save: Orbax never committed it ({ORBAX_TMP_TAG} "
+        f"in its name, or no commit time in {ORBAX_CHECKPOINT_METADATA}). Load an earlier "
+        "step.")
+  if LEGACY_AGGREGATE in names and ORBAX_TREE_METADATA not in names:
+    return errors.FormatError(
+        f"{path} looks like a checkpoint of orbax-checkpoint before 0.5 (a msgpack "
+        f"'{LEGACY_AGGREGATE}' file without {ORBAX_TREE_METADATA}), a layout flax_ckpt does "
+        "not read: restore it with that Orbax and save it with flax_ckpt.save.")
+  return None
+
+
 def is_orbax_checkpoint(path: paths.PathLike) -> bool:
   """Whether ``path`` holds a committed checkpoint written by Orbax (a ``Checkpointer``
   directory, a ``CheckpointManager`` step, or one of a step's PyTree items)."""
