@@ -606,11 +606,6 @@ def test_a_leaf_type_flax_ckpt_cannot_read_is_named_in_the_error(saved, tmp_path
   _expect_a_flax_ckpt_error(path, match="my.CustomLeaf")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "flax_ckpt bug: loading '<name>.orbax-checkpoint-tmp' (an unfinished Orbax save) raises "
-    "IncompleteCheckpointError '<path> is not a committed flax_ckpt checkpoint (no _CHECKPOINT "
-    "marker): the save that wrote it did not finish, or the directory was made by something "
-    "else.', which neither names Orbax nor avoids 'did not finish' (io/paths.explain_missing)"))
 def test_an_unfinished_orbax_save_is_a_clear_error(saved, tmp_path):
   """What a failed or running Orbax save leaves: ``<name>.orbax-checkpoint-tmp`` with an
   uncommitted _CHECKPOINT_METADATA (here also with all the data, as mid-commit)."""
@@ -629,12 +624,6 @@ def test_an_unfinished_orbax_save_is_a_clear_error(saved, tmp_path):
     assert "Orbax" in str(err) and str(path) in str(err), err
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "flax_ckpt gap: a pre-0.5 Orbax PyTree checkpoint (msgpack 'checkpoint' file, no "
-    "_METADATA) is not recognised (is_orbax_checkpoint is False) and its load raises "
-    "IncompleteCheckpointError '... not a committed flax_ckpt checkpoint (no _CHECKPOINT "
-    "marker): the save that wrote it did not finish ...' instead of naming the unsupported "
-    "old Orbax format"))
 def test_a_pre_0_5_orbax_checkpoint_is_named_unsupported(tmp_path):
   """Orbax <= 0.4 wrote the tree as a msgpack file ``checkpoint`` (arrays as
   'PLACEHOLDER://<name>') beside the zarr arrays; flax_ckpt reads 0.5 and newer only."""
