@@ -8,6 +8,8 @@ Python int, as ``PATH/std`` (StandardCheckpointer), ``PATH/z3`` (zarr3) and a
 CheckpointManager run ``PATH/run`` (steps 2 and 4, item ``state``, w + step).
 ``load``: flax_ckpt (orbax is never imported) loads ``PATH`` onto a 2x4 mesh of another
 layout and checks this process's shards and how many bytes it read.
+``manager``: a flax_ckpt CheckpointManager on a copy of ``run`` resumes from the latest
+Orbax step, saves a new step next to the Orbax ones and applies retention to both.
 
 Every process builds the same global data from a fixed seed. Prints one ``RESULT {...}``
 JSON line; exits non-zero on a failed check.
@@ -98,5 +100,35 @@ def load():
   result(ok=True, read=read, w_bytes=w.nbytes)
 
 
+def manager():
+  """The Orbax job of ``save`` switched to flax_ckpt: both processes open a
+  flax_ckpt.CheckpointManager on PATH (a copy of its ``run``), resume from step 4 onto
+  another layout, save step 6 and keep 2 steps."""
+  import flax_ckpt
+  w, b = host_data()
+  mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 2), ("x", "y"))
+  target = NamedSharding(mesh, P("y", "x"))
+  template = {"w": jax.ShapeDtypeStruct(w.shape, w.dtype, sharding=target),
+              "b": jax.ShapeDtypeStruct(b.shape, b.dtype, sharding=NamedSharding(mesh, P())),
+              "step": 0}
+  with flax_ckpt.CheckpointManager(path, max_to_keep=2, barrier_timeout_s=60) as mngr:
+    steps = mngr.all_steps()
+    latest = mngr.latest_step()
+    out = mngr.restore(abstract_state=template)
+    assert out["w"].sharding == target
+    for shard in out["w"].addressable_shards:
+      np.testing.assert_array_equal(np.asarray(shard.data), (w + np.float32(4))[shard.index])
+    assert out["step"] == 7
+    new = {"w": out["w"] + 2, "b": out["b"], "step": 6}
+    mngr.save(6, new)
+    mngr.wait_until_finished()
+    after = mngr.all_steps()
+    back = mngr.restore(6, template)
+    for shard in back["w"].addressable_shards:
+      np.testing.assert_array_equal(np.asarray(shard.data), (w + np.float32(6))[shard.index])
+  assert "orbax" not in sys.modules
+  result(ok=True, steps=steps, latest=latest, after=after)
+
+
 if __name__ == "__main__":
-  {"save": save, "load": load}[scenario]()
+  {"save": save, "load": load, "manager": manager}[scenario]()

@@ -794,3 +794,19 @@ def test_two_process_orbax_save_loads_in_two_processes_on_another_mesh(saved_by_
     for rc, r, out in res:
       assert rc == 0 and r and r["ok"], out
       assert r["read"] < r["w_bytes"] * 3 // 4, (which, r)  # its half of w, not all of it
+
+
+@pytest.mark.slow
+def test_two_process_orbax_run_resumes_with_a_flax_ckpt_manager(saved_by_two_orbax, tmp_path):
+  """The 2-process Orbax job switched to flax_ckpt: its manager resumes from the latest
+  Orbax step in both processes, saves next to it, and retention deletes the oldest."""
+  run = tmp_path / "run"
+  shutil.copytree(saved_by_two_orbax / "run", run)
+  res = _run_job(2, 2, "manager", run)
+  for rc, r, out in res:
+    assert rc == 0 and r and r["ok"], out
+    assert r["steps"] == [2, 4] and r["latest"] == 4 and r["after"] == [4, 6], r
+  assert sorted(p.name for p in run.iterdir() if not p.name.startswith((".", "_"))) == [
+      "4", "6"]
+  assert flax_ckpt.is_orbax_checkpoint(run / "4") and not flax_ckpt.is_orbax_checkpoint(
+      run / "6")
