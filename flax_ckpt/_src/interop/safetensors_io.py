@@ -255,7 +255,7 @@ def _named_arrays(tree: Any, name_fn: Callable[[tuple], str] | None) -> list[tup
     where = jax.tree_util.keystr(kp) or "<root>"
     if not isinstance(x, (jax.Array, np.ndarray, np.generic)):
       bad.append(f"{where}: a {type(x).__name__}, not an array")
-    elif np.dtype(x.dtype).name not in _EXPORTABLE:
+    elif getattr(x.dtype, "name", None) not in _EXPORTABLE:
       bad.append(f"{where}: dtype {x.dtype} (safetensors holds {', '.join(sorted(_CODES))})")
     elif isinstance(x, jax.Array) and not x.is_fully_addressable:
       bad.append(f"{where}: not fully addressable by this process; gather it first (e.g. "
