@@ -88,6 +88,8 @@ def test_train_state_with_template_has_its_structure_and_types(tmp_path, kind):
   # each leaf is of its template leaf's type: a concrete TrainState's step is a Python int
   assert type(got.step) is (int if kind == "concrete" else type(got.params["Dense_0"]["bias"]))
   assert all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(got.params))
+  if kind == "eval_shape":  # weakly typed as the template says, so jit does not recompile
+    assert template.step.weak_type and got.step.weak_type
 
 
 def test_numpy_and_scalar_template_leaves_come_back_as_such(tmp_path):

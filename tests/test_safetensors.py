@@ -276,3 +276,10 @@ def test_hostile_index(tmp_path):
     index = tmp_path / "m" / f"i{i}.json"
     index.write_text(json.dumps({"weight_map": weight_map}))
     _hostile(index, "weight_map|not in its shard")
+
+
+def test_files_are_recognised_by_content_not_only_by_name(tmp_path):
+  flax_ckpt.export_safetensors({"w": np.arange(3, dtype=np.int32)}, tmp_path)
+  renamed = tmp_path / "weights.bin"
+  renamed.write_bytes((tmp_path / "model.safetensors").read_bytes())
+  np.testing.assert_array_equal(flax_ckpt.load(renamed)["w"], np.arange(3, dtype=np.int32))

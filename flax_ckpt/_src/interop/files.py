@@ -261,12 +261,26 @@ def _convert(t: Any, v: Any, restore_type: type | None, where: str) -> Any:
   try:
     if args.dtype is not None and host.dtype != args.dtype:
       host = host.astype(args.dtype)
-    return conform(host, args)
+    out = conform(host, args)
   except (TypeError, ValueError, OverflowError) as e:
     raise errors.StructureMismatchError(
         f"{where}: cannot convert the saved value to the template's type "
         f"({type(e).__name__}: {e}); fix the template leaf or use None to load it as "
         "saved.") from e
+  if getattr(t, "weak_type", False) and isinstance(out, jax.Array):
+    out = _weakly_typed(out)  # as eval_shape's templates say: jit does not compile again
+  return out
+
+
+def _weakly_typed(x: jax.Array) -> jax.Array:
+  """``x`` marked weakly typed (as Python scalars are); as ``leaves/arrays.py`` does."""
+  try:
+    from jax._src.lax import lax as jax_lax
+
+    return jax_lax._convert_element_type(  # pyright: ignore[reportReturnType]  # an Array
+        x, x.dtype, weak_type=True)
+  except Exception:  # noqa: BLE001 - a jax without it: strongly typed, same values
+    return x
 
 
 def _as_saved(x: Any, restore_type: type | None) -> Any:
