@@ -305,7 +305,8 @@ def test_deep_nesting(tmp_path):
   for _ in range(150):  # deeper than flax_ckpt walks, shallower than msgpack's own stack
     deep = {"d": deep}
   _hostile(tmp_path, "deep", msgpack.packb(deep), "nested deeper than")
-  _hostile(tmp_path, "deeper", b"\x91" * 5000 + b"\x00", "not a readable flax msgpack")
+  _hostile(tmp_path, "deeper", b"\x81\xa1a" + b"\x91" * 5000 + b"\x00",
+           "not a readable flax msgpack")
 
 
 def test_random_bytes(tmp_path):
@@ -316,3 +317,10 @@ def test_random_bytes(tmp_path):
     with pytest.raises(flax_ckpt.FormatError) as e:
       flax_ckpt.load(path)
     assert str(path) in str(e.value)
+
+
+def test_files_of_neither_format_are_not_checkpoints(tmp_path):
+  for i, data in enumerate([b"", b"x", b"hello world", b"\x05"]):
+    path = _write(tmp_path / f"f{i}", data)
+    with pytest.raises(flax_ckpt.CheckpointNotFoundError, match="is a file.*neither"):
+      flax_ckpt.load(path)

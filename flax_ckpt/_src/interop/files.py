@@ -63,6 +63,15 @@ def _is_safetensors(file: str) -> bool:
           and struct.unpack("<Q", head[:8])[0] <= os.path.getsize(file) - 8)
 
 
+def _is_msgpack(file: str) -> bool:
+  """Whether ``file`` starts like flax's msgpack: a map (a state dict) or an extension
+  (``to_bytes`` of a single array)."""
+  with open(file, "rb") as f:
+    head = f.read(1)
+  return bool(head) and (0x80 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF)
+                         or head[0] in (0xC7, 0xC8, 0xC9) or 0xD4 <= head[0] <= 0xD8)
+
+
 def load_file(path: paths.PathLike, abstract_state: Any, *, partial: bool,
               restore_type: type | None) -> Any:
   """Loads a safetensors or msgpack file (see the module docstring).
@@ -89,6 +98,10 @@ def load_file(path: paths.PathLike, abstract_state: Any, *, partial: bool,
     values = _match(file, saved, list(zip(segs, [t for _, t in flat])), partial,
                     restore_type, lambda s: f"tensor {'/'.join(s)!r}")
     return jax.tree_util.tree_unflatten(treedef, values)
+  if not _is_msgpack(file):  # neither format: what load said of any file before
+    raise errors.CheckpointNotFoundError(
+        f"{file} is a file, not a checkpoint directory, and neither a safetensors file nor "
+        "a flax msgpack file (whose first byte is a msgpack map or extension type).")
   saved = msgpack_io.read_state_dict(file)
   if abstract_state is None:
     return _as_saved(saved, restore_type)
