@@ -272,10 +272,11 @@ def test_hostile_headers(tmp_path):
 def test_hostile_index(tmp_path):
   flax_ckpt.export_safetensors({"w": np.ones(2, np.float32)}, tmp_path / "m")
   for i, weight_map in enumerate([{"w": "../m/model.safetensors"}, {"w": "/etc/passwd"},
-                                  {"w": 3}, {"v": "model.safetensors"}]):
+                                  {"w": 3}, {"v": "model.safetensors"},
+                                  {"w": "model-00001-of-00002.safetensors"}]):
     index = tmp_path / "m" / f"i{i}.json"
     index.write_text(json.dumps({"weight_map": weight_map}))
-    _hostile(index, "weight_map|not in its shard")
+    _hostile(index, "weight_map|not in its shard|are missing")
 
 
 def test_files_are_recognised_by_content_not_only_by_name(tmp_path):

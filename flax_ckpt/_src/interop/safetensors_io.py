@@ -171,6 +171,10 @@ def read_index(index_file: str) -> dict[str, TensorEntry]:
     raise _bad(index_file, "expected {'weight_map': {tensor: shard file name}} with shard "
                "files in the index's directory")
   folder = os.path.dirname(index_file)
+  missing = sorted(s for s in set(weight_map.values())
+                   if not os.path.isfile(os.path.join(folder, s)))
+  if missing:
+    raise _bad(index_file, f"its shards {', '.join(missing[:5])} are missing")
   shards = {s: read_entries(os.path.join(folder, s)) for s in sorted(set(weight_map.values()))}
   out = {}
   for name, shard in weight_map.items():
