@@ -87,25 +87,38 @@ def load_file(path: paths.PathLike, abstract_state: Any, *, partial: bool,
   """
   file = os.fspath(paths.to_path(path))
   if file.endswith(".json") or _is_safetensors(file):
-    entries = (safetensors_io.read_index(file) if file.endswith(".json")
-               else safetensors_io.read_entries(file))
-    saved = _nest(file, entries)
-    if abstract_state is None:
-      return _as_saved(saved, restore_type)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(abstract_state,
-                                                         is_leaf=lambda x: x is None)
-    segs = [tuple(safetensors_io.default_name((k,)) for k in kp) for kp, _ in flat]
-    values = _match(file, saved, list(zip(segs, [t for _, t in flat])), partial,
-                    restore_type, lambda s: f"tensor {'/'.join(s)!r}")
-    return jax.tree_util.tree_unflatten(treedef, values)
+    return _load_safetensors(file, abstract_state, partial, restore_type)
   if not _is_msgpack(file):  # neither format: what load said of any file before
     raise errors.CheckpointNotFoundError(
         f"{file} is a file, not a checkpoint directory, and neither a safetensors file nor "
         "a flax msgpack file (whose first byte is a msgpack map or extension type).")
+  return _load_msgpack(file, abstract_state, partial, restore_type)
+
+
+def _load_safetensors(file: str, abstract_state: Any, partial: bool,
+                      restore_type: type | None) -> Any:
+  """A safetensors file (or a sharded export's index): template leaves by tensor name."""
+  entries = (safetensors_io.read_index(file) if file.endswith(".json")
+             else safetensors_io.read_entries(file))
+  saved = _nest(file, entries)
+  if abstract_state is None:
+    return _as_saved(saved, restore_type)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(abstract_state,
+                                                       is_leaf=lambda x: x is None)
+  # one name part per key path entry, as export_safetensors names tensors
+  named = [(tuple(safetensors_io.default_name((k,)) for k in kp), t) for kp, t in flat]
+  values = _match(file, saved, named, partial, restore_type,
+                  lambda s: f"tensor {'/'.join(s)!r}")
+  return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def _load_msgpack(file: str, abstract_state: Any, partial: bool,
+                  restore_type: type | None) -> Any:
+  """A flax msgpack file: template leaves by state-dict path, rebuilt by from_state_dict."""
   saved = msgpack_io.read_state_dict(file)
   if abstract_state is None:
     return _as_saved(saved, restore_type)
-  from flax import serialization
+  from flax import serialization  # (flax is a dependency; only its state-dict walk is used)
 
   template = serialization.to_state_dict(abstract_state)
   flat = list(_state_dict_leaves(template, ()))
