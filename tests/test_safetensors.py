@@ -97,6 +97,16 @@ def test_export_from_checkpoints(tmp_path):
   assert not (tmp_path / "e5").exists()
 
 
+def test_export_from_a_flax_msgpack_file(tmp_path):
+  from flax import serialization
+
+  state = _state()
+  legacy = tmp_path / "checkpoint_100"
+  legacy.write_bytes(serialization.to_bytes(state))
+  assert flax_ckpt.export_safetensors(legacy, tmp_path / "out") == ["model.safetensors"]
+  _assert_same(stnp.load_file(tmp_path / "out" / "model.safetensors"), _flat(state.params))
+
+
 def test_sharded_export_with_index(tmp_path):
   tree = {f"layer{i}": {"w": np.full((16, 16), i, np.float32)} for i in range(5)}  # 1 KiB each
   out = tmp_path / "out"

@@ -26,6 +26,7 @@ from flax_ckpt._src import errors
 from flax_ckpt._src.encoding import dtypes
 from flax_ckpt._src.engine.loading import checkpoint_metadata, load_parts
 from flax_ckpt._src.format import DEFAULT_CHECKPOINTABLE
+from flax_ckpt._src.interop import msgpack_io
 from flax_ckpt._src.io import multihost, paths
 
 SINGLE_FILE = "model.safetensors"
@@ -215,7 +216,10 @@ def _part_of_checkpoint(path: paths.PathLike, part: str) -> Any:
 def _select(src: Any, part: str) -> Any:
   """What to export of ``src``: see :func:`export_safetensors`."""
   if isinstance(src, (str, os.PathLike)):
-    return _part_of_checkpoint(src, part)
+    local = os.fspath(paths.to_path(src))
+    if "://" in local or not os.path.isfile(local):
+      return _part_of_checkpoint(src, part)
+    src = msgpack_io.read_state_dict(local)  # a flax msgpack file: its state dict
   if isinstance(src, Mapping) and part in src:
     return src[part]
   if dataclasses.is_dataclass(src) and not isinstance(src, type) and part in {
@@ -339,6 +343,8 @@ def export_safetensors(src: Any, dst: paths.PathLike, *, part: str = "params",
     (what :func:`flax_ckpt.save` writes) has an entry ``part`` (a dict key or a field of a
     ``TrainState``), that entry. Nothing else is read. ``part='state'`` exports the whole
     tree :func:`flax_ckpt.save` wrote.
+  - ``src`` a flax msgpack file (``flax.serialization.to_bytes`` output, a legacy
+    ``flax.training.checkpoints`` ``checkpoint_<step>`` file): its state dict, as a tree.
   - ``src`` an in-memory PyTree: ``src[part]`` if it is a dict with that key,
     ``getattr(src, part)`` if it is a dataclass (``TrainState``) with that field, else
     all of ``src``.
@@ -368,7 +374,7 @@ def export_safetensors(src: Any, dst: paths.PathLike, *, part: str = "params",
   loaders.
 
   Args:
-    src: a checkpoint path, or a PyTree of arrays.
+    src: a checkpoint directory, a flax msgpack file, or a PyTree of arrays.
     dst: the directory to write into (created if missing).
     part: which part (or entry) to export; see above.
     name_fn: ``fn(keypath) -> str``, each leaf's tensor name (names must be distinct).
