@@ -53,17 +53,19 @@ def is_orbax(obj: Any) -> bool:
   return type(obj).__module__.split(".")[0] == "orbax"
 
 
-def _spelling(obj: Any) -> str:
+def _name(obj: Any) -> str:
+  """The name users write: ``ocp.args.StandardSave`` is the class ``StandardSaveArgs``."""
   name = type(obj).__name__
-  return _SPELLINGS.get(name, "the flax_ckpt equivalent (see flax_ckpt.CheckpointManager)")
+  return name[:-4] if name.endswith("Args") and name[:-4] in _SPELLINGS else name
 
 
 def refuse(obj: Any, where: str) -> None:
   """Raises TypeError if ``obj`` is an Orbax object; ``where`` names the argument."""
   if is_orbax(obj):
-    raise TypeError(
-        f"{where} is an Orbax {type(obj).__name__}; flax_ckpt does not take Orbax objects. "
-        f"Use {_spelling(obj)}.")
+    spelling = _SPELLINGS.get(_name(obj),
+                              "the flax_ckpt equivalent (see flax_ckpt.CheckpointManager)")
+    raise TypeError(f"{where} is an Orbax {_name(obj)}; flax_ckpt does not take Orbax "
+                    f"objects. Use {spelling}.")
 
 
 def refuse_keywords(method: str, kwargs: Mapping[str, Any]) -> None:
