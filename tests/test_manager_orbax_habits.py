@@ -130,6 +130,12 @@ def test_orbax_args_and_keywords_are_refused_with_the_flax_ckpt_spelling(ckpt_di
     with pytest.raises(TypeError, match=r"Orbax Composite"):
       m.restore(1, ocp.args.Composite(state=ocp.args.StandardRestore(tree)))
     np.testing.assert_array_equal(m.restore(1)["w"], tree["w"])
+  with flax_ckpt.CheckpointManager(ckpt_dir / "b", save_interval_steps=100) as m:
+    # refused at the first call, not at the first step the policies save
+    with pytest.raises(TypeError, match=r"Orbax StandardSave"):
+      m.save(1, ocp.args.StandardSave(tree))
+    with pytest.raises(ValueError, match="not both"):
+      m.save(1, tree, parts={"ema": tree})
 
 
 # ----------------------------------------------------------------------------- restore gaps

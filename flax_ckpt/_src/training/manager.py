@@ -231,6 +231,7 @@ class CheckpointManager(step_listing.StepListing):
             metrics: Mapping[str, Any] | None, force: bool,
             custom_metadata: dict | None) -> bool:
     step = self._check_save_args(step, metrics)
+    step_layout.check_save_args(state, parts, dataset)
     if not self._agree("decide", self._wants_to_save(step, force)):
       return False
     newest = self._last_saved()

@@ -62,15 +62,12 @@ def dataset_parts(dataset: Any) -> dict[str, Any]:
   return out
 
 
-def save_parts(state: Any, parts: Mapping[str, Any] | None,
-               dataset: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-  """The parts to write for ``save(step, state, parts=..., dataset=...)``, and what the
-  manager's record of the step says about them."""
+def check_save_args(state: Any, parts: Mapping[str, Any] | None, dataset: Any) -> None:
+  """The cheap checks of ``save``'s state, ``parts`` and ``dataset``, made on every call
+  (also for steps the policies skip), so an Orbax habit fails at its first use."""
   if state is not None and parts is not None:
     raise ValueError("pass either a state or parts={'name': value, ...}, not both (a "
                      "state that is a dict is saved as one state; parts= names the parts)")
-  out: dict[str, Any] = {}
-  record: dict[str, Any] = {}
   if parts is not None:
     orbax_habits.refuse(parts, "parts")
     if not isinstance(parts, Mapping) or not parts:
@@ -80,16 +77,31 @@ def save_parts(state: Any, parts: Mapping[str, Any] | None,
         raise ValueError(f"part name {name!r} is the data iterators'; pass iterators as "
                          "dataset= and name the part otherwise")
       orbax_habits.refuse_state(value, f"parts[{name!r}]")
-      orbax_habits.refuse_iterators(value, f"parts[{name!r}]")
-      out[name] = value
-    record[LAYOUT] = USER_PARTS
   elif state is not None:
     orbax_habits.refuse_state(state, "state")
-    orbax_habits.refuse_iterators(state, "state")
-    out = tsp.split(state)
-  out.update(dataset_parts(dataset))
-  if not out:
+  dataset_parts(dataset)
+  if state is None and parts is None and dataset is None:
     raise ValueError("save needs a state, parts= and/or dataset= to save")
+
+
+def save_parts(state: Any, parts: Mapping[str, Any] | None,
+               dataset: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+  """The parts to write for ``save(step, state, parts=..., dataset=...)`` (checked by
+  :func:`check_save_args`), and what the manager's record of the step says about them.
+
+  A data iterator inside the state is refused here, when a step is saved: finding one
+  walks the whole tree, which skipped steps need not pay for.
+  """
+  if parts is not None:
+    for name, value in parts.items():
+      orbax_habits.refuse_iterators(value, f"parts[{name!r}]")
+    out, record = dict(parts), {LAYOUT: USER_PARTS}
+  elif state is not None:
+    orbax_habits.refuse_iterators(state, "state")
+    out, record = tsp.split(state), {}
+  else:
+    out, record = {}, {}
+  out.update(dataset_parts(dataset))
   return out, record
 
 
