@@ -282,11 +282,37 @@ def test_latest_step_includes_the_save_in_flight_and_restore_waits_for_it(ckpt_d
 # ----------------------------------------------------------------------------- SIGTERM
 
 _CHILD = textwrap.dedent("""
-    import signal, sys, time
+    import concurrent.futures, dataclasses, signal, sys, time
     import numpy as np
     import flax_ckpt
 
     workdir, mode, grace = sys.argv[1], sys.argv[2], float(sys.argv[3])
+
+
+    class SlowHandler(flax_ckpt.AsyncCheckpointHandler):  # a part written in 3 s, async
+      def __init__(self):
+        self._pool = concurrent.futures.ThreadPoolExecutor(1)
+
+      def _write(self, directory):
+        time.sleep(3.0)
+        (directory / "slow.txt").write_text("ok")
+
+      def async_save(self, directory, args):
+        return [self._pool.submit(self._write, directory)]
+
+      def save(self, directory, args):
+        self._write(directory)
+
+      def restore(self, directory, args=None):
+        return (directory / "slow.txt").read_text()
+
+
+    @flax_ckpt.args.register_with_handler(SlowHandler, for_save=True)
+    @dataclasses.dataclass
+    class Slow(flax_ckpt.args.CheckpointArgs):
+      pass
+
+
     if mode == "ignore":
       signal.signal(signal.SIGTERM, signal.SIG_IGN)
     m = flax_ckpt.CheckpointManager(workdir, save_interval_steps=1000, enable_async=True,
@@ -297,6 +323,9 @@ _CHILD = textwrap.dedent("""
       state = {"w": np.full(1 << 16, step, np.int64)}
       if mode in ("saves", "checks", "ignore"):
         m.save(step, state)
+      if mode == "in_flight" and step == 3:
+        m.save(step, parts={"state": state, "slow": Slow()}, force=True)  # async: 3 s
+        print("SAVING", flush=True)
       print(f"STEP {step}", flush=True)
       if mode == "checks" and m.reached_preemption(step):
         m.save(step, state, force=True)
@@ -392,6 +421,24 @@ def test_sigterm_ends_a_loop_that_never_saves_within_the_grace_period(tmp_path):
   assert rc == -signal.SIGTERM, (rc, child.err.read_text()[-3000:])
   assert grace - 0.2 <= took < grace + 10, took
   assert _committed(child.workdir)[0] == []
+
+
+@pytest.mark.slow
+def test_sigterm_grace_period_lets_a_save_in_flight_commit(tmp_path):
+  child = _Child(tmp_path, "in_flight", grace=0.3)
+  try:
+    child.wait_line("SAVING")
+    os.kill(child.proc.pid, signal.SIGTERM)
+    t0 = time.monotonic()
+    rc = child.finish()
+    took = time.monotonic() - t0
+  finally:
+    child.kill()
+  assert rc == -signal.SIGTERM, (rc, child.err.read_text()[-3000:])
+  assert took > 1.5, took  # the write (3 s) was still going when the grace period ended
+  with flax_ckpt.CheckpointManager(child.workdir, read_only=True) as r:
+    assert r.all_steps() == [3]  # ended after the commit, well past the grace period
+    np.testing.assert_array_equal(r.restore(only="state")["w"], np.full(1 << 16, 3, np.int64))
 
 
 @pytest.mark.slow

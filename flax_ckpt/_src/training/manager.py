@@ -224,6 +224,7 @@ class CheckpointManager(step_listing.StepListing):
       self.wait_until_finished()
     finally:
       self._sigterm.save_finished()
+    self._sigterm.wait_for_saves()  # another manager's save in flight commits too
     preemption.end_process()
     return True  # (not reached)
 

@@ -83,9 +83,13 @@ class SigtermWatcher:
     time.sleep(grace_s)
     if not self._ending.is_set():
       return  # the loop asked reached_preemption() in time: it ends itself
+    self.wait_for_saves()
+    end_process()
+
+  def wait_for_saves(self) -> None:
+    """Blocks until no save of this process is in flight (each commits or fails)."""
     with self._cv:
       self._cv.wait_for(lambda: self._saves == 0)
-    end_process()
 
   def add_grace(self, grace_s: float) -> None:
     self._graces.append(grace_s)
