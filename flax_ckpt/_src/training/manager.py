@@ -29,6 +29,7 @@ from flax_ckpt._src.training import (
     dir_lock,
     metrics_codec,
     orbax_habits,
+    orbax_steps,
     policies,
     preemption,
     save_rules,
@@ -85,6 +86,7 @@ class CheckpointManager(step_listing.StepListing):
     self._lock = threading.RLock()
     self._save_lock = threading.Lock()
     self._infos: dict[int, policies.StepInfo] = {}
+    self._orbax: dict[int, str] = {}
     self._pending: background.AsyncResponse | None = None
     self._pending_info: policies.StepInfo | None = None
     self._closed = False
@@ -318,9 +320,10 @@ class CheckpointManager(step_listing.StepListing):
     for s in doomed:
       if self._primary:
         self._ensure_owner()
-        step_dirs.remove(self._step_path(s))
+        self._remove_step(s)
       with self._lock:
         self._infos.pop(s, None)
+        self._orbax.pop(s, None)
 
   def wait_until_finished(self) -> None:
     """Blocks until the save in flight is committed; raises its error if it failed."""
@@ -342,9 +345,10 @@ class CheckpointManager(step_listing.StepListing):
     self.wait_until_finished()
     if self._primary:
       self._ensure_owner()
-      step_dirs.remove(self._step_path(step))
+      self._remove_step(step)
     with self._lock:
       self._infos.pop(step, None)
+      self._orbax.pop(step, None)
 
   def _ensure_owner(self) -> None:
     """Raises unless this manager still holds its directory's owner lock."""
@@ -411,6 +415,9 @@ class CheckpointManager(step_listing.StepListing):
     latest = self.latest_step()
     self._rolled_back_to = step if latest is not None and step < latest else None
     path = self._step_path(step)
+    if self._is_orbax_step(step):  # written by Orbax before this job moved to flax_ckpt
+      return orbax_steps.restore(path, abstract_state, dataset=dataset, only=only,
+                                 partial=partial)
     entries, layout = step_io.parts_and_layout(path)  # the manifest only: no part is opened
     plan = step_layout.plan_restore(step, entries, layout, abstract_state, only, dataset)
     return plan.result(step_io.load(path, plan.requests, verify=verify, partial=partial))

@@ -11,7 +11,7 @@ import os
 import threading
 
 from flax_ckpt._src import errors
-from flax_ckpt._src.training import metrics_codec, policies, step_dirs, step_io
+from flax_ckpt._src.training import metrics_codec, orbax_steps, policies, step_dirs, step_io
 from flax_ckpt._src.training.options import CheckpointManagerOptions
 
 
@@ -24,9 +24,21 @@ class StepListing:
   _lock: threading.RLock
   _infos: dict[int, policies.StepInfo]
   _pending_info: policies.StepInfo | None
+  _orbax: dict[int, str]  # steps written by Orbax: step -> directory name
 
   def _step_path(self, step: int) -> str:
-    return os.path.join(self._root, self._naming.name(step))
+    with self._lock:
+      orbax_name = self._orbax.get(step)
+    return os.path.join(self._root, orbax_name or self._naming.name(step))
+
+  def _is_orbax_step(self, step: int) -> bool:
+    with self._lock:
+      return step in self._orbax
+
+  def _remove_step(self, step: int) -> None:
+    """Deletes a step's directory, of either kind, so it is never listed half-deleted."""
+    path = self._step_path(step)
+    (orbax_steps.remove if self._is_orbax_step(step) else step_dirs.remove)(path)
 
   def _read_info(self, step: int) -> policies.StepInfo | None:
     record = step_io.read_record(self._step_path(step))
@@ -36,14 +48,25 @@ class StepListing:
                              metrics_codec.decode(record.get("metrics")))
 
   def reload(self) -> None:
-    """Lists the committed checkpoints on disk again (e.g. written by another job)."""
+    """Lists the committed checkpoints on disk again (e.g. written by another job).
+
+    Steps an Orbax ``CheckpointManager`` committed in the same directory are listed too
+    (a job moving from Orbax resumes from its last Orbax step); a flax_ckpt checkpoint
+    wins over an Orbax one of the same step number.
+    """
     infos = {}
+    with self._lock:
+      self._orbax = {}
     for s in step_dirs.committed_steps(self._root, self._naming):
       info = self._read_info(s)
       if info is not None:
         infos[s] = info
+    orbax = {s: n for s, n in orbax_steps.list_steps(self._root).items() if s not in infos}
+    for s, name in orbax.items():
+      infos[s] = orbax_steps.step_info(self._root, s, name)
     with self._lock:
       self._infos = infos
+      self._orbax = orbax
 
   def _known_infos(self) -> dict[int, policies.StepInfo]:
     """The committed steps, and the one in flight."""
