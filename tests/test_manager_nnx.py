@@ -115,7 +115,7 @@ def test_review_regressions(ckpt_dir):
   m.close()
 
   b = flax_ckpt.CheckpointManager(ckpt_dir / "b", enable_async=False, max_to_keep=2,
-                                  best_fn=lambda mt: mt["loss"])
+                                  best_fn=lambda mt: mt["loss"], best_mode="min")
   with pytest.raises(ValueError, match="best_fn"):
     b.save(0, {"w": np.ones(1)}, metrics={"acc": 1.0})  # no 'loss': refused before writing
   for s, loss in enumerate([1.0, float("nan"), 0.5, 2.0, 3.0, 0.7]):

@@ -1055,7 +1055,7 @@ def test_manager_second_writer_is_refused(objstore_root):
 
 def test_manager_metrics_best_and_reopen(objstore_root):
   root = f"{objstore_root}/best"
-  opts = dict(max_to_keep=2, best_fn=lambda m: m["loss"], enable_async=False)
+  opts = dict(max_to_keep=2, best_fn=lambda m: m["loss"], best_mode="min", enable_async=False)
   with flax_ckpt.CheckpointManager(root, **opts) as m:
     for s, loss in {0: 3.0, 1: 1.0, 2: 2.0}.items():
       m.save(s, _tree(s), metrics={"loss": loss})

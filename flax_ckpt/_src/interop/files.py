@@ -31,6 +31,7 @@ from flax_ckpt._src import errors
 from flax_ckpt._src.interop import msgpack_io, safetensors_io
 from flax_ckpt._src.io import paths
 from flax_ckpt._src.leaves import type_handlers as th
+from flax_ckpt._src.leaves.arrays import weakly_typed
 from flax_ckpt._src.parts.pytree_template import conform
 from flax_ckpt._src.tree import treespec
 
@@ -294,19 +295,8 @@ def _convert(t: Any, v: Any, restore_type: type | None, where: str) -> Any:
         f"({type(e).__name__}: {e}); fix the template leaf or use None to load it as "
         "saved.") from e
   if getattr(t, "weak_type", False) and isinstance(out, jax.Array):
-    out = _weakly_typed(out)  # as eval_shape's templates say: jit does not compile again
+    out = weakly_typed(out)  # as eval_shape's templates say: jit does not compile again
   return out
-
-
-def _weakly_typed(x: jax.Array) -> jax.Array:
-  """``x`` marked weakly typed (as Python scalars are); as ``leaves/arrays.py`` does."""
-  try:
-    from jax._src.lax import lax as jax_lax
-
-    return jax_lax._convert_element_type(  # pyright: ignore[reportReturnType]  # an Array
-        x, x.dtype, weak_type=True)
-  except Exception:  # noqa: BLE001 - a jax without it: strongly typed, same values
-    return x
 
 
 def _as_saved(x: Any, restore_type: type | None) -> Any:

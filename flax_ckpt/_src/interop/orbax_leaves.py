@@ -29,6 +29,7 @@ from flax_ckpt._src.encoding import dtypes
 from flax_ckpt._src.interop.orbax_tree import Entry
 from flax_ckpt._src.io import storage
 from flax_ckpt._src.leaves import devput
+from flax_ckpt._src.leaves.arrays import weakly_typed
 
 OCDBT_MANIFEST = "manifest.ocdbt"
 OCDBT_PROCESS_PREFIX = "ocdbt.process_"
@@ -46,6 +47,7 @@ class Target:
   shape: tuple[int, ...] | None = None  # required shape (None: as stored)
   convert: Callable[[np.ndarray], Any] | None = None
   committed: bool = True
+  weak: bool = False  # the template is weakly typed (eval_shape of a Python scalar)
 
   @staticmethod
   def host(dtype: Any = None, shape: tuple[int, ...] | None = None) -> Target:
@@ -147,6 +149,11 @@ class _Pending:
       self.reads[()] = store.read()
 
   def finish(self) -> Any:
+    out = self._finish()
+    # as the template says (eval_shape's step counter): jit does not compile again
+    return weakly_typed(out) if self.target.weak and isinstance(out, jax.Array) else out
+
+  def _finish(self) -> Any:
     try:
       got = {k: f.result() for k, f in self.reads.items()}
     except Exception as e:  # noqa: BLE001 - tensorstore raises ValueError/OSError kinds

@@ -195,7 +195,10 @@ def _target(t: Any, e: otree.Entry, where: str) -> leaves.Target:
     sharding = getattr(t, "sharding", None)
     if jnp.issubdtype(t.dtype, jax.dtypes.prng_key):
       return leaves.Target("key", t.dtype, sharding, tuple(t.shape))
-    return leaves.Target("jax", np.dtype(t.dtype), sharding, tuple(t.shape))
+    if isinstance(t, jax.Array) and not t.committed:
+      sharding = None  # an uncommitted template array comes back uncommitted
+    return leaves.Target("jax", np.dtype(t.dtype), sharding, tuple(t.shape),
+                         weak=bool(getattr(t, "weak_type", False)))
   if isinstance(t, np.ndarray):
     return leaves.Target.host(t.dtype, tuple(t.shape))
   if isinstance(t, np.generic):

@@ -300,7 +300,7 @@ def load_arrays(infos: Sequence[th.ParamInfo], args: Sequence[th.RestoreArgs] | 
   def finish(pending: tuple) -> Any:
     kind, host, target, dtype, weak = pending
     v = _put_one(kind, host, target, dtype, default_dev)
-    return _weakly_typed(v) if weak and kind != "numpy" else v
+    return weakly_typed(v) if weak and kind != "numpy" else v
 
   return read_batched(
       infos, lambda plan, i: _plan_array(plan, infos[i], args[i] if args else None,
@@ -327,7 +327,7 @@ def _put_one(kind: str, host: Any, target: Any, tdtype: np.dtype, dev: Any) -> A
                     committed=True)
 
 
-def _weakly_typed(x: jax.Array) -> jax.Array:
+def weakly_typed(x: jax.Array) -> jax.Array:
   """``x`` marked weakly typed (as Python scalars are), same dtype and sharding."""
   try:
     from jax._src.lax import lax as _lax

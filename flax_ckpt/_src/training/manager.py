@@ -5,7 +5,8 @@ step only waits for the copy of what may change), keeps the checkpoints the rete
 policies want (never deleting the newest), and after a crash or preemption gives back the
 latest committed state.
 
-Its options are in :mod:`options`, the checks before a save in :mod:`save_rules`, the
+Its options are in :mod:`options`, its listing of steps in :mod:`step_listing`, the parts
+of a step in :mod:`step_layout`, the checks before a save in :mod:`save_rules`, the
 metrics' encoding in :mod:`metrics_codec`, and every read or write of a step's checkpoint in
 :mod:`step_io`. :func:`checkpoints_iterator` and :func:`wait_for_new_checkpoint` (for eval
 jobs) are in :mod:`polling` and importable from here too.
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import os
 import threading
 import weakref
@@ -28,29 +28,30 @@ from flax_ckpt._src.io import background, multihost, paths, storage
 from flax_ckpt._src.training import (
     dir_lock,
     metrics_codec,
+    orbax_habits,
+    orbax_steps,
     policies,
     preemption,
     save_rules,
     step_dirs,
     step_io,
+    step_layout,
+    step_listing,
 )
-from flax_ckpt._src.training import train_state_parts as tsp
 from flax_ckpt._src.training.options import CheckpointManagerOptions as CheckpointManagerOptions
 from flax_ckpt._src.training.polling import checkpoints_iterator as checkpoints_iterator
 from flax_ckpt._src.training.polling import wait_for_new_checkpoint as wait_for_new_checkpoint
 
-DATASET = "dataset"
-
 
 def _release(lock: dir_lock.DirectoryLock | None,
-             watcher: preemption.SigtermWatcher | None) -> None:
+             watcher: preemption.SigtermWatcher | None, grace_s: float) -> None:
   if watcher is not None:
-    preemption.release_watcher(watcher)
+    preemption.release_watcher(watcher, grace_s)
   if lock is not None:
     lock.release()
 
 
-class CheckpointManager:
+class CheckpointManager(step_listing.StepListing):
   """Step-numbered checkpoints in one directory, saved by policy and kept by policy.
 
   Args:
@@ -73,6 +74,7 @@ class CheckpointManager:
     if options is not None and kwargs:
       raise TypeError("pass either options=CheckpointManagerOptions(...) or keyword "
                       "arguments, not both")
+    orbax_habits.refuse(options, "options")
     self._opts = options if options is not None else CheckpointManagerOptions(**kwargs)
     self._root = os.fspath(paths.to_path(directory))
     self._naming = step_dirs.StepNaming(self._opts.step_prefix,
@@ -84,6 +86,7 @@ class CheckpointManager:
     self._lock = threading.RLock()
     self._save_lock = threading.Lock()
     self._infos: dict[int, policies.StepInfo] = {}
+    self._orbax: dict[int, str] = {}
     self._pending: background.AsyncResponse | None = None
     self._pending_info: policies.StepInfo | None = None
     self._closed = False
@@ -113,71 +116,36 @@ class CheckpointManager:
         if self._opts.cleanup_tmp_directories:
           step_dirs.cleanup_leftovers(self._root)
       if not self._opts.read_only:
-        self._sigterm = preemption.acquire_watcher()
+        self._sigterm = preemption.acquire_watcher(self._opts.sigterm_grace_s)
       # a manager dropped without close() (or alive at exit) still lets go of both
       self._finalizer = weakref.finalize(self, _release, self._dir_lock,
-                                         None if self._opts.read_only else self._sigterm)
+                                         None if self._opts.read_only else self._sigterm,
+                                         self._opts.sigterm_grace_s)
       self.reload()
     except BaseException:
-      _release(self._dir_lock, None if self._opts.read_only else self._sigterm)
+      _release(self._dir_lock, None if self._opts.read_only else self._sigterm,
+               self._opts.sigterm_grace_s)
       raise
-
-  # --- listing -----------------------------------------------------------------------
-
-  def _step_path(self, step: int) -> str:
-    return os.path.join(self._root, self._naming.name(step))
-
-  def _read_info(self, step: int) -> policies.StepInfo | None:
-    record = step_io.read_record(self._step_path(step))
-    if record is None:
-      return None
-    return policies.StepInfo(step, float(record["time"]),
-                             metrics_codec.decode(record.get("metrics")))
-
-  def reload(self) -> None:
-    """Lists the committed checkpoints on disk again (e.g. written by another job)."""
-    infos = {}
-    for s in step_dirs.committed_steps(self._root, self._naming):
-      info = self._read_info(s)
-      if info is not None:
-        infos[s] = info
-    with self._lock:
-      self._infos = infos
-
-  def all_steps(self) -> list[int]:
-    """Committed steps, ascending (a save still in flight is not listed)."""
-    with self._lock:
-      return sorted(self._infos)
-
-  def latest_step(self) -> int | None:
-    """The newest committed step, or None."""
-    steps = self.all_steps()
-    return steps[-1] if steps else None
-
-  def metrics(self, step: int) -> dict | None:
-    """The metrics saved with ``step`` (None if none)."""
-    with self._lock:
-      info = self._infos.get(step)
-    if info is None:
-      raise errors.CheckpointNotFoundError(f"no committed checkpoint for step {step} in "
-                                           f"{self._root}; steps: {self.all_steps()}")
-    return info.metrics
-
-  def best_step(self) -> int | None:
-    """The step with the best metric by ``best_fn`` (the latest without ``best_fn``)."""
-    fn = self._opts.best_fn
-    with self._lock:
-      infos = list(self._infos.values())
-    if fn is None:
-      return self.latest_step()
-    ranked = policies.BestN(fn, 1, self._opts.best_mode).ranked(infos)
-    return ranked[0][1] if ranked and not math.isnan(ranked[0][0]) else None
 
   # --- deciding ----------------------------------------------------------------------
 
   def reached_preemption(self, step: int) -> bool:
     """Whether the job is being preempted: after SIGTERM (single process), or at JAX's
-    multi-host preemption sync point (all processes agree on the step)."""
+    multi-host preemption sync point (all processes agree on the step).
+
+    A loop that calls this (any manager, once) ends itself after SIGTERM: the manager only
+    sets the flag. In a loop that never calls it, SIGTERM (with its default action) still
+    ends the process: the next ``save`` is forced and waited for, then SIGTERM's default
+    action ends the process (status -15); without a save within ``sigterm_grace_s``, it
+    ends then. A SIGTERM handler of the program's own is called after the flag is set;
+    ``SIG_IGN`` is respected. Under ``jax.distributed``, JAX owns SIGTERM.
+
+    Example:
+      >>> import flax_ckpt, tempfile
+      >>> with flax_ckpt.CheckpointManager(tempfile.mkdtemp()) as mngr:
+      ...   mngr.reached_preemption(0)
+      False
+    """
     return preemption.reached(step, self._sigterm)
 
   def _last_saved(self) -> policies.StepInfo | None:
@@ -211,56 +179,84 @@ class CheckpointManager:
 
   # --- saving ------------------------------------------------------------------------
 
-  def save(self, step: int, state: Any = None, *, dataset: Any = None,
-           metrics: Mapping[str, Any] | None = None, force: bool = False,
-           custom_metadata: dict | None = None) -> bool:
+  def save(self, step: int, state: Any = None, *, parts: Mapping[str, Any] | None = None,
+           dataset: Any = None, metrics: Mapping[str, Any] | None = None,
+           force: bool = False, custom_metadata: dict | None = None,
+           **unexpected: Any) -> bool:
     """Saves ``state`` (and ``dataset``) as checkpoint ``step`` if the policies say so.
 
     A train state (``params``, ``opt_state``, ``step`` fields: ``TrainState``, a
     flax.struct/dataclass or a dict) is stored as the parts ``params``, ``opt_state`` and
     ``extra``, so ``restore(only='params')`` reads no optimizer byte; anything else as the
-    part ``state``. ``dataset`` (an object with ``get_state``/``set_state``, e.g. a grain
-    iterator) is stored per process as the part ``dataset``.
+    part ``state``. ``parts={'params': p, 'ema': e}`` instead stores each as a part of its
+    own name (``restore(only='ema')`` reads one, ``restore()`` gives the dict). ``dataset``
+    (an object with ``get_state``/``set_state``, e.g. a grain iterator, or a dict of them)
+    is stored per process, as the part ``dataset`` (``dataset.<name>`` for a dict).
+
+    Orbax's spellings (``args=``, ``items=``, ``ocp.args.StandardSave(...)`` as the state)
+    are refused with the flax_ckpt one, and so is a data iterator inside the state.
 
     Args:
       step: the training step (a non-negative int).
       state: the PyTree to save.
-      dataset: the data iterator to save alongside.
+      parts: instead of ``state``, named parts ``{'name': value}``.
+      dataset: the data iterator (or ``{'name': iterator}``) to save alongside.
       metrics: a dict of numbers for ``best_fn`` and :meth:`metrics`.
       force: save even if the policies would skip this step (not if it is already saved).
       custom_metadata: a JSON-serializable dict stored with the checkpoint.
 
     Returns:
       Whether a save was started (False: skipped by the policies or already saved).
+
+    Example:
+      >>> import numpy as np, flax_ckpt, tempfile
+      >>> with flax_ckpt.CheckpointManager(tempfile.mkdtemp()) as mngr:
+      ...   _ = mngr.save(1, parts={'params': {'w': np.ones(2)}, 'ema': {'w': np.zeros(2)}})
+      ...   mngr.restore(only='ema')['w']
+      array([0., 0.])
     """
-    step = self._check_save_args(step, dataset, metrics)
+    orbax_habits.refuse_keywords("save", unexpected)
+    if not self._sigterm.ending:
+      return self._save(step, state, parts, dataset, metrics, force, custom_metadata)
+    # SIGTERM in a loop that never asks reached_preemption(): this step is saved (forced),
+    # committed, and then the process ends by SIGTERM as it would have without a manager.
+    try:
+      self._sigterm.save_started(ending=True)
+      self._save(step, state, parts, dataset, metrics, True, custom_metadata)
+      self.wait_until_finished()
+    finally:
+      self._sigterm.save_finished()
+    self._sigterm.wait_for_saves()  # another manager's save in flight commits too
+    preemption.end_process()
+    return True  # (not reached)
+
+  def _save(self, step: int, state: Any, parts: Mapping[str, Any] | None, dataset: Any,
+            metrics: Mapping[str, Any] | None, force: bool,
+            custom_metadata: dict | None) -> bool:
+    step = self._check_save_args(step, metrics)
+    step_layout.check_save_args(state, parts, dataset)
     if not self._agree("decide", self._wants_to_save(step, force)):
       return False
     newest = self._last_saved()
     save_rules.check_order(step, None if newest is None else newest.step,
                            self._rolled_back_to, self._root)
-    if state is None and dataset is None:
-      raise ValueError("save needs a state (and/or dataset) to save")
+    written, layout = step_layout.save_parts(state, parts, dataset)
     self._rolled_back_to = None  # the new run's first save: later steps are its own
-    parts = tsp.split(state) if state is not None else {}
-    if dataset is not None:
-      parts[DATASET] = dataset
     stored = metrics_codec.encode(metrics)
     info = policies.StepInfo(step, float(self._clock()), metrics_codec.decode(stored))
-    self._start_save(info, stored, parts, custom_metadata)
+    self._start_save(info, {"metrics": stored, **layout}, written, custom_metadata)
     return True
 
   def _check_writable(self) -> None:
     if self._opts.read_only:
       raise errors.CheckpointError(f"this CheckpointManager of {self._root} is read_only")
 
-  def _check_save_args(self, step: Any, dataset: Any, metrics: Any) -> int:
+  def _check_save_args(self, step: Any, metrics: Any) -> int:
     """The checks that need no other process; returns the step as an int."""
     self._check_writable()
     if self._closed:
       raise errors.CheckpointError("this CheckpointManager is closed")
     step = save_rules.check_step(step)
-    save_rules.check_dataset(dataset)
     if metrics is not None and self._opts.best_fn is not None:
       metrics_codec.check_best_fn(self._opts.best_fn, metrics)
     return step
@@ -272,33 +268,46 @@ class CheckpointManager:
       return True  # not "already saved": that checkpoint belongs to the abandoned run
     return bool((not self._already_saved(step)) and (force or self.should_save(step)))
 
-  def _start_save(self, info: policies.StepInfo, stored_metrics: dict | None,
+  def _start_save(self, info: policies.StepInfo, record: dict[str, Any],
                   parts: dict[str, Any], custom_metadata: dict | None) -> None:
     """Starts writing the step (in the background with ``enable_async``); the retention
-    policies run once it is committed."""
+    policies run once it is committed. ``record``: the metrics and layout to record."""
     with self._save_lock:
       self.wait_until_finished()  # at most one save in flight
       self._ensure_owner()
-      record = {"step": info.step, "time": info.time, "metrics": stored_metrics}
+      record = {"step": info.step, "time": info.time, **record}
+      self._sigterm.save_started(ending=False)  # a SIGTERM grace timer waits for it
+      self._write(info, record, parts, custom_metadata)
+
+  def _write(self, info: policies.StepInfo, record: dict[str, Any], parts: dict[str, Any],
+             custom_metadata: dict | None) -> None:
+    """``_start_save``'s snapshot and write; tells the SIGTERM watcher when it is done."""
+    try:
       final, finish = step_io.start_save(
           self._step_path(info.step), parts, record, custom_metadata=custom_metadata,
           is_async=self._opts.enable_async, fsync=self._opts.fsync,
           barrier_timeout_s=self._opts.barrier_timeout_s,
           # a background save may outlive the lock (a paused process): check again last
           before_commit=self._ensure_owner)
+    except BaseException:
+      self._sigterm.save_finished()
+      raise
 
-      def finish_and_retain() -> None:
+    def finish_and_retain() -> None:
+      try:
         finish()
         with self._lock:
           self._infos[info.step] = info
         self._apply_retention()
+      finally:
+        self._sigterm.save_finished()
 
-      if self._opts.enable_async:
-        with self._lock:
-          self._pending_info = info
-        self._pending = background.start_background(finish_and_retain, final)
-      else:
-        finish_and_retain()
+    if self._opts.enable_async:
+      with self._lock:
+        self._pending_info = info
+      self._pending = background.start_background(finish_and_retain, final)
+    else:
+      finish_and_retain()
 
   def _apply_retention(self) -> None:
     with self._lock:
@@ -311,9 +320,10 @@ class CheckpointManager:
     for s in doomed:
       if self._primary:
         self._ensure_owner()
-        step_dirs.remove(self._step_path(s))
+        self._remove_step(s)
       with self._lock:
         self._infos.pop(s, None)
+        self._orbax.pop(s, None)
 
   def wait_until_finished(self) -> None:
     """Blocks until the save in flight is committed; raises its error if it failed."""
@@ -335,9 +345,10 @@ class CheckpointManager:
     self.wait_until_finished()
     if self._primary:
       self._ensure_owner()
-      step_dirs.remove(self._step_path(step))
+      self._remove_step(step)
     with self._lock:
       self._infos.pop(step, None)
+      self._orbax.pop(step, None)
 
   def _ensure_owner(self) -> None:
     """Raises unless this manager still holds its directory's owner lock."""
@@ -348,8 +359,9 @@ class CheckpointManager:
 
   def restore(self, step: int | None = None, abstract_state: Any = None, *,
               dataset: Any = None, only: str | Sequence[str] | None = None,
-              verify: bool = True) -> Any:
-    """Loads a checkpoint: the latest committed one unless ``step`` is given.
+              partial: bool = False, verify: bool = True, **unexpected: Any) -> Any:
+    """Loads a checkpoint: the latest one unless ``step`` is given (a save still in
+    flight is waited for).
 
     Args:
       step: which step (default: the latest).
@@ -357,28 +369,41 @@ class CheckpointManager:
         shardings. A TrainState template gives back a TrainState (``apply_fn`` and ``tx``
         taken from the template), each array in its target sharding. For a checkpoint of
         a train state, a template that is not one is taken as the ``params`` template.
-      dataset: an iterator to restore in place (``set_state``) from the saved ``dataset``.
-      only: a part name (``'params'``) or names to load; nothing else is read. With
-        ``'params'`` the params tree is returned.
+        For a checkpoint saved with ``parts=``, a dict ``{part: template}`` (parts not in
+        it are loaded as saved); with ``only='name'``, that part's template.
+      dataset: an iterator (or ``{'name': iterator}``, as saved) to restore in place
+        (``set_state``).
+      only: a part name (``'params'``) or names to load; nothing else is read. With one
+        name that part is returned, with several a dict of them.
+      partial: the template may be a subset of what was saved; only its leaves are read.
       verify: check every byte read against its recorded checksum (a
         :class:`CorruptCheckpointError` on a mismatch); False skips the checks.
 
     Returns:
-      The state (or the requested part).
+      The state (or the requested part; for a checkpoint saved with ``parts=``, the dict
+      of its parts).
 
     Raises:
       CheckpointNotFoundError: no committed checkpoint (or not that step).
+
+    Example:
+      >>> import numpy as np, flax_ckpt, tempfile
+      >>> with flax_ckpt.CheckpointManager(tempfile.mkdtemp()) as mngr:
+      ...   _ = mngr.save(1, {'w': np.ones(2), 'b': np.zeros(1)})
+      ...   sorted(mngr.restore(1, {'w': np.zeros(2)}, partial=True))
+      ['w']
     """
+    orbax_habits.refuse_keywords("restore", unexpected)
     self.wait_until_finished()
     if step is not None:
-      return self._restore(step, abstract_state, dataset, only, verify)
+      return self._restore(step, abstract_state, dataset, only, partial, verify)
     for attempt in range(5):  # the latest may be deleted by its writer's retention meanwhile
       self.reload()
       latest = self.latest_step()
       if latest is None:
         raise errors.CheckpointNotFoundError(f"no committed checkpoint in {self._root}")
       try:
-        return self._restore(latest, abstract_state, dataset, only, verify)
+        return self._restore(latest, abstract_state, dataset, only, partial, verify)
       except (errors.CheckpointNotFoundError, errors.CheckpointReplacedError,
               FileNotFoundError):
         if attempt == 4 or step_dirs.is_committed(self._step_path(latest)):
@@ -386,39 +411,16 @@ class CheckpointManager:
     raise AssertionError("unreachable")
 
   def _restore(self, step: int, abstract_state: Any, dataset: Any,
-               only: str | Sequence[str] | None, verify: bool) -> Any:
+               only: str | Sequence[str] | None, partial: bool, verify: bool) -> Any:
     latest = self.latest_step()
     self._rolled_back_to = step if latest is not None and step < latest else None
     path = self._step_path(step)
-    entries = step_io.part_names(path)  # the part list only: no part is opened
-    saved = [n for n in entries if n != DATASET]
-    layout_ts = tsp.PARAMS in saved
-    if only is None and layout_ts and abstract_state is not None and not tsp.is_train_state(
-        abstract_state):
-      only = tsp.PARAMS  # a params-only template
-    names = [only] if isinstance(only, str) else list(only) if only is not None else saved
-    missing = [n for n in names if n not in entries]
-    if missing:
-      raise errors.StructureMismatchError(
-          f"step {step} has no part {missing}; its parts are {list(entries)}")
-    if layout_ts and abstract_state is not None and tsp.is_train_state(abstract_state):
-      templates = tsp.split(abstract_state)
-    elif abstract_state is not None:
-      templates = {n: abstract_state for n in names}
-    else:
-      templates = {}
-    req = {n: templates.get(n) for n in names}
-    if dataset is not None:
-      if DATASET not in entries:
-        raise errors.StructureMismatchError(f"step {step} was saved without a dataset")
-      req[DATASET] = dataset
-    out = step_io.load(path, req, verify=verify)
-    out.pop(DATASET, None)
-    if isinstance(only, str):
-      return out[only]
-    if only is not None:
-      return out
-    return tsp.merge(abstract_state if layout_ts else None, out)
+    if self._is_orbax_step(step):  # written by Orbax before this job moved to flax_ckpt
+      return orbax_steps.restore(path, abstract_state, dataset=dataset, only=only,
+                                 partial=partial)
+    entries, layout = step_io.parts_and_layout(path)  # the manifest only: no part is opened
+    plan = step_layout.plan_restore(step, entries, layout, abstract_state, only, dataset)
+    return plan.result(step_io.load(path, plan.requests, verify=verify, partial=partial))
 
   def metadata(self, step: int | None = None) -> step_io.CheckpointMetadata:
     """:func:`flax_ckpt.metadata` of a step (default: the latest): parts, custom metadata."""

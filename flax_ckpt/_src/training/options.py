@@ -10,7 +10,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 
-from flax_ckpt._src.training import policies
+from flax_ckpt._src.training import orbax_habits, policies
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +32,9 @@ class CheckpointManagerOptions:
     keep_time_interval: additionally keep the first checkpoint of every stretch of this
       many seconds.
     best_fn: ``metrics -> float``; with ``max_to_keep``, keep the best ones by it.
-    best_mode: ``'min'`` or ``'max'`` for ``best_fn``.
+    best_mode: ``'min'`` (lower is better) or ``'max'`` for ``best_fn``; required with
+      ``best_fn``, since Orbax defaults to ``'max'`` and flax_ckpt once defaulted to
+      ``'min'``: a ported ``best_fn`` must say which it means.
     keep_checkpoints_without_metrics: with ``best_fn``, never delete checkpoints saved
       without metrics.
     preservation_policy: a custom :class:`~flax_ckpt.policies.PreservationPolicy`;
@@ -50,6 +52,11 @@ class CheckpointManagerOptions:
       (e.g. a dead job on another host) is taken over.
     fsync: make checkpoints durable before committing them.
     clock: the time source (injectable for tests); defaults to ``time.time``.
+    sigterm_grace_s: in a loop that never calls ``reached_preemption``, how long after
+      SIGTERM the process waits for its next ``save`` (which is forced, and ends the
+      process by SIGTERM once committed) before it ends anyway (after any save in flight
+      commits). Loops that call ``reached_preemption`` end themselves; see
+      ``CheckpointManager.reached_preemption``.
   """
 
   save_interval_steps: int | None = None
@@ -60,7 +67,7 @@ class CheckpointManagerOptions:
   keep_period: int | None = None
   keep_time_interval: float | None = None
   best_fn: Callable[[dict], float] | None = None
-  best_mode: str = "min"
+  best_mode: str | None = None
   keep_checkpoints_without_metrics: bool = True
   preservation_policy: policies.PreservationPolicy | None = None
   step_prefix: str | None = None
@@ -73,10 +80,17 @@ class CheckpointManagerOptions:
   lock_stale_after_s: float = 600.0
   fsync: bool = True
   clock: Callable[[], float] = time.time
+  sigterm_grace_s: float = 30.0
 
   def __post_init__(self):
-    if self.best_mode not in ("min", "max"):
+    self._check_orbax()
+    if self.best_mode not in (None, "min", "max"):
       raise ValueError(f"best_mode must be 'min' or 'max', not {self.best_mode!r}")
+    if self.best_fn is not None and self.best_mode is None:
+      raise ValueError(policies.BEST_MODE_REQUIRED)
+    if not (isinstance(self.sigterm_grace_s, (int, float)) and self.sigterm_grace_s >= 0):
+      raise ValueError(f"sigterm_grace_s must be a number of seconds >= 0, not "
+                       f"{self.sigterm_grace_s!r}")
     for name in ("save_interval_steps", "max_to_keep", "keep_period",
                  "step_format_fixed_length"):
       v = getattr(self, name)
@@ -96,6 +110,14 @@ class CheckpointManagerOptions:
         or self.save_interval_secs is not None):
       raise ValueError("save_decision_policy replaces save_interval_steps/save_on_steps/"
                        "save_interval_secs; pass either the policy or those options")
+
+  def _check_orbax(self) -> None:
+    """Refuses Orbax policy objects now rather than at the first save."""
+    for name in ("save_decision_policy", "preservation_policy"):
+      value = getattr(self, name)
+      orbax_habits.refuse(value, name)
+      for i, p in enumerate(getattr(value, "policies", None) or ()):
+        orbax_habits.refuse(p, f"{name}.policies[{i}]")
 
   def decision_policy(self) -> policies.SaveDecisionPolicy:
     if self.save_decision_policy is not None:
@@ -117,6 +139,7 @@ class CheckpointManagerOptions:
     rules: list[policies.PreservationPolicy] = []
     if self.max_to_keep is not None:
       if self.best_fn is not None:
+        assert self.best_mode is not None  # __post_init__: best_fn needs best_mode
         rules.append(policies.BestN(self.best_fn, self.max_to_keep, self.best_mode,
                                     self.keep_checkpoints_without_metrics))
       else:

@@ -23,7 +23,7 @@ from flax_ckpt._src import errors
 from flax_ckpt._src.format import parse_json_object
 from flax_ckpt._src.interop import orbax_reading
 from flax_ckpt._src.io import orbax_layout, storage
-from flax_ckpt._src.training import policies
+from flax_ckpt._src.training import policies, step_dirs
 
 _STEP_NAME = re.compile(r"(?:.+_)?(\d+)")
 _METRICS_ITEM = "metrics"
@@ -117,3 +117,18 @@ def _restore_datasets(path: str, items: Mapping[str, str | None], dataset: Any) 
     raise errors.StructureMismatchError(
         f"{path} (an Orbax step) has no data-iterator item(s) {missing}; it has {grains}")
   orbax_reading.load_items(path, targets, partial=False, restore_type=None)
+
+
+def remove(path: str) -> None:
+  """Deletes an Orbax step so that it is never listed half-deleted: a local one is
+  renamed to a leftover name first (as flax_ckpt's own), an object-store one loses its
+  ``_CHECKPOINT_METADATA`` first (from then on it is not a committed Orbax step)."""
+  if "://" not in path:
+    step_dirs.remove(path)
+    return
+  backend = storage.backend_for(path)
+  try:
+    backend.remove_file(f"{path}/{orbax_layout.ORBAX_CHECKPOINT_METADATA}")
+  except FileNotFoundError:
+    pass
+  backend.remove_tree(path)

@@ -178,6 +178,13 @@ class EveryNSeconds:
     return kept
 
 
+_MODES = ("'max' keeps the checkpoints with the highest metric (an accuracy; Orbax's "
+          "default), 'min' the lowest (a loss)")
+BEST_MODE_REQUIRED = (
+    f"best_fn needs best_mode: {_MODES}. Pass best_mode='max' or best_mode='min'; with a "
+    "default, a ported accuracy best_fn could silently keep the worst checkpoints.")
+
+
 @dataclasses.dataclass(frozen=True)
 class BestN:
   """Keeps the ``n`` checkpoints with the best metric.
@@ -185,17 +192,20 @@ class BestN:
   Attributes:
     get_metric: ``metrics -> float`` (e.g. ``lambda m: m['loss']``).
     n: how many to keep.
-    mode: ``'min'`` (lower is better) or ``'max'``.
+    mode: ``'min'`` (lower is better) or ``'max'``; required (Orbax's default is ``'max'``,
+      so no default could be right for a port).
     keep_checkpoints_without_metrics: keep checkpoints saved without metrics (default);
       otherwise they compete like any other and are dropped first.
   """
 
   get_metric: Callable[[dict], float]
   n: int
-  mode: str = "min"
+  mode: str | None = None
   keep_checkpoints_without_metrics: bool = True
 
   def __post_init__(self):
+    if self.mode is None:
+      raise ValueError(f"BestN needs mode: {_MODES}. Pass mode='max' or mode='min'.")
     if self.mode not in ("min", "max"):
       raise ValueError(f"best_mode must be 'min' or 'max', not {self.mode!r}")
 

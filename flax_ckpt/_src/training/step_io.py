@@ -21,8 +21,8 @@ from flax_ckpt._src.engine.loading import (
 from flax_ckpt._src.engine.saving import PendingSave, SaveOptions, parts_from
 from flax_ckpt._src.engine.verifying import VerifyReport, verify_checkpoint
 
-__all__ = ["CheckpointMetadata", "VerifyReport", "load", "metadata", "part_names", "read_record",
-           "start_save", "verify"]
+__all__ = ["CheckpointMetadata", "VerifyReport", "load", "metadata", "part_names",
+           "parts_and_layout", "read_record", "start_save", "verify"]
 
 
 def start_save(path: str, parts: Mapping[str, Any], record: dict, *,
@@ -60,9 +60,18 @@ def part_names(path: str) -> list[str]:
   return read_committed(path, lambda ckpt: list(ckpt.manifest.parts))
 
 
-def load(path: str, requests: Mapping[str, Any], *, verify: bool = True) -> dict[str, Any]:
-  """Loads the named parts (``{name: template or None}``) of the step at ``path``."""
-  return load_parts(path, requests, verify=verify)
+def parts_and_layout(path: str) -> tuple[list[str], str | None]:
+  """The parts of the committed step at ``path`` and the ``layout`` its manager recorded
+  (None if none), from its manifest (no part is opened)."""
+  return read_committed(path, lambda ckpt: (list(ckpt.manifest.parts),
+                                            (ckpt.manifest.manager or {}).get("layout")))
+
+
+def load(path: str, requests: Mapping[str, Any], *, verify: bool = True,
+         partial: bool = False) -> dict[str, Any]:
+  """Loads the named parts (``{name: template or None}``) of the step at ``path``;
+  ``partial``: templates may be subsets of what was saved."""
+  return load_parts(path, requests, verify=verify, partial=partial)
 
 
 def verify(path: str) -> VerifyReport:
