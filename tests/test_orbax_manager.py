@@ -291,13 +291,15 @@ def _apply(params, x):
   return jnp.tanh(x @ params["w1"] + params["b1"]) @ params["w2"]
 
 
+_TX = optax.adamw(1e-2, weight_decay=1e-3)  # one object: it is part of the TrainState treedef
+
+
 def _init_state():
   rng = np.random.default_rng(123)
   params = {"w1": jnp.asarray(rng.standard_normal((4, 16)), jnp.float32),
             "b1": jnp.zeros(16, jnp.float32),
             "w2": jnp.asarray(rng.standard_normal((16, 2)) * 0.1, jnp.float32)}
-  return train_state.TrainState.create(apply_fn=_apply, params=params,
-                                       tx=optax.adamw(1e-2, weight_decay=1e-3))
+  return train_state.TrainState.create(apply_fn=_apply, params=params, tx=_TX)
 
 
 @jax.jit
