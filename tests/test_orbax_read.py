@@ -667,7 +667,7 @@ def test_loading_never_imports_orbax(saved, ocp, tmp_path):
           warnings.simplefilter("ignore")
           tree = flax_ckpt.load(path)
           parts = flax_ckpt.load_checkpointables(path)
-        assert tree["py_int"] == 7, name
+        assert tree["py_int"] == 7 and list(parts) == ["default"], (name, list(parts))
         assert np.asarray(tree["sharded"]).shape == (8, 16), name
         got = flax_ckpt.load(path, {{"py_int": 0}}, partial=True)
         assert got == {{"py_int": 7}}, (name, got)
