@@ -87,3 +87,31 @@ def test_an_unfinished_orbax_save_is_not_a_checkpoint(tmp_path):
   os.remove(uncommitted / "_CHECKPOINT_METADATA")
   with pytest.raises(flax_ckpt.IncompleteCheckpointError):
     flax_ckpt.load(uncommitted)
+
+
+def test_params_of_an_orbax_checkpoint_export_to_safetensors(ocp, tmp_path):
+  st = pytest.importorskip("safetensors.numpy")
+  path = tmp_path / "orbax_ckpt"
+  state = {"params": {"dense": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}},
+           "opt": {"mu": np.zeros(3, np.float32)}}
+  with ocp.StandardCheckpointer() as ck:
+    ck.save(path, state)
+    ck.wait_until_finished()
+  out = tmp_path / "hf"
+  assert flax_ckpt.export_safetensors(path, out) == ["model.safetensors"]
+  got = st.load_file(os.fspath(out / "model.safetensors"))
+  assert list(got) == ["dense/kernel"]
+  np.testing.assert_array_equal(got["dense/kernel"], state["params"]["dense"]["kernel"])
+  with pytest.raises(flax_ckpt.StructureMismatchError, match=r"\['ema'\]"):
+    flax_ckpt.export_safetensors(path, out, part="ema")  # a subtree that is not there
+
+
+def test_a_none_template_leaf_must_name_a_saved_subtree(ocp, tmp_path):
+  path = tmp_path / "orbax_ckpt"
+  with ocp.StandardCheckpointer() as ck:
+    ck.save(path, _tree())
+    ck.wait_until_finished()
+  got = flax_ckpt.load(path, {"w": None}, partial=True)
+  np.testing.assert_array_equal(got["w"], _tree()["w"])
+  with pytest.raises(flax_ckpt.StructureMismatchError, match=r"\['x'\]"):
+    flax_ckpt.load(path, {"x": None}, partial=True)

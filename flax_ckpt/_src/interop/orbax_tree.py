@@ -254,8 +254,10 @@ def match_template(entries: Sequence[Entry], template: Any, partial: bool,
   for kp, t in flat:
     keys = template_keys(kp)
     e = by_keys.get(keys)
-    if t is None:
-      covered.append(keys)  # the whole subtree, loaded as saved
+    if t is None:  # the whole subtree, loaded as saved: it must exist
+      if e is None and not any(k[:len(keys)] == keys for k in by_keys):
+        missing.append(shown(keys))
+      covered.append(keys)
     elif e is None:
       missing.append(shown(keys))
     else:

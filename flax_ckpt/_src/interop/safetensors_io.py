@@ -26,7 +26,7 @@ from flax_ckpt._src import errors
 from flax_ckpt._src.encoding import dtypes
 from flax_ckpt._src.engine.loading import checkpoint_metadata, load_parts
 from flax_ckpt._src.format import DEFAULT_CHECKPOINTABLE
-from flax_ckpt._src.interop import msgpack_io
+from flax_ckpt._src.interop import msgpack_io, orbax_reading
 from flax_ckpt._src.io import multihost, paths
 
 SINGLE_FILE = "model.safetensors"
@@ -195,8 +195,13 @@ def _import_safetensors() -> Any:
 
 
 def _part_of_checkpoint(path: paths.PathLike, part: str) -> Any:
-  """The part ``part`` of a checkpoint, or the entry ``part`` of its only part ``state``."""
-  parts = list(checkpoint_metadata(path).checkpointables)
+  """The part ``part`` of a checkpoint, or the entry ``part`` of its only part ``state``
+  (of an Orbax checkpoint: the entry ``part`` of the tree ``flax_ckpt.load`` reads)."""
+  try:
+    parts = list(checkpoint_metadata(path).checkpointables)
+  except errors.ForeignCheckpointError:
+    return orbax_reading.load(path, {part: None}, partial=True, restore_type=np.ndarray,
+                              item=None)[part]
   if part in parts:
     return load_parts(path, {part: None}, partial=False, restore_type=np.ndarray,
                       verify=True)[part]
