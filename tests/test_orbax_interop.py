@@ -115,3 +115,28 @@ def test_a_none_template_leaf_must_name_a_saved_subtree(ocp, tmp_path):
   np.testing.assert_array_equal(got["w"], _tree()["w"])
   with pytest.raises(flax_ckpt.StructureMismatchError, match=r"\['x'\]"):
     flax_ckpt.load(path, {"x": None}, partial=True)
+
+
+def test_a_manager_restores_named_orbax_items_like_parts(ocp, tmp_path):
+  root = tmp_path / "run"
+  params, ema = _tree(), {"w": np.full((2, 3), 0.5, np.float32)}
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    with ocp.CheckpointManager(root) as mngr:
+      mngr.save(4, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                           ema=ocp.args.StandardSave(ema),
+                                           extra=ocp.args.JsonSave({"epoch": 1})))
+      mngr.wait_until_finished()
+  with flax_ckpt.CheckpointManager(root, read_only=True) as mngr:
+    assert mngr.all_steps() == [4]
+    with pytest.warns(flax_ckpt.UnregisteredClassWarning):
+      both = mngr.restore()
+    assert sorted(both) == ["ema", "params"]
+    np.testing.assert_array_equal(both["ema"]["w"], ema["w"])
+    got = mngr.restore(4, {"w": np.zeros((2, 3), np.float32)}, only="ema")
+    np.testing.assert_array_equal(got["w"], ema["w"])
+    got = mngr.restore(4, {"params": {"w": np.zeros((2, 3), np.float32)}}, only=["params"],
+                       partial=True)
+    assert list(got) == ["params"] and list(got["params"]) == ["w"]
+    with pytest.raises(flax_ckpt.StructureMismatchError, match="opt_state"):
+      mngr.restore(4, only="opt_state")

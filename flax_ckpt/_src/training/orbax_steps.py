@@ -80,24 +80,50 @@ def _metrics(backend: storage.StorageBackend, path: str, meta: dict) -> dict | N
 
 def restore(path: str, abstract_state: Any, *, dataset: Any,
             only: str | Sequence[str] | None, partial: bool) -> Any:
-  """A manager's ``restore`` of an Orbax step: the state item (``state``, ``default`` or
-  the only PyTree item) into ``abstract_state``, and the data-iterator item(s) into
-  ``dataset``. ``only`` picks top-level keys of the saved state (Orbax saves a train
-  state as one tree; ``only='params'`` reads its ``params`` subtree alone)."""
+  """A manager's ``restore`` of an Orbax step.
+
+  The state item (``state``, ``default`` or the only PyTree item) loads into
+  ``abstract_state``; ``only`` picks top-level keys of it (Orbax saves a train state as one
+  tree: ``only='params'`` reads its ``params`` subtree alone). A step of several named
+  PyTree items (``args.Composite(params=..., ema=...)``) is like a flax_ckpt step saved
+  with ``parts=``: ``restore()`` gives ``{item: tree}`` (``abstract_state`` a dict of
+  templates), ``only='ema'`` one item. ``dataset`` receives the grain iterator item(s).
+  """
   backend = storage.backend_for(path)
   items = orbax_reading.step_items(backend, path)
-  name = orbax_reading.pick_item(path, items, None)
-  item = orbax_reading.PyTreeItem(backend, f"{path}/{name}")
-  if only is not None:
+  trees = [n for n, k in items.items() if k == "pytree"]
+  try:
+    main: str | None = orbax_reading.pick_item(path, items, None)
+  except errors.StructureMismatchError:
+    main = None  # several named items
+
+  def item(name: str) -> orbax_reading.PyTreeItem:
+    return orbax_reading.PyTreeItem(backend, f"{path}/{name}")
+
+  if isinstance(only, str) and only in trees and only != main:
+    out = item(only).load(abstract_state, partial=partial, restore_type=None)
+  elif main is None:
+    names = [only] if isinstance(only, str) else list(only) if only is not None else trees
+    unknown = [n for n in names if n not in trees]
+    if unknown:
+      raise errors.StructureMismatchError(f"{path} (an Orbax step) has no item(s) {unknown};"
+                                          f" its PyTree items are {trees}")
+    templates = abstract_state if isinstance(abstract_state, Mapping) else {}
+    if isinstance(only, str):
+      templates = {only: abstract_state}
+    got = {n: item(n).load(templates.get(n), partial=partial, restore_type=None)
+           for n in names}
+    out = got[only] if isinstance(only, str) else got
+  elif only is not None:
     keys = [only] if isinstance(only, str) else list(only)
     if isinstance(only, str):
       template = {only: abstract_state}
     else:
       template = {k: None for k in keys} if abstract_state is None else abstract_state
-    got = item.load(template, partial=True, restore_type=None)
+    got = item(main).load(template, partial=True, restore_type=None)
     out = got[only] if isinstance(only, str) else got
   else:
-    out = item.load(abstract_state, partial=partial, restore_type=None)
+    out = item(main).load(abstract_state, partial=partial, restore_type=None)
   if dataset is not None:
     _restore_datasets(path, items, dataset)
   return out
