@@ -89,9 +89,14 @@ def load():
               "step": 0}
   # a first load without w: imports and metadata reads, which rchar counts too
   flax_ckpt.load(path, {"b": template["b"], "step": 0}, partial=True)
-  before = rchar()
-  out = flax_ckpt.load(path, template)
-  read = rchar() - before
+  # rchar counts every read of the process (the distributed runtime's sockets too): the
+  # least of three loads is the one with the least of that noise
+  reads = []
+  for _ in range(3):
+    before = rchar()
+    out = flax_ckpt.load(path, template)
+    reads.append(rchar() - before)
+  read = min(reads)
   assert out["w"].sharding == target
   for shard in out["w"].addressable_shards:
     np.testing.assert_array_equal(np.asarray(shard.data), w[shard.index])
