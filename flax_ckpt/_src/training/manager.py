@@ -244,7 +244,9 @@ class CheckpointManager(step_listing.StepListing):
     self._rolled_back_to = None  # the new run's first save: later steps are its own
     stored = metrics_codec.encode(metrics)
     info = policies.StepInfo(step, float(self._clock()), metrics_codec.decode(stored))
-    self._start_save(info, {"metrics": stored, **layout}, written, custom_metadata)
+    record = {"metrics": stored, **layout, **metrics_codec.score_record(
+        self._opts.best_fn, self._opts.best_mode, info.metrics)}
+    self._start_save(info, record, written, custom_metadata)
     return True
 
   def _check_writable(self) -> None:

@@ -6,6 +6,7 @@ None as they are.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, overload
 
@@ -69,3 +70,18 @@ def check_best_fn(fn: Callable[[dict], float], metrics: Mapping[str, Any]) -> No
   except Exception as e:  # noqa: BLE001 - reported with the fix
     raise ValueError(f"best_fn failed on the metrics {stored} ({type(e).__name__}: {e}); "
                      "fix best_fn or pass the metrics it needs. Nothing was saved.") from e
+
+
+def score_record(best_fn: Callable[[dict], float] | None, best_mode: str | None,
+                 metrics: dict | None) -> dict:
+  """``{"score": best_fn(metrics), "best_mode": mode}`` for the step's manifest, so tools
+  (``flax-ckpt ls``) can rank steps without the ``best_fn`` lambda; empty without one.
+
+  Example:
+    >>> score_record(lambda m: m['acc'], 'max', {'acc': 0.9})
+    {'score': 0.9, 'best_mode': 'max'}
+  """
+  if best_fn is None or metrics is None:
+    return {}
+  score = float(best_fn(metrics))
+  return {"score": score if math.isfinite(score) else None, "best_mode": best_mode}
