@@ -25,6 +25,7 @@ LAYERS = {
     "engine": 6,
     "api": 7, "checkpointer": 7, "registration": 7, "interop": 7,
     "training": 8,
+    "cli": 9,  # the flax-ckpt command line: on top of everything
 }
 PUBLIC = 9  # flax_ckpt/*.py
 
