@@ -14,6 +14,8 @@ how it is run:
   as one script (a block that builds on the one before it).
 - ``<!-- snippet: devices=8 -->``: run with 8 simulated CPU devices
   (``XLA_FLAGS=--xla_force_host_platform_device_count=8``); the text must say so.
+
+A block must not warn from its own lines (warnings raised inside libraries are not counted).
 """
 
 from __future__ import annotations
@@ -117,6 +119,7 @@ def _run(block: Block) -> list[subprocess.CompletedProcess]:
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+  env["PYTHONWARNINGS"] = "default"  # shown once each, so that the test sees the block's own
   if block.devices > 1:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={block.devices}"
   results = []
@@ -227,6 +230,9 @@ def test_the_block_runs_twice_in_a_row(block, snippet_runs):
                                f"(status {r.returncode}):\n{_script(block)}\n"
                                f"--- stdout\n{r.stdout[-3000:]}\n--- stderr\n{r.stderr[-6000:]}")
   assert len(results) == RUNS
+  own = sorted({m.group(0) for r in results
+                for m in re.finditer(r"snippet\.py:\d+: \w*Warning\b.*", r.stderr)})
+  assert not own, f"{block.id} warns:\n" + "\n".join(own)
 
 
 def _loop_script(kill_at: int | None) -> str:
