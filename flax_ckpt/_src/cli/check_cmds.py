@@ -118,19 +118,24 @@ def _value_diff(x: Any, y: Any, atol: float) -> dict[str, Any]:
   if bitwise or x.size == 0:
     return {"bitwise_equal": bitwise, "max_abs": 0.0, "max_rel": 0.0, "differs": False}
   try:
-    fx, fy = x.astype(np.complex128 if np.iscomplexobj(x) else np.float64), y.astype(
-        np.complex128 if np.iscomplexobj(y) else np.float64)
+    fx, fy = _as_float(x), _as_float(y)
   except (TypeError, ValueError):  # e.g. strings, objects: no distance, just unequal
     return {"bitwise_equal": False, "max_abs": None, "max_rel": None, "differs": True}
-  nan_same = np.isnan(fx) & np.isnan(fy)  # NaN in both is no difference
-  d = np.where(nan_same, 0.0, np.abs(fx - fy))
-  max_abs = float(np.nanmax(d)) if not np.isnan(d).all() else float("nan")
-  if np.isnan(d).any():
-    max_abs = float("inf")  # NaN on one side only
-  scale = float(max(np.max(np.abs(np.nan_to_num(fx))), np.max(np.abs(np.nan_to_num(fy)))))
+  with np.errstate(all="ignore"):  # inf - inf: handled below, not a warning
+    d = np.abs(fx - fy)
+  d[(fx == fy) | (np.isnan(fx) & np.isnan(fy))] = 0.0  # equal infs, NaN on both sides
+  max_abs = float("inf") if np.isnan(d).any() else float(d.max())  # NaN on one side
+  # relative to the largest finite magnitude on either side: one number per leaf, stable
+  # where elementwise ratios blow up at zeros
+  scale = float(max(np.abs(np.where(np.isfinite(v), v, 0)).max() for v in (fx, fy)))
   max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
   return {"bitwise_equal": False, "max_abs": max_abs, "max_rel": max_rel,
           "differs": not max_abs <= atol}
+
+
+def _as_float(x: np.ndarray) -> np.ndarray:
+  """``x`` in a dtype wide enough to subtract exactly enough (bfloat16, ints, bools ...)."""
+  return x.astype(np.complex128 if np.iscomplexobj(x) else np.float64)
 
 
 def _compare_values(pa: str, pb: str, part: str, out: _Diff, atol: float) -> None:

@@ -191,9 +191,10 @@ def _totals(selected: dict[str, list[common.Leaf]]) -> dict[str, Any]:
 def run_show(args: argparse.Namespace) -> int:
   """``flax-ckpt show CKPT``: the tree of each PyTree part, and totals."""
   path = common.norm(args.path)
-  if not common.is_checkpoint(path) and common.steps_of(path):
+  steps = [] if common.is_checkpoint(path) else common.steps_of(path)
+  if steps:
     raise common.CliError(f"{path} is a directory of steps; show one of them "
-                          f"(e.g. {common.steps_of(path)[-1].path})")
+                          f"(e.g. {steps[-1].path})")
   selected = _select(flax_ckpt.metadata(path), args.part, args.filter)
   totals = _totals(selected)
   if args.json:

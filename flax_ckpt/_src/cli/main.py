@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     return args.run(args)
   except common.CliError as e:
     common.err(str(e))
-  except (errors.CheckpointError, OSError, ValueError, TypeError) as e:
+  except (errors.CheckpointError, OSError, ValueError) as e:
     # the library's own errors say what is wrong and what to do: print them, no traceback
     common.err(f"{type(e).__name__}: {e}")
   except KeyboardInterrupt:
