@@ -167,7 +167,9 @@ def run_convert(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = {"part": args.part or "params"}
     if args.max_shard_bytes is not None:
       kwargs["max_shard_bytes"] = args.max_shard_bytes
-    written = [os.fspath(f) for f in flax_ckpt.export_safetensors(src, dst, **kwargs)]
+    # the files written, as paths (export_safetensors names them relative to dst)
+    written = [common.join(dst, posixpath.basename(os.fspath(f)))
+               for f in flax_ckpt.export_safetensors(src, dst, **kwargs)]
   else:
     kwargs = {} if args.part is None else {"checkpointable_name": args.part}
     tree = flax_ckpt.load(src, **kwargs)  # Orbax, flax msgpack, safetensors, flax_ckpt
