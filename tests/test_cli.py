@@ -253,6 +253,16 @@ def test_verify_lists_every_problem_and_exits_1(capsys, run_dir, tmp_path):
   assert rc == 0
 
 
+def test_verify_of_a_directory_reports_a_step_whose_commit_marker_is_damaged(capsys, run_dir):
+  with open(os.path.join(run_dir, "20", "_CHECKPOINT"), "wb") as f:
+    f.write(b"{not json")
+  doc = _json(capsys, "verify", run_dir, status=1)
+  bad = [c for c in doc["checkpoints"] if not c["ok"]]
+  assert [os.path.basename(c["path"]) for c in bad] == ["20"]
+  assert "_CHECKPOINT" in bad[0]["problems"][0]["message"]
+  assert [r["step"] for r in _json(capsys, "ls", run_dir)["steps"]] == [10, 30]
+
+
 # ---- diff ------------------------------------------------------------------------------
 
 
@@ -362,6 +372,15 @@ def test_cp_local_to_s3_and_back(capsys, run_dir, s3_root, tmp_path):
   np.testing.assert_array_equal(flax_ckpt.load(back)["params"]["w"], np.full((4, 8), 20.0))
 
 
+def test_cp_refuses_a_link_out_of_the_checkpoint(capsys, parts_ckpt, tmp_path):
+  secret = tmp_path / "secret.txt"
+  secret.write_text("not yours")
+  os.symlink(secret, os.path.join(parts_ckpt, "params", "notes.txt"))
+  rc, _, err = _run(capsys, "cp", parts_ckpt, tmp_path / "copy")
+  assert rc == 2 and "symlink" in err
+  assert not os.path.exists(tmp_path / "copy")
+
+
 # ---- rm --------------------------------------------------------------------------------
 
 
@@ -373,6 +392,8 @@ def test_rm_deletes_a_step(capsys, run_dir):
     assert mngr.all_steps() == [10, 30]
   rc, _, err = _run(capsys, "rm", run_dir, "--step", "20")
   assert rc == 2 and "no committed step 20" in err
+  doc = _json(capsys, "rm", run_dir, "--step", "10")
+  assert doc["deleted_step"] == 10 and not os.path.exists(os.path.join(run_dir, "10"))
 
 
 def test_rm_with_a_step_prefix(capsys, tmp_path):

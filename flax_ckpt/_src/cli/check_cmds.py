@@ -43,8 +43,10 @@ def _report_json(report: flax_ckpt.VerifyReport) -> dict[str, Any]:
 def run_verify(args: argparse.Namespace) -> int:
   """``flax-ckpt verify PATH``: ``flax_ckpt.verify`` of a checkpoint, or of every step."""
   path = common.norm(args.path)
-  is_ckpt, steps = common.checkpoint_or_steps(path)
-  targets = [path] if is_ckpt else [s.path for s in steps]
+  # every committed step, those whose commit marker is damaged too: verify reports them
+  targets = [path] if common.is_checkpoint(path) else [p for _, p in common.step_entries(path)]
+  if not targets:
+    raise common.nothing_there(path)
   reports = [flax_ckpt.verify(t) for t in targets]
   ok = all(r.ok for r in reports)
   if args.json:

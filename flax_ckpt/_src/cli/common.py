@@ -122,26 +122,32 @@ class Step:
 _TRAILING_DIGITS = re.compile(r"(\d+)$")
 
 
-def steps_of(root: str) -> list[Step]:
-  """The committed flax_ckpt checkpoints directly under ``root`` whose names end in a step
-  number (``<step>``, ``<prefix>_<step>``, zero-padded), ascending.
+def step_entries(root: str) -> list[tuple[int, str]]:
+  """``(step, path)`` of the committed checkpoints directly under ``root`` whose names end
+  in a step number (``<step>``, ``<prefix>_<step>``, zero-padded), ascending; none of them
+  is opened, so a step with a damaged commit marker is listed too.
 
   The names are not parsed by a manager's naming so that any ``step_prefix`` and fixed
-  width are found; an entry whose marker cannot be read (deleted meanwhile, written by
-  Orbax) is left out.
+  width are found.
   """
-  out = {}
-  for name in storage.backend_for(root).committed_entries(root):
+  out: dict[int, str] = {}
+  for name in sorted(storage.backend_for(root).committed_entries(root)):
     match = _TRAILING_DIGITS.search(name)
-    if match is None:
-      continue  # a manager names every step with its number last
-    path = join(root, name)
+    if match is not None:  # a manager names every step with its number last
+      out.setdefault(int(match.group(1)), join(root, name))
+  return sorted(out.items())
+
+
+def steps_of(root: str) -> list[Step]:
+  """The steps of :func:`step_entries` with their manifests; a step whose marker cannot
+  be read (deleted meanwhile, damaged) is left out (``verify`` lists it)."""
+  out = []
+  for step, path in step_entries(root):
     try:
-      m = manifest(path)
+      out.append(Step(step, path, manifest(path)))
     except (OSError, errors.CheckpointError):
       continue
-    out.setdefault(int(match.group(1)), Step(int(match.group(1)), path, m))
-  return [out[s] for s in sorted(out)]
+  return out
 
 
 def checkpoint_or_steps(path: str) -> tuple[bool, list[Step]]:
@@ -154,16 +160,21 @@ def checkpoint_or_steps(path: str) -> tuple[bool, list[Step]]:
     return True, []
   steps = steps_of(path)
   if not steps:
-    raise CliError(f"{path} is neither a flax_ckpt checkpoint nor a directory of "
-                   "committed steps")
+    raise nothing_there(path)
   return False, steps
+
+
+def nothing_there(path: str) -> CliError:
+  """The error for a path that holds no checkpoint and no step."""
+  return CliError(f"{path} is neither a flax_ckpt checkpoint nor a directory of committed "
+                  "steps")
 
 
 def step_path(root: str, step: int) -> str:
   """The path of ``step`` in the directory ``root`` (whatever its naming)."""
-  for s in steps_of(root):
-    if s.step == step:
-      return s.path
+  for s, path in step_entries(root):
+    if s == step:
+      return path
   raise CliError(f"{root} has no committed step {step}")
 
 

@@ -15,9 +15,11 @@ import dataclasses
 import os
 import posixpath
 import re
+import shutil
 from typing import Any
 
 import flax_ckpt
+from flax_ckpt._src import env
 from flax_ckpt._src.cli import common
 from flax_ckpt._src.format import COMMIT_MARKER, dump_json_bytes
 from flax_ckpt._src.io import storage
@@ -47,19 +49,25 @@ def _parent(path: str) -> str:
 def _copy_files(src_base: str, files: list[str], tmp: str) -> int:
   """Copies each file ``src_base/rel`` to ``tmp/rel``; the bytes copied.
 
-  Why whole files: the storage layer reads and writes objects whole; a data file is at
-  most one process's share of the checkpoint (an object store's, one segment).
+  Local to local, files are streamed. To or from an object store each is read and written
+  whole (the storage layer moves objects whole): a data file is one process's share of
+  the checkpoint, and on an object store one segment of it.
   """
   src, dst = storage.backend_for(src_base), storage.backend_for(tmp)
   total = 0
   made: set[str] = set()
+  local = "://" not in src_base and "://" not in tmp
   for rel in files:
-    data = src.read_bytes(common.join(src_base, rel))
-    target = common.join(tmp, rel)
+    source, target = common.join(src_base, rel), common.join(tmp, rel)
     parent = _parent(target)
     if parent not in made:
       dst.makedirs(parent)
       made.add(parent)
+    if local:  # streamed: a data file may be bigger than memory
+      shutil.copyfile(source, target)
+      total += os.path.getsize(target)
+      continue
+    data = src.read_bytes(source)
     dst.write_bytes(target, data, fsync=False)
     total += len(data)
   return total
@@ -82,6 +90,17 @@ def _verify_staged(tmp: str, manifest: Any) -> None:
     raise common.CliError(f"the copy does not verify; nothing was committed:\n{report}")
 
 
+def _refuse_outside_links(src: str, base: str) -> None:
+  """A copy reads the bytes a link points at: as a load, it refuses links that leave the
+  checkpoint (a crafted one could copy any file) unless the layout is trusted."""
+  if env.allow_symlinks():
+    return
+  links = storage.backend_for(base).outside_links(base, src)
+  if links:
+    raise common.CliError(f"{links[0]} is a symlink that resolves outside the checkpoint "
+                          f"{src}; if this layout is trusted, set {env.ALLOW_SYMLINKS}=1")
+
+
 def copy_checkpoint(src: str, dst: str, *, force: bool) -> tuple[int, int]:
   """Copies the checkpoint ``src`` to ``dst`` atomically; ``(files, bytes)`` copied.
 
@@ -92,6 +111,7 @@ def copy_checkpoint(src: str, dst: str, *, force: bool) -> tuple[int, int]:
   manifest = common.manifest(src)
   base = src if manifest.generation is None else common.join(src, manifest.generation)
   files = sorted(f for f in storage.backend_for(base).list_files(base) if f != COMMIT_MARKER)
+  _refuse_outside_links(src, base)
   backend = storage.backend_for(dst)
   if common.is_checkpoint(dst) and not force:
     raise common.CliError(f"a checkpoint already exists at {dst}; pass --force to replace "
