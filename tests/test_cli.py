@@ -368,7 +368,11 @@ def test_cp_local_to_s3_and_back(capsys, run_dir, s3_root, tmp_path):
   assert _run(capsys, "verify", f"{s3_root}/run")[0] == 0
   back = os.fspath(tmp_path / "back")
   assert _run(capsys, "cp", f"{s3_root}/run/20", back)[0] == 0
-  assert _marker(back) == _marker(os.path.join(run_dir, "20"))
+  got, want = _marker(back), _marker(os.path.join(run_dir, "20"))
+  # the same manifest, but for the chunk index's checksum: on S3 it records the segments
+  sums, want_sums = got.pop("checksums")["files"], want.pop("checksums")["files"]
+  assert got == want and sums.keys() == want_sums.keys()
+  assert {k for k in sums if sums[k] != want_sums[k]} == {"state/_CHUNKS.p0.json"}
   np.testing.assert_array_equal(flax_ckpt.load(back)["params"]["w"], np.full((4, 8), 20.0))
 
 
@@ -379,6 +383,26 @@ def test_cp_refuses_a_link_out_of_the_checkpoint(capsys, parts_ckpt, tmp_path):
   rc, _, err = _run(capsys, "cp", parts_ckpt, tmp_path / "copy")
   assert rc == 2 and "symlink" in err
   assert not os.path.exists(tmp_path / "copy")
+
+
+def test_cp_to_s3_writes_a_local_data_file_as_segments(capsys, tmp_path, s3_root,
+                                                       monkeypatch):
+  from flax_ckpt._src.io import storage
+  monkeypatch.setenv("FLAX_CKPT_OBJECT_BYTES", "4096")
+  src = os.fspath(tmp_path / "big")
+  w = np.arange(64 * 64, dtype=np.float32).reshape(64, 64)  # 16 KiB: 4 segments
+  flax_ckpt.save_checkpointables(src, {"params": {"w": w}, "data": Counter(3)})
+  dst = f"{s3_root}/big"
+  assert _run(capsys, "cp", src, dst)[0] == 0
+  objects = storage.backend_for(dst).list_files(dst)
+  data = sorted(o.rsplit("/", 1)[-1] for o in objects if "data.p0.bin" in o)
+  assert data == [f"data.p0.bin.{k}" for k in range(4)]
+  assert _run(capsys, "verify", dst)[0] == 0
+  np.testing.assert_array_equal(flax_ckpt.load_checkpointables(dst)["params"]["w"], w)
+  back = os.fspath(tmp_path / "back")  # the segments come back as they are, and load
+  assert _run(capsys, "cp", dst, back)[0] == 0
+  np.testing.assert_array_equal(flax_ckpt.load_checkpointables(back)["params"]["w"], w)
+  assert _run(capsys, "diff", src, back, "--values")[0] == 0
 
 
 # ---- rm --------------------------------------------------------------------------------

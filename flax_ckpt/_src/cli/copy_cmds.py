@@ -5,7 +5,8 @@ with its checksums and a manager's record of the step) is the source's: it write
 files where the destination's storage puts a save in progress, checks the copy with
 :func:`flax_ckpt.verify`, and only then commits it the way a save does (a rename locally,
 the commit marker last on an object store). A copy is thus atomic, and also the way
-between local disk and object storage: both read data files whole or in segments.
+between local disk and object storage: a local data file copied to an object store is
+split into segments as a save there would (:mod:`segments`); local readers read segments.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import flax_ckpt
 from flax_ckpt._src import env
-from flax_ckpt._src.cli import common
+from flax_ckpt._src.cli import common, segments
 from flax_ckpt._src.format import COMMIT_MARKER, dump_json_bytes
 from flax_ckpt._src.io import storage
 
@@ -46,30 +47,39 @@ def _parent(path: str) -> str:
   return posixpath.dirname(path) if "://" in path else os.path.dirname(path)
 
 
-def _copy_files(src_base: str, files: list[str], tmp: str) -> int:
-  """Copies each file ``src_base/rel`` to ``tmp/rel``; the bytes copied.
+def _copy_one(rel: str, src_base: str, tmp: str, split: segments.Resegmenting | None) -> int:
+  """Copies ``src_base/rel`` to ``tmp/rel`` (its parent exists); the bytes written.
 
-  Local to local, files are streamed. To or from an object store each is read and written
-  whole (the storage layer moves objects whole): a data file is one process's share of
-  the checkpoint, and on an object store one segment of it.
+  Local to local, the file is streamed. A local data file copied to an object store is
+  written as segments (:mod:`segments`), one at a time. Otherwise the storage layer moves
+  the file whole: a small file, or one segment of a data file on an object store.
   """
-  src, dst = storage.backend_for(src_base), storage.backend_for(tmp)
-  total = 0
+  source, target = common.join(src_base, rel), common.join(tmp, rel)
+  if split is not None and rel in split.rewritten:
+    data = split.rewritten[rel]
+  elif split is not None and rel in split.segmented:
+    return segments.write_segments(source, target, split.segment_bytes)
+  elif "://" not in src_base and "://" not in tmp:  # a data file may exceed memory
+    shutil.copyfile(source, target)
+    return os.path.getsize(target)
+  else:
+    data = storage.backend_for(src_base).read_bytes(source)
+  storage.backend_for(tmp).write_bytes(target, data, fsync=False)
+  return len(data)
+
+
+def _copy_files(src_base: str, files: list[str], tmp: str,
+                split: segments.Resegmenting | None) -> int:
+  """Copies each file ``src_base/rel`` to ``tmp/rel``; the bytes written."""
+  dst = storage.backend_for(tmp)
   made: set[str] = set()
-  local = "://" not in src_base and "://" not in tmp
+  total = 0
   for rel in files:
-    source, target = common.join(src_base, rel), common.join(tmp, rel)
-    parent = _parent(target)
+    parent = _parent(common.join(tmp, rel))
     if parent not in made:
       dst.makedirs(parent)
       made.add(parent)
-    if local:  # streamed: a data file may be bigger than memory
-      shutil.copyfile(source, target)
-      total += os.path.getsize(target)
-      continue
-    data = src.read_bytes(source)
-    dst.write_bytes(target, data, fsync=False)
-    total += len(data)
+    total += _copy_one(rel, src_base, tmp, split)
   return total
 
 
@@ -117,11 +127,15 @@ def copy_checkpoint(src: str, dst: str, *, force: bool) -> tuple[int, int]:
     raise common.CliError(f"a checkpoint already exists at {dst}; pass --force to replace "
                           "it (the old one stays intact until the copy is committed)")
   backend.check_destination(dst, force, "--force")
+  split = None
+  if "://" in dst and "://" not in base:  # local data files become segment objects
+    split = segments.plan(manifest, base, files, env.object_bytes())
   # the destination's storage names the generation (object stores) when it commits
-  staged = dataclasses.replace(manifest, generation=None, version=0)
+  staged = dataclasses.replace(manifest, generation=None, version=0, checksums=(
+      manifest.checksums if split is None else split.checksums))
   tmp, created = backend.begin(dst)
   try:
-    nbytes = _copy_files(base, files, tmp)
+    nbytes = _copy_files(base, files, tmp, split)
     backend.sync_tree(tmp)
     _verify_staged(tmp, staged)
     if common.manifest(src) != manifest:  # overwritten meanwhile: the copy may mix both
