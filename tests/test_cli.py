@@ -155,6 +155,15 @@ def test_ls_without_best_fn_best_is_the_latest(capsys, tmp_path):
   assert doc["latest_step"] == doc["best_step"] == 6 and doc["best_mode"] is None
 
 
+def test_ls_lists_a_step_whose_tree_is_damaged(capsys, run_dir):
+  with open(os.path.join(run_dir, "20", "state", "_TREE.json"), "wb") as f:
+    f.write(b"[")
+  rc, out, _ = _run(capsys, "ls", run_dir)
+  assert rc == 0 and "?" in next(x for x in out.splitlines() if x.startswith("20 "))
+  doc = _json(capsys, "ls", run_dir)
+  assert [r["bytes"] is None for r in doc["steps"]] == [False, True, False]
+
+
 def test_ls_of_a_checkpoint_lists_its_parts(capsys, parts_ckpt):
   rc, out, _ = _run(capsys, "ls", parts_ckpt)
   assert rc == 0

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 
 import flax_ckpt
+from flax_ckpt._src import errors
 from flax_ckpt._src.cli import common
 from flax_ckpt._src.format import KIND_PYTREE
 from flax_ckpt._src.training import metrics_codec
@@ -71,10 +72,13 @@ def _ls_dir(root: str, steps: list[common.Step], as_json: bool) -> int:
   best, mode = _best(steps)
   rows = []
   for s in steps:
-    sizes = _part_sizes(s.path)
+    try:
+      nbytes: int | None = sum(v[2] for v in _part_sizes(s.path).values())
+    except (OSError, errors.CheckpointError):  # deleted meanwhile, or a damaged tree:
+      nbytes = None  # still listed (flax-ckpt verify says what is wrong)
     rows.append({"step": s.step, "path": s.path,
                  "time": s.record.get("time", s.manifest.created_at),
-                 "bytes": sum(v[2] for v in sizes.values()), "parts": list(sizes),
+                 "bytes": nbytes, "parts": list(s.manifest.parts),
                  "metrics": _decode(s.record.get("metrics")),
                  "score": s.record.get("score")})
   if as_json:
@@ -85,7 +89,8 @@ def _ls_dir(root: str, steps: list[common.Step], as_json: bool) -> int:
   for r in rows:
     tags = [t for t, hit in (("best", r["step"] == best), ("latest", r["step"] == latest))
             if hit]
-    table.append([r["step"], common.human_time(r["time"]), common.human_bytes(r["bytes"]),
+    size = "?" if r["bytes"] is None else common.human_bytes(r["bytes"])
+    table.append([r["step"], common.human_time(r["time"]), size,
                   ", ".join(r["parts"]), _metrics_str(r["metrics"]), " ".join(tags)])
   common.print_table(["step", "time", "size", "parts", "metrics", ""], table)
   return common.OK
