@@ -19,9 +19,10 @@ from flax_ckpt._src.training import metrics_codec
 
 LS_EXAMPLE = """example:
   $ flax-ckpt ls /ckpts/run1
-  step  time                 size       parts           metrics
-  100   2026-12-03 10:00:00  1.2 GiB    state, dataset  loss=0.31
-  200   2026-12-03 11:00:00  1.2 GiB    state, dataset  loss=0.27  best latest
+  step  time                 size     parts           metrics
+  100   2026-12-03 19:44:21  2.1 MiB  state, dataset  loss=0.52 acc=0.48
+  200   2026-12-03 19:44:21  2.1 MiB  state, dataset  loss=0.31 acc=0.69  best
+  300   2026-12-03 19:44:22  2.1 MiB  state, dataset  loss=0.35 acc=0.65  latest
   $ flax-ckpt ls /ckpts/run1/200 --json
 """
 

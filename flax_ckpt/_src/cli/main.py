@@ -17,7 +17,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import sys
 
 from flax_ckpt._src import errors
 from flax_ckpt._src.cli import check_cmds, common, copy_cmds, inspect_cmds
@@ -70,5 +69,5 @@ def main(argv: list[str] | None = None) -> int:
     common.err(f"{type(e).__name__}: {e}")
   except KeyboardInterrupt:
     common.err("interrupted")
-  sys.stdout.flush()
+    return 130  # as a shell reports a program ended by SIGINT
   return common.ERROR
