@@ -394,14 +394,14 @@ def test_cp_refuses_a_link_out_of_the_checkpoint(capsys, parts_ckpt, tmp_path):
   assert not os.path.exists(tmp_path / "copy")
 
 
-def test_cp_to_s3_writes_a_local_data_file_as_segments(capsys, tmp_path, s3_root,
-                                                       monkeypatch):
+def test_cp_to_an_object_store_writes_a_local_data_file_as_segments(capsys, tmp_path,
+                                                                    objstore_root, monkeypatch):
   from flax_ckpt._src.io import storage
   monkeypatch.setenv("FLAX_CKPT_OBJECT_BYTES", "4096")
   src = os.fspath(tmp_path / "big")
   w = np.arange(64 * 64, dtype=np.float32).reshape(64, 64)  # 16 KiB: 4 segments
   flax_ckpt.save_checkpointables(src, {"params": {"w": w}, "data": Counter(3)})
-  dst = f"{s3_root}/big"
+  dst = f"{objstore_root}/big"
   assert _run(capsys, "cp", src, dst)[0] == 0
   objects = storage.backend_for(dst).list_files(dst)
   data = sorted(o.rsplit("/", 1)[-1] for o in objects if "data.p0.bin" in o)
