@@ -479,6 +479,25 @@ def test_convert_msgpack_to_flax_ckpt(capsys, tmp_path):
   assert _run(capsys, "convert", src, dst, "--to", "flax_ckpt", "--force")[0] == 0
 
 
+def test_convert_orbax_to_flax_ckpt(capsys, tmp_path):
+  import warnings
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # orbax's own import-time noise
+    ocp = pytest.importorskip("orbax.checkpoint")
+  src = tmp_path / "orbax_ckpt"
+  tree = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.int32)}
+  with ocp.StandardCheckpointer() as ck:
+    ck.save(src, tree)
+    ck.wait_until_finished()
+  dst = os.fspath(tmp_path / "ckpt")
+  with pytest.warns(flax_ckpt.UnregisteredClassWarning, match="written by Orbax"):
+    assert _run(capsys, "convert", src, dst, "--to", "flax_ckpt")[0] == 0
+  got = flax_ckpt.load(dst, restore_type=np.ndarray)
+  np.testing.assert_array_equal(got["w"], tree["w"])
+  np.testing.assert_array_equal(got["b"], tree["b"])
+  assert _run(capsys, "verify", dst)[0] == 0
+
+
 # ---- as a program ----------------------------------------------------------------------
 
 
