@@ -375,6 +375,8 @@ def test_cp_local_to_s3_and_back(capsys, run_dir, s3_root, tmp_path):
   assert [r["step"] for r in doc["steps"]] == [10, 20, 30]
   assert doc["best_step"] == 20 and doc["latest_step"] == 30
   assert _run(capsys, "verify", f"{s3_root}/run")[0] == 0
+  assert _run(capsys, "rm", f"{s3_root}/run", "--step", "10")[0] == 0
+  assert [r["step"] for r in _json(capsys, "ls", f"{s3_root}/run")["steps"]] == [20, 30]
   back = os.fspath(tmp_path / "back")
   assert _run(capsys, "cp", f"{s3_root}/run/20", back)[0] == 0
   got, want = _marker(back), _marker(os.path.join(run_dir, "20"))
