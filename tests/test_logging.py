@@ -233,3 +233,18 @@ def test_absl_programs_show_the_info_lines(tmp_path):
   assert "program start" in out.stderr
   assert any("save to" in ln and "committed" in ln for ln in out.stderr.splitlines()), (
       out.stderr)
+
+
+@pytest.mark.slow
+def test_the_training_examples_log_each_committed_checkpoint(tmp_path):
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  out = subprocess.run(
+      [sys.executable, "-m", "train_examples.linen_classifier", "--workdir",
+       os.fspath(tmp_path), "--config.num_train_steps=20", "--config.dense=64",
+       "--config.warmup_steps=2", "--config.log_every_steps=10",
+       "--config.checkpoint.every_steps=10"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=280, check=False)
+  assert out.returncode == 0, out.stderr[-4000:]
+  for step in (10, 20):
+    assert f"(step {step}) committed at" in out.stderr, out.stderr[-4000:]
