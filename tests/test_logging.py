@@ -248,3 +248,47 @@ def test_the_training_examples_log_each_committed_checkpoint(tmp_path):
   assert out.returncode == 0, out.stderr[-4000:]
   for step in (10, 20):
     assert f"(step {step}) committed at" in out.stderr, out.stderr[-4000:]
+
+
+_BARRIER_WORKER = """
+import logging, os, sys, time
+port, pid, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["FLAX_CKPT_PROGRESS_S"] = "0.2"
+logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+import jax
+jax.distributed.initialize(f"127.0.0.1:{port}", 2, pid, initialization_timeout=60,
+                           heartbeat_timeout_seconds=60, shutdown_timeout_seconds=10)
+import numpy as np
+import flax_ckpt
+jax.devices()  # the backend starts with every process: before process 1 is late
+if pid == 1:
+  time.sleep(2)  # late: process 0 waits for it at the save's barrier
+flax_ckpt.save(path, {"w": np.ones(3)})
+print("SAVED", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_long_barrier_names_the_processes_it_waits_for(tmp_path):
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  env["PYTHONPATH"] = REPO
+  procs = [subprocess.Popen(
+      [sys.executable, "-c", _BARRIER_WORKER, str(port), str(i), os.fspath(tmp_path / "c")],
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for i in (0, 1)]
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=120)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  assert all(p.returncode == 0 and "SAVED" in o for p, o in zip(procs, outs)), outs
+  waits = [ln for ln in outs[0].splitlines() if "flax_ckpt.multihost" in ln]
+  assert any("process 0 of 2 has waited" in ln and "waiting for process(es) 1" in ln
+             for ln in waits), outs[0][-3000:]
