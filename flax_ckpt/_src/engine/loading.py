@@ -28,11 +28,11 @@ from etils import epath
 
 from flax_ckpt._src import env, errors
 from flax_ckpt._src.format import (
-  COMMIT_MARKER,
-  DEFAULT_CHECKPOINTABLE,
-  KIND_PYTREE,
-  ROOT_DIR,
-  Manifest,
+    COMMIT_MARKER,
+    DEFAULT_CHECKPOINTABLE,
+    KIND_PYTREE,
+    ROOT_DIR,
+    Manifest,
 )
 from flax_ckpt._src.io import background, observe, orbax_layout, paths, storage
 from flax_ckpt._src.parts.protocol import RestoreRequest, part_kinds

@@ -34,14 +34,14 @@ from etils import epath
 
 from flax_ckpt._src import errors
 from flax_ckpt._src.format import (
-  COMMIT_MARKER,
-  DATA_FILE_RE,
-  DEFAULT_CHECKPOINTABLE,
-  KIND_PYTREE,
-  PART_NAME_RE,
-  ROOT_DIR,
-  Manifest,
-  PartEntry,
+    COMMIT_MARKER,
+    DATA_FILE_RE,
+    DEFAULT_CHECKPOINTABLE,
+    KIND_PYTREE,
+    PART_NAME_RE,
+    ROOT_DIR,
+    Manifest,
+    PartEntry,
 )
 from flax_ckpt._src.io import multihost, observe, paths, storage
 from flax_ckpt._src.parts.protocol import PartFinish, PartWriter, part_kinds

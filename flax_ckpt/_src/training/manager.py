@@ -26,17 +26,17 @@ from typing import Any
 from flax_ckpt._src import errors
 from flax_ckpt._src.io import background, multihost, observe, paths, storage
 from flax_ckpt._src.training import (
-  dir_lock,
-  metrics_codec,
-  orbax_habits,
-  orbax_steps,
-  policies,
-  preemption,
-  save_rules,
-  step_dirs,
-  step_io,
-  step_layout,
-  step_listing,
+    dir_lock,
+    metrics_codec,
+    orbax_habits,
+    orbax_steps,
+    policies,
+    preemption,
+    save_rules,
+    step_dirs,
+    step_io,
+    step_layout,
+    step_listing,
 )
 from flax_ckpt._src.training.options import CheckpointManagerOptions as CheckpointManagerOptions
 from flax_ckpt._src.training.polling import checkpoints_iterator as checkpoints_iterator
