@@ -190,16 +190,16 @@ class PendingSave:
     save._progress.start()
     try:
       with observe.counting(save.counter):
-        save._begin(shared_for=save._make_tmp_dir)
+        save._begin()
     except BaseException:
       save._give_up()
       raise
     save._log_started()
     return save
 
-  def _begin(self, shared_for: Callable[[], dict[str, Any]]) -> None:
+  def _begin(self) -> None:
     """``start``'s steps once validated: plan every part, make the temporary directory
-    (``shared_for``) and start every part's writer."""
+    and start every part's writer (the data writers count into ``self.counter``)."""
     if self.primary:
       removed = self.backend.cleanup_stale(os.fspath(self.final))
       if removed:
@@ -207,7 +207,7 @@ class PendingSave:
                   ", ".join(map(str, removed[:5])))
     with observe.phase(_log, self._what(), "plan"):
       self._each_part(lambda p: p.writer.plan(f"checkpointable {p.name!r}"))
-    shared = shared_for()
+    shared = self._make_tmp_dir()
     with observe.phase(_log, self._what(), "write (start)"):
       self._each_part(lambda p: self._finishes.append(
           p.writer.start(self._part_dir(p), shared.get(p.name), self.options.is_async)))
