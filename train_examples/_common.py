@@ -246,6 +246,10 @@ def make_manager(workdir: str, ckpt: ml_collections.ConfigDict) -> flax_ckpt.Che
   Saves every ``every_steps`` steps (asynchronously unless ``async_save`` is false) and on
   SIGTERM; keeps the newest ``keep_latest`` checkpoints plus the ``keep_best`` best by the
   metric ``best_metric`` (``best_mode`` 'min' or 'max'), whichever keeps a step.
+
+  Each committed checkpoint is logged (path, step, bytes, parts, time, throughput), as are
+  the steps retention deletes: flax_ckpt logs them at INFO under the ``flax_ckpt`` logger,
+  which propagates to the handler ``absl.app.run`` installs (``--verbosity`` applies).
   """
   keep: list[Any] = [policies.LatestN(int(ckpt.keep_latest))]
   if int(ckpt.get("keep_best", 0)) > 0:

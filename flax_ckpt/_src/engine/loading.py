@@ -18,7 +18,9 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -32,9 +34,10 @@ from flax_ckpt._src.format import (
     ROOT_DIR,
     Manifest,
 )
-from flax_ckpt._src.io import background, orbax_layout, paths, storage
+from flax_ckpt._src.io import background, observe, orbax_layout, paths, storage
 from flax_ckpt._src.parts.protocol import RestoreRequest, part_kinds
 
+_log = observe.child("load")
 _ATTEMPTS = 5  # reads retried when an overwrite replaces the checkpoint mid-read
 _T = TypeVar("_T")
 
@@ -238,8 +241,32 @@ def load_parts(path: paths.PathLike, abstract: Mapping[str, Any] | None, *,
           ckpt.part_dir(n), parts[n], request))
     return {n: out[n] for n in names}
 
-  with background.no_gc(), storage.verify_reads(verify):
-    return read_committed(path, read)
+  what = f"load of {paths.to_path(path)}"
+  # bytes read: the process-wide read counter (reads run on pool threads); bytes to read:
+  # the boxes the chunk readers of this load plan, as they plan them
+  counter, first = observe.Counter(), storage.READ_STATS.bytes
+  t0 = time.monotonic()
+
+  def progress_line(secs: float) -> str:
+    done = storage.READ_STATS.bytes - first
+    return f"{what} still running after {secs:.0f} s: " + observe.progress_text(
+        done, max(counter.planned, done), secs)
+
+  with observe.Progress(_log, progress_line), observe.counting(counter), \
+      background.no_gc(), storage.verify_reads(verify):
+    out = read_committed(path, read)
+  _log_loaded(what, list(out), storage.READ_STATS.bytes - first, time.monotonic() - t0)
+  return out
+
+
+def _log_loaded(what: str, names: list[str], nbytes: int, secs: float) -> None:
+  """A load's one INFO line, and its metrics."""
+  observe.record_duration(observe.LOAD_DURATION, secs)
+  observe.record_scalar(observe.LOAD_BYTES, nbytes)
+  if _log.isEnabledFor(logging.INFO):
+    _log.info("%s done: %d bytes (%s) in %d part(s) [%s], %.3f s, %s", what, nbytes,
+              observe.mib(nbytes), len(names), ", ".join(names), secs,
+              observe.rate(nbytes, secs))
 
 
 @dataclasses.dataclass

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import posixpath
 import threading
@@ -42,8 +43,10 @@ from flax_ckpt._src.format import (
     Manifest,
     PartEntry,
 )
-from flax_ckpt._src.io import multihost, paths, storage
+from flax_ckpt._src.io import multihost, observe, paths, storage
 from flax_ckpt._src.parts.protocol import PartFinish, PartWriter, part_kinds
+
+_log = observe.child("save")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +173,10 @@ class PendingSave:
     self._created: list[str] = []
     self._finishes: list[PartFinish] = []
     self._claim: tuple[str, threading.Event, list] | None = None
+    # observability: the bytes the parts' data writers place and write (counted by the
+    # writers themselves), and a progress line while the save runs long
+    self.counter = observe.Counter()
+    self._progress = observe.Progress(_log, self._progress_line)
 
   @classmethod
   def start(cls, path: Any, parts: list[Part], options: SaveOptions) -> PendingSave:
@@ -180,34 +187,54 @@ class PendingSave:
     except BaseException:
       save._close_parts()
       raise
+    save._progress.start()
     try:
-      if save.primary:
-        save.backend.cleanup_stale(os.fspath(save.final))
-      save._each_part(lambda p: p.writer.plan(f"checkpointable {p.name!r}"))
-      shared = save._make_tmp_dir()
-      save._each_part(lambda p: save._finishes.append(
-          p.writer.start(save._part_dir(p), shared.get(p.name), options.is_async)))
+      with observe.counting(save.counter):
+        save._begin()
     except BaseException:
       save._give_up()
       raise
+    save._log_started()
     return save
+
+  def _begin(self) -> None:
+    """``start``'s steps once validated: plan every part, make the temporary directory
+    and start every part's writer (the data writers count into ``self.counter``)."""
+    if self.primary:
+      removed = self.backend.cleanup_stale(os.fspath(self.final))
+      if removed:
+        _log.info("removed %d leftover(s) of dead saves to %s: %s", len(removed), self.final,
+                  ", ".join(map(str, removed[:5])))
+    with observe.phase(_log, self._what(), "plan"):
+      self._each_part(lambda p: p.writer.plan(f"checkpointable {p.name!r}"))
+    shared = self._make_tmp_dir()
+    with observe.phase(_log, self._what(), "write (start)"):
+      self._each_part(lambda p: self._finishes.append(
+          p.writer.start(self._part_dir(p), shared.get(p.name), self.options.is_async)))
 
   def commit(self) -> None:
     """Finishes writing, commits with one rename, and waits for every process."""
+    what = self._what()
     try:
       try:
-        self._finish_parts()
-        multihost.barrier(f"{self.op}/written", self.timeout, "finished writing its part")
+        with observe.phase(_log, what, "write and fsync"):
+          self._finish_parts()
+        with observe.phase(_log, what, "barrier (written)"):
+          multihost.barrier(f"{self.op}/written", self.timeout, "finished writing its part")
         if self.primary:
-          self._commit()
+          with observe.phase(_log, what, "commit"):
+            self._commit()
       except BaseException:
         self._give_up(release=False)
         raise
-      multihost.barrier(f"{self.op}/committed", self.timeout, "saw the commit",
-                        committed=True)
+      with observe.phase(_log, what, "barrier (committed)"):
+        multihost.barrier(f"{self.op}/committed", self.timeout, "saw the commit",
+                          committed=True)
     finally:
+      self._progress.stop()
       self._close_parts()
       self._release()
+    self._log_committed()
 
   def abort(self) -> None:
     """Gives the save up: stops the writers and removes the temporary directory."""
@@ -291,6 +318,39 @@ class PendingSave:
           "something else writes into its temporary directory. Nothing was committed.")
     return {n: d for n, d in sums.items() if d is not None}
 
+  # --- observability ---------------------------------------------------------------
+
+  def _what(self) -> str:
+    step = (self.options.manager or {}).get("step")
+    return f"save to {self.final}" + ("" if step is None else f" (step {step})")
+
+  def _progress_line(self, secs: float) -> str:
+    return (f"{self._what()} still running after {secs:.0f} s: "
+            f"{observe.progress_text(self.counter.done, self.counter.planned, secs)}")
+
+  def _log_started(self) -> None:
+    """An async save: how long the caller was blocked (snapshot and writers started)."""
+    if not self.options.is_async:
+      return
+    blocked = time.monotonic() - self._progress.start_time
+    observe.record_duration(observe.SAVE_BLOCKING, blocked)
+    _log.info("async %s started: training blocked %.3f s; %s to write in the background",
+              self._what(), blocked, observe.mib(self.counter.planned))
+
+  def _log_committed(self) -> None:
+    """The save's one INFO line, and its metrics."""
+    secs = time.monotonic() - self._progress.start_time
+    nbytes = self.counter.planned
+    observe.record_duration(observe.SAVE_DURATION, secs)
+    observe.record_scalar(observe.SAVE_BYTES, nbytes)
+    if not _log.isEnabledFor(logging.INFO):
+      return
+    names = ", ".join(p.name for p in self.parts)
+    landed = time.strftime("%H:%M:%S", time.localtime())
+    _log.info("%s%s committed at %s: %d bytes (%s) in %d part(s) [%s], %.3f s, %s",
+              "async " if self.options.is_async else "", self._what(), landed, nbytes,
+              observe.mib(nbytes), len(self.parts), names, secs, observe.rate(nbytes, secs))
+
   # --- failure and cleanup -----------------------------------------------------------
 
   def _each_part(self, step: Any) -> None:
@@ -308,6 +368,7 @@ class PendingSave:
 
   def _give_up(self, release: bool = True) -> None:
     """Waits until no part writes any more, then removes what this save made."""
+    self._progress.stop()
     for fin in self._finishes:
       try:
         fin.abort()

@@ -11,15 +11,18 @@ from __future__ import annotations
 import hashlib
 import itertools
 import threading
+import time
 from typing import Any
 
 import jax
 
 from flax_ckpt._src import env, errors
+from flax_ckpt._src.io import observe
 
 DEFAULT_TIMEOUT_S = 300.0
 TIMEOUT_ENV = env.BARRIER_TIMEOUT_S
 
+_log = observe.child("multihost")
 _counter = itertools.count()
 _counter_lock = threading.Lock()
 
@@ -87,8 +90,14 @@ def barrier(name: str, timeout: float, what: str, *, committed: bool = False) ->
   """
   if process_count() == 1:
     return
+  client, t0 = _client(), time.monotonic()
+  arrived = f"{name}/arrived/"
+  _best_effort(lambda: client.key_value_set(f"{arrived}{process_index()}", "1"))
   try:
-    _client().wait_at_barrier(name, int(timeout * 1000))
+    with observe.Progress(_log, lambda secs: _waiting_line(client, name, secs)):
+      client.wait_at_barrier(name, int(timeout * 1000))
+    _best_effort(lambda: client.key_value_delete(f"{arrived}{process_index()}"))
+    observe.record_duration(observe.BARRIER_DURATION, time.monotonic() - t0)
   except Exception as e:  # noqa: BLE001 - the runtime raises its own error types
     state = ("every process had written its part, so the checkpoint may be committed: "
              "process 0's error (if any) says whether it is; load it to check"
@@ -98,6 +107,33 @@ def barrier(name: str, timeout: float, what: str, *, committed: bool = False) ->
         f"{timeout:.0f} s ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
         f"{state}. Raise the timeout with barrier_timeout_s= or {TIMEOUT_ENV} if saves are "
         "just slow.") from e
+
+
+def _best_effort(fn: Any) -> Any:
+  """Runs ``fn`` (a key-value call for the logs only); its failure changes nothing."""
+  try:
+    return fn()
+  except Exception:  # noqa: BLE001 - the barrier itself reports real failures
+    return None
+
+
+def _waiting_line(client: Any, name: str, secs: float) -> str:
+  """What a barrier that has waited long logs: the processes that have not arrived.
+
+  Each process sets ``<barrier>/arrived/<index>`` before waiting (the runtime's barrier
+  does not say who arrived), so the ones missing from that directory are the late ones.
+  """
+  got = _best_effort(lambda: client.key_value_dir_get(f"{name}/arrived/"))
+  n = process_count()
+  if got is None:
+    late = "unknown (the key-value store did not answer)"
+  else:
+    here = {k.rsplit("/", 1)[-1] for k, _ in got}
+    missing = [str(i) for i in range(n) if str(i) not in here]
+    late = ", ".join(missing[:16]) + (f" and {len(missing) - 16} more" if len(missing) > 16
+                                      else "") if missing else "none (finishing)"
+  return (f"barrier {name}: process {process_index()} of {n} has waited {secs:.0f} s; "
+          f"waiting for process(es) {late}")
 
 
 def share(key: str, value: str | None, timeout: float) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 
 from flax_ckpt._src import env, errors
 from flax_ckpt._src.format import data_file
-from flax_ckpt._src.io import storage
+from flax_ckpt._src.io import observe, storage
 
 _MIN_RUN = 512  # contiguous runs shorter than this are staged instead of read one by one
 
@@ -161,12 +161,15 @@ class ReadPlan:
     self.verify = verify
     self.checks: list[tuple[dict, memoryview]] = []
     self._leaf_of: dict[int, str] = {}  # id(chunk) -> leaf name, for errors
+    self._counter = observe.current_counter()  # the load's bytes to read (progress lines)
 
   def box(self, chunks: list[dict], dtype: np.dtype, start: Sequence[int],
           shape: Sequence[int]) -> np.ndarray:
     """A host buffer of ``shape`` at ``start`` that will hold the saved values."""
     item = dtype.itemsize
     nbytes = math.prod(shape) * item
+    if self._counter is not None:
+      self._counter.plan(nbytes)
     dest = storage.aligned_empty(nbytes)
     out = dest.view(dtype).reshape(tuple(shape))
     if len(chunks) == 1 and chunks[0]["n"] == nbytes and not any(start) and (

@@ -22,7 +22,7 @@ from typing import Any
 
 from flax_ckpt._src import errors
 from flax_ckpt._src.format import LOCK_NAME
-from flax_ckpt._src.io import paths, storage
+from flax_ckpt._src.io import observe, paths, storage
 
 _held: set[str] = set()  # lock files this process holds
 _held_lock = threading.Lock()
@@ -87,6 +87,10 @@ class DirectoryLock:
       self._refuse_live(owner)
       # stale: take it over; of several takers only one wins the conditional replace
       if self._backend.replace_if(self.path, self._content(), version):
+        observe.child("manager").info(
+            "took over the stale lock %s (owner host %s, pid %s, last heartbeat %.0f s ago)",
+            self.path, owner.get("host"), owner.get("pid"),
+            time.time() - owner.get("_beat", 0.0))
         self._took()
         return
     raise errors.CheckpointError(f"could not take the lock {self.path}; try again")

@@ -24,7 +24,7 @@ from types import TracebackType
 from typing import Any
 
 from flax_ckpt._src import errors
-from flax_ckpt._src.io import background, multihost, paths, storage
+from flax_ckpt._src.io import background, multihost, observe, paths, storage
 from flax_ckpt._src.training import (
     dir_lock,
     metrics_codec,
@@ -41,6 +41,8 @@ from flax_ckpt._src.training import (
 from flax_ckpt._src.training.options import CheckpointManagerOptions as CheckpointManagerOptions
 from flax_ckpt._src.training.polling import checkpoints_iterator as checkpoints_iterator
 from flax_ckpt._src.training.polling import wait_for_new_checkpoint as wait_for_new_checkpoint
+
+_log = observe.child("manager")
 
 
 def _release(lock: dir_lock.DirectoryLock | None,
@@ -323,6 +325,7 @@ class CheckpointManager(step_listing.StepListing):
       if self._primary:
         self._ensure_owner()
         self._remove_step(s)
+        _log.info("retention: deleted step %d of %s (kept %s)", s, self._root, sorted(keep))
       with self._lock:
         self._infos.pop(s, None)
         self._orbax.pop(s, None)
@@ -348,6 +351,7 @@ class CheckpointManager(step_listing.StepListing):
     if self._primary:
       self._ensure_owner()
       self._remove_step(step)
+      _log.info("deleted step %d of %s", step, self._root)
     with self._lock:
       self._infos.pop(step, None)
       self._orbax.pop(step, None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from flax_ckpt._src.format import OLD_TAG, TMP_TAG
-from flax_ckpt._src.io import storage
+from flax_ckpt._src.io import observe, storage
 
 
 class StepNaming:
@@ -64,4 +64,9 @@ def remove(path: str) -> None:
 
 def cleanup_leftovers(root: str) -> list[str]:
   """Removes every leftover under ``root`` (call only while holding the directory lock)."""
-  return storage.backend_for(root).cleanup_leftovers(root)
+  removed = storage.backend_for(root).cleanup_leftovers(root)
+  if removed:
+    observe.child("manager").info(
+        "removed %d leftover(s) of crashed saves under %s: %s", len(removed), root,
+        ", ".join(map(str, removed[:10])) + (" ..." if len(removed) > 10 else ""))
+  return removed

@@ -6,6 +6,7 @@ import threading
 
 import numpy as np
 
+from flax_ckpt._src.io import observe
 from flax_ckpt._src.io.storage import checksums
 
 ALIGN = 64  # every buffer starts at a multiple of this in the data file (and in memory)
@@ -44,6 +45,14 @@ class Packer:
   def __init__(self):
     self.size = 0
     self.hasher = checksums.Hasher()
+    # the save's byte counter (progress lines, metrics): captured now, in the caller's
+    # context, because the bytes are written from the writer's own threads
+    self.counter = observe.current_counter()
+
+  def count_done(self, nbytes: int) -> None:
+    """Adds ``nbytes`` written to the save's counter (once per batch, not per leaf)."""
+    if self.counter is not None:
+      self.counter.add_done(nbytes)
 
   def place(self, arr: np.ndarray) -> tuple[int, memoryview]:
     """Returns (offset, byte view) for ``arr``: the next 64-byte aligned offset."""
@@ -51,6 +60,8 @@ class Packer:
     self.size += (-self.size) % ALIGN
     offset = self.size
     self.size += view.nbytes
+    if self.counter is not None:
+      self.counter.plan(view.nbytes)
     self.checksum(offset, view, arr.shape)
     return offset, view
 

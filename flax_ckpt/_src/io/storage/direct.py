@@ -57,6 +57,8 @@ class DirectWriter(BufferedWriter):
       self.size += (addr - self.size) % BLOCK
       offset = self.size
       self.size += view.nbytes
+      if self.counter is not None:
+        self.counter.plan(view.nbytes)
       self.checksum(offset, view, arr.shape)
       return offset, view
     return super().place(arr)

@@ -66,6 +66,7 @@ class KvStoreDataWriter(Packer):
       directory, key = os.path.split(self.path)
       kv = _open_kvstore(directory, sync=fsync, ts_context=self._ts_context)
       kv.write(key, blob).result()  # pyright: ignore[reportArgumentType]  # takes bytes-like
+      self.count_done(self.size)
     finally:
       self.close()
 

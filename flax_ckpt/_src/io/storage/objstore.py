@@ -233,6 +233,7 @@ class ObjectDataWriter(Packer):
         while len(in_flight) >= _IN_FLIGHT_SEGMENTS:
           in_flight.popleft().result()
         in_flight.append(self._upload(*item))
+        self.count_done(item[2] - item[1])  # handed to the upload (progress is approximate)
       except BaseException as e:  # noqa: BLE001 - re-raised by write()
         self._error = e
     for fut in in_flight:

@@ -96,6 +96,7 @@ class BufferedWriter(Packer):
         continue
       try:
         self._write_batch(batch)
+        self.count_done(sum(v.nbytes for _, v in batch))
       except BaseException as e:  # noqa: BLE001 - re-raised by write()
         self._error = e
 
