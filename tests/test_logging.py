@@ -66,6 +66,29 @@ def test_save_and_load_log_one_info_line_each(ckpt_dir, caplog):
   assert "[state]" in line
 
 
+def test_checkpointer_restores_and_orbax_loads_log_their_line(ckpt_dir, caplog):
+  import warnings
+
+  path = ckpt_dir / "h"
+  ck = flax_ckpt.Checkpointer(flax_ckpt.PyTreeCheckpointHandler())
+  ck.save(path, {"w": np.ones(1000)})
+  with caplog.at_level(logging.INFO, logger="flax_ckpt"):
+    ck.restore(path)
+  assert any("Checkpointer.restore of" in r.getMessage() and "8000 bytes" in
+             r.getMessage() for r in caplog.records), caplog.text
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    ocp = pytest.importorskip("orbax.checkpoint")
+    with ocp.StandardCheckpointer() as oc:
+      oc.save(ckpt_dir / "ox", {"w": np.ones(1000)})
+      oc.wait_until_finished()
+  caplog.clear()
+  with caplog.at_level(logging.INFO, logger="flax_ckpt"):
+    flax_ckpt.load(ckpt_dir / "ox", {"w": np.zeros(1000)})
+  assert any("written by Orbax" in r.getMessage() and "8000 bytes" in r.getMessage()
+             for r in caplog.records), caplog.text
+
+
 def test_async_save_logs_the_blocked_time_and_the_commit(ckpt_dir, caplog):
   caplog.set_level(logging.INFO, logger="flax_ckpt")
   path = os.fspath(ckpt_dir / "ckpt")

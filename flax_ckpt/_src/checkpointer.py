@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Any
 
 from flax_ckpt._src import errors
-from flax_ckpt._src.engine.loading import CommittedCheckpoint, read_committed, restore_part
+from flax_ckpt._src.engine.loading import (
+  CommittedCheckpoint,
+  log_loaded,
+  read_committed,
+  restore_part,
+)
 from flax_ckpt._src.engine.saving import Part, PendingSave, SaveOptions
 from flax_ckpt._src.format import DEFAULT_CHECKPOINTABLE, ROOT_DIR
 from flax_ckpt._src.io import background, paths, storage
@@ -152,8 +158,13 @@ class Checkpointer:
       return restore_part(ckpt, ckpt.only_part(), lambda: call_with_args(
           self._handler.restore, part_dir, args))
 
+    first, t0 = storage.READ_STATS.bytes, time.monotonic()
     with storage.verify_reads(verify):
-      return read_committed(path, read)
+      out = read_committed(path, read)
+    log_loaded(f"{type(self).__name__}.restore of {paths.to_path(path)}",
+               [type(self._handler).__name__], storage.READ_STATS.bytes - first,
+               time.monotonic() - t0)
+    return out
 
   def metadata(self, path: paths.PathLike) -> Any:
     """The handler's ``metadata()`` for the checkpoint at ``path``."""

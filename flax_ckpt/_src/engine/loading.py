@@ -255,12 +255,13 @@ def load_parts(path: paths.PathLike, abstract: Mapping[str, Any] | None, *,
   with observe.Progress(_log, progress_line), observe.counting(counter), \
       background.no_gc(), storage.verify_reads(verify):
     out = read_committed(path, read)
-  _log_loaded(what, list(out), storage.READ_STATS.bytes - first, time.monotonic() - t0)
+  log_loaded(what, list(out), storage.READ_STATS.bytes - first, time.monotonic() - t0)
   return out
 
 
-def _log_loaded(what: str, names: list[str], nbytes: int, secs: float) -> None:
-  """A load's one INFO line, and its metrics."""
+def log_loaded(what: str, names: list[str], nbytes: int, secs: float) -> None:
+  """A load's one INFO line, and its metrics (every reader's: native, Checkpointer,
+  Orbax)."""
   observe.record_duration(observe.LOAD_DURATION, secs)
   observe.record_scalar(observe.LOAD_BYTES, nbytes)
   if _log.isEnabledFor(logging.INFO):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -37,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_ckpt._src import env, errors
+from flax_ckpt._src.engine.loading import log_loaded
 from flax_ckpt._src.format import DEFAULT_CHECKPOINTABLE, load_json_bytes, parse_json_object
 from flax_ckpt._src.interop import orbax_leaves as leaves
 from flax_ckpt._src.interop import orbax_tree as otree
@@ -314,6 +316,20 @@ def load_items(path: paths.PathLike, abstract: Mapping[str, Any] | None, *, part
   """``load_checkpointables`` of an Orbax checkpoint: ``{item: value}``."""
   final = os.fspath(paths.to_path(path)).rstrip("/")
   backend = storage.backend_for(paths.to_path(path))
+  t0 = time.monotonic()
+  out = _load_items(backend, final, abstract, partial=partial, restore_type=restore_type)
+  log_loaded(f"load of {final} (written by Orbax)", list(out), _nbytes(out),
+             time.monotonic() - t0)
+  return out
+
+
+def _nbytes(tree: Any) -> int:
+  return sum(int(getattr(x, "nbytes", 0)) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _load_items(backend: storage.StorageBackend, final: str,
+                abstract: Mapping[str, Any] | None, *, partial: bool,
+                restore_type: type | None) -> dict[str, Any]:
   items = _items_of(backend, final)
   single = orbax_layout.ORBAX_TREE_METADATA in set(backend.listdir(final))
   names = list(items) if abstract is None else list(abstract)
@@ -342,14 +358,20 @@ def load(path: paths.PathLike, abstract_state: Any, *, partial: bool,
   """
   final = os.fspath(paths.to_path(path)).rstrip("/")
   backend = storage.backend_for(paths.to_path(path))
+  t0 = time.monotonic()
   names = set(backend.listdir(final))
   if orbax_layout.ORBAX_TREE_METADATA in names:
-    return PyTreeItem(backend, final).load(abstract_state, partial=partial,
-                                           restore_type=restore_type)
-  items = step_items(backend, final)
-  name = pick_item(final, items, item)
-  return _load_item(backend, final, name, items[name], abstract_state, partial=partial,
-                    restore_type=restore_type)
+    name = SINGLE_ITEM
+    out = PyTreeItem(backend, final).load(abstract_state, partial=partial,
+                                          restore_type=restore_type)
+  else:
+    items = step_items(backend, final)
+    name = pick_item(final, items, item)
+    out = _load_item(backend, final, name, items[name], abstract_state, partial=partial,
+                     restore_type=restore_type)
+  log_loaded(f"load of {final} (written by Orbax)", [name], _nbytes(out),
+             time.monotonic() - t0)
+  return out
 
 
 def pick_item(where: str, items: Mapping[str, str | None], item: str | None) -> str:
