@@ -387,7 +387,8 @@ def test_checkpointer_wraps_plain_objects_in_registered_args(tmp_path):
   path = tmp_path / "ckpt"
   ckptr = ocp.Checkpointer(flax_ckpt.PyTreeCheckpointHandler())
   ckptr.save(path, {"w": np.arange(4, dtype=np.float32)})  # wrapped in PyTreeSave
-  got = ckptr.restore(path, {"w": jax.ShapeDtypeStruct((4,), np.int32)})  # -> PyTreeRestore
+  with pytest.warns(UserWarning, match=r"\['w'\] float32->int32"):  # a narrowing cast
+    got = ckptr.restore(path, {"w": jax.ShapeDtypeStruct((4,), np.int32)})  # -> PyTreeRestore
   assert isinstance(got["w"], jax.Array) and got["w"].dtype == np.int32
   with pytest.raises(flax_ckpt.RegistrationError, match="for_restore"):
     ckptr.restore(path, MyStateRestore())

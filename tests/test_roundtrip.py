@@ -680,16 +680,18 @@ def test_template_dtype_cast_float32_to_bfloat16(ckpt_dir):
   path = ckpt_dir / "ckpt"
   flax_ckpt.save(path, {"j": jnp.asarray(x), "n": x})
   sharding = NamedSharding(_mesh(), P(None, None))
-  out = flax_ckpt.load(path, {
-      "j": jax.ShapeDtypeStruct(x.shape, jnp.bfloat16),
-      "n": np.zeros(x.shape, ml_dtypes.bfloat16),
-  })
+  with pytest.warns(UserWarning, match=r"\['j'\] float32->bfloat16, \['n'\] float32->bfloat16"):
+    out = flax_ckpt.load(path, {  # a narrowing cast warns, naming the leaves
+        "j": jax.ShapeDtypeStruct(x.shape, jnp.bfloat16),
+        "n": np.zeros(x.shape, ml_dtypes.bfloat16),
+    })
   assert out["j"].dtype == jnp.bfloat16 and isinstance(out["j"], jax.Array)
   assert out["n"].dtype == ml_dtypes.bfloat16 and type(out["n"]) is np.ndarray
   _assert_bitwise_equal(out["j"], x.astype(ml_dtypes.bfloat16))
   _assert_bitwise_equal(out["n"], x.astype(ml_dtypes.bfloat16))
-  sh = flax_ckpt.load(path, {"j": jax.ShapeDtypeStruct(x.shape, jnp.bfloat16, sharding=sharding),
-                            "n": None})
+  with pytest.warns(UserWarning, match=r"\['j'\] float32->bfloat16"):
+    sh = flax_ckpt.load(path, {"j": jax.ShapeDtypeStruct(x.shape, jnp.bfloat16,
+                                                         sharding=sharding), "n": None})
   assert sh["j"].sharding == sharding
   _assert_bitwise_equal(sh["j"], x.astype(ml_dtypes.bfloat16))
 
@@ -703,8 +705,9 @@ def test_template_dtype_cast_astype_semantics(ckpt_dir):
   path = ckpt_dir / "ckpt"
   flax_ckpt.save(path, {"f": jnp.asarray(f), "i": i})
   sharding = NamedSharding(_mesh(), P("x", "y"))
-  out = flax_ckpt.load(path, {"f": jax.ShapeDtypeStruct(f.shape, jnp.int32, sharding=sharding),
-                              "i": np.zeros(i.shape, np.int8)})
+  with pytest.warns(UserWarning, match=r"\['f'\] float32->int32, \['i'\] int32->int8"):
+    out = flax_ckpt.load(path, {"f": jax.ShapeDtypeStruct(f.shape, jnp.int32, sharding=sharding),
+                                "i": np.zeros(i.shape, np.int8)})
   assert out["f"].sharding == sharding
   _assert_bitwise_equal(out["f"], f.astype(np.int32))
   np.testing.assert_array_equal(np.asarray(out["f"])[0, :5], [-1, 2, 0, 100, 0])
@@ -715,8 +718,9 @@ def test_template_dtype_cast_astype_semantics(ckpt_dir):
 def test_template_scalar_types(ckpt_dir):
   path = ckpt_dir / "ckpt"
   flax_ckpt.save(path, {"f": 2.5, "i": 7, "n": np.float32(1.25)})
-  out = flax_ckpt.load(path, {"f": jax.ShapeDtypeStruct((), jnp.float32),
-                              "i": np.zeros((), np.int16), "n": np.float16(0)})
+  with pytest.warns(UserWarning, match=r"\['n'\] float32->float16"):
+    out = flax_ckpt.load(path, {"f": jax.ShapeDtypeStruct((), jnp.float32),
+                                "i": np.zeros((), np.int16), "n": np.float16(0)})
   assert isinstance(out["f"], jax.Array) and out["f"].dtype == jnp.float32
   assert float(out["f"]) == 2.5
   assert type(out["i"]) is np.ndarray and out["i"].dtype == np.int16 and out["i"] == 7

@@ -5,6 +5,15 @@ Every error names the offending leaf path (when there is one) and says what to d
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
 
 class CheckpointError(Exception):
   """Base class of all flax_ckpt errors."""
@@ -112,3 +121,89 @@ SUPPORTED_KINDS = (
     "grain's DatasetIterator, (3) CheckpointArgs objects registered with a CheckpointHandler "
     "(flax_ckpt.args.register_with_handler), (4) objects of a type registered with "
     "flax_ckpt.register_checkpointable_handler(MyType, MyHandler)")
+
+
+class LossyCastWarning(UserWarning):
+  """A load casts leaves to a dtype that cannot hold every saved value (float32 to int8,
+  float32 to bfloat16, int64 to int32, ...) because the template asks for that dtype."""
+
+
+def mismatch_summary(where: str, kinds: Sequence[tuple[str, str, Sequence[str]]], fix: str,
+                     cap: int = 10) -> str:
+  """A template/checkpoint mismatch message that stays readable over thousands of leaves.
+
+  The first line counts each kind of difference; then each kind shows its first ``cap``
+  paths ("... and N more" for the rest); the last line says what to do.
+
+  Args:
+    where: what does not match, e.g. "the template does not match the checkpoint at /c".
+    kinds: per kind of difference, in order, ``(what, heading, items)``: ``what`` names it
+      in the counts ("missing from the checkpoint": "3 leaves missing from the checkpoint");
+      ``heading`` is its line with ``{}`` standing for the comma-separated paths, or "" for
+      items that are "path: why" lines of their own. Kinds without items are left out.
+    fix: the advice that ends the message.
+    cap: how many items each kind shows.
+
+  Returns:
+    The message.
+  """
+  kinds = [k for k in kinds if k[2]]
+  counts = ", ".join(f"{len(items)} {'leaf' if len(items) == 1 else 'leaves'} {what}"
+                     for what, _, items in kinds)
+  lines = [f"{where}: {counts}"]
+  for _, heading, items in kinds:
+    shown, rest = list(items[:cap]), len(items) - cap
+    more = f" ... and {rest} more" if rest > 0 else ""
+    if heading:
+      lines.append("  " + heading.format(", ".join(shown) + more))
+    else:
+      lines += [f"  {item}" for item in shown] + ([f" {more}"] if more else [])
+  lines.append(fix)
+  return "\n".join(lines)
+
+
+def lossy_casts(pairs: Sequence[tuple[str, Any, Any, bool]]) -> list[str]:
+  """"path saved->target" for each ``(path, saved dtype, target dtype, on_device)`` whose
+  cast can lose information: numpy's "safe" casting rule says no (float to int, float32 to
+  bfloat16, int64 to float32, signed to unsigned, complex to real, ...).
+
+  A device (``jax.Array``) target's cast from a 64-bit dtype to the 32-bit one JAX makes of
+  every array while x64 is off (float64 to float32, int64 to int32) is not counted: a
+  template cannot ask for anything else then, so warning would be noise.
+  """
+  out = []
+  for path, saved, target, on_device in pairs:
+    if saved is None or target is None:  # (np.dtype(None) would be float64)
+      continue
+    try:
+      s, t = np.dtype(saved), np.dtype(target)
+      safe = s == t or np.can_cast(s, t, casting="safe") or (
+          on_device and t == jax.dtypes.canonicalize_dtype(s))
+    except TypeError:  # not numpy dtypes (typed PRNG keys): no cast happens
+      continue
+    if not safe:
+      out.append(f"{path} {s.name}->{t.name}")
+  return out
+
+
+def warn_lossy_casts(casts: Sequence[str], cap: int = 10) -> None:
+  """One :class:`LossyCastWarning` for a load's ``casts`` (from :func:`lossy_casts`),
+  pointing at the user's call; nothing when there are none."""
+  if not casts:
+    return
+  more = f", ... and {len(casts) - cap} more" if len(casts) > cap else ""
+  n = len(casts)
+  warnings.warn(
+      f"casting {n} {'leaf' if n == 1 else 'leaves'} to a dtype that cannot hold every "
+      f"saved value, as the template asks: {', '.join(casts[:cap])}{more} (pass a template "
+      "leaf of the saved dtype, or None, to load it as saved)",
+      LossyCastWarning, stacklevel=user_stacklevel())
+
+
+def user_stacklevel() -> int:
+  """The ``stacklevel`` that points a warning at the first caller outside flax_ckpt."""
+  pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  frame, level = sys._getframe(2), 2  # noqa: SLF001 - the caller of the warning's caller
+  while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(pkg):
+    frame, level = frame.f_back, level + 1
+  return level

@@ -81,7 +81,7 @@ def load_file(path: paths.PathLike, abstract_state: Any, *, partial: bool,
     >>> import numpy as np, flax, tempfile, os
     >>> path = os.path.join(tempfile.mkdtemp(), 'checkpoint_7')
     >>> with open(path, 'wb') as f:
-    ...   _ = f.write(flax.serialization.to_bytes({'w': np.ones(2), 'step': 7}))
+    ...   _ = f.write(flax.serialization.to_bytes({'w': np.ones(2, np.float32), 'step': 7}))
     >>> load_file(path, {'w': np.zeros(2, np.float32), 'step': 0}, partial=False,
     ...           restore_type=None)
     {'w': array([1., 1.], dtype=float32), 'step': 7}
@@ -252,15 +252,17 @@ def _match(file: str, saved: Any, flat: list[tuple[tuple, Any]], partial: bool,
     extra = [describe(p) for p in _saved_leaves(saved, ()) if p not in used
              and not any(p[:n] in subtrees for n in range(len(p)))]
   if missing or extra or problems:
-    msg = [f"the template does not match {file}:"]
-    if missing:
-      msg.append(f"  in the template but not in the file: {', '.join(missing)}")
-    if extra:
-      msg.append(f"  in the file but not in the template: {', '.join(extra)} (pass "
-                 "partial=True to load only the template's leaves)")
-    msg += [f"  {p}" for p in problems]
-    msg.append("Fix the template, or load without one to see what the file holds.")
-    raise errors.StructureMismatchError("\n".join(msg))
+    raise errors.StructureMismatchError(errors.mismatch_summary(
+        f"the template does not match {file}", [
+            ("missing from the file", "in the template but not in the file: {}", missing),
+            ("not in the template", "in the file but not in the template: {} (pass "
+             "partial=True to load only the template's leaves)", extra),
+            ("that do not fit", "", problems)],
+        "Fix the template, or load without one to see what the file holds."))
+  errors.warn_lossy_casts(errors.lossy_casts(
+      [(describe(segs), getattr(v, "dtype", None), getattr(t, "dtype", None),
+        isinstance(t, (jax.ShapeDtypeStruct, jax.Array)))
+       for (segs, t), v in zip(flat, found) if t is not None and _is_numeric_template(t)]))
   return [_convert(t, v, restore_type, describe(segs)) for (segs, t), v in zip(flat, found)]
 
 

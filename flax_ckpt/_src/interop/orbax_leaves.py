@@ -258,7 +258,8 @@ def read_leaves(kv: KvStores, use_zarr3: bool, requests: Sequence[tuple[Entry, T
     if kv.mode == "ocdbt":
       spec["kvstore"]["cache_pool"] = "cache_pool#ocdbt"
     opened.append(ts.open(spec, open=True, read=True, context=ctx))
-  pending = []
+  pending: list[_Pending] = []
+  casts: list[tuple[str, Any, Any, bool]] = []  # (leaf, saved dtype, target dtype)
   for (e, target), fut in zip(requests, opened):
     try:
       store = fut.result()
@@ -268,5 +269,9 @@ def read_leaves(kv: KvStores, use_zarr3: bool, requests: Sequence[tuple[Entry, T
           f"opened: {err}. If the checkpoint came from a newer Orbax, this flax_ckpt may not "
           "read its layout yet (docs/orbax_format.md lists what it reads).") from err
     _check_store(store, e, target, where)
+    if target.kind != "key":
+      casts.append((e.shown, np.dtype(store.dtype.numpy_dtype), target.dtype,
+                    target.kind == "jax"))
     pending.append(_Pending(e, target, store, where))
+  errors.warn_lossy_casts(errors.lossy_casts(casts))  # one warning naming every such leaf
   return [p.finish() for p in pending]

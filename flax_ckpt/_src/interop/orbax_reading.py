@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import time
 import warnings
 from collections.abc import Mapping
@@ -106,7 +105,7 @@ class PyTreeItem:
           f"{self.path} was written by Orbax, which does not record class types: it loads "
           "as nested dicts and lists. Pass the abstract state (a template) to flax_ckpt.load "
           "to get your classes, dtypes and shardings back.", UnregisteredClassWarning,
-          stacklevel=_user_stacklevel())
+          stacklevel=errors.user_stacklevel())
       return tree
     match = otree.match_template(self.meta.entries, template, partial, self.where)
     requests: list[tuple[otree.Entry, leaves.Target]] = []
@@ -156,15 +155,6 @@ class PyTreeItem:
     got = leaves.read_leaves(self.kv(), self.meta.use_zarr3, requests, self.where)
     values.update({e.keys: v for (e, _), v in zip(requests, got)})
     return values
-
-
-def _user_stacklevel() -> int:
-  """The ``stacklevel`` that points a warning at the first caller outside flax_ckpt."""
-  pkg = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  frame, level = sys._getframe(2), 2  # noqa: SLF001 - the caller of the warning's caller
-  while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(pkg):
-    frame, level = frame.f_back, level + 1
-  return level
 
 
 class _Boxed:

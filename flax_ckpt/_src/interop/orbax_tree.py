@@ -263,19 +263,19 @@ def match_template(entries: Sequence[Entry], template: Any, partial: bool,
     else:
       covered.append(keys)
     leaves.append((keys, t, e))
-  if missing:
-    raise errors.StructureMismatchError(
-        f"{where}: the template has leaves the Orbax checkpoint lacks: "
-        f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''} (the checkpoint's "
-        "leaves: flax_ckpt.load(path) without a template)")
+  extra = []
   if not partial:
     cov = set(covered)
     extra = [e.shown for e in entries if not e.skip and not _under(e.keys, cov)]
-    if extra:
-      raise errors.StructureMismatchError(
-          f"{where}: the Orbax checkpoint has leaves the template lacks: "
-          f"{', '.join(extra[:10])}{' ...' if len(extra) > 10 else ''}; pass partial=True "
-          "to load only the template's leaves")
+  if missing or extra:
+    raise errors.StructureMismatchError(errors.mismatch_summary(
+        f"{where}: the template does not match the Orbax checkpoint", [
+            ("missing from the checkpoint",
+             "the template has leaves the Orbax checkpoint lacks: {}", missing),
+            ("not in the template", "the Orbax checkpoint has leaves the template lacks: {}; "
+             "pass partial=True to load only the template's leaves", extra)],
+        "Fix the template; flax_ckpt.load(path) without a template shows the checkpoint's "
+        "leaves."))
   return Match(leaves, treedef)
 
 

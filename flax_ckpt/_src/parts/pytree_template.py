@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_ckpt._src import errors
+from flax_ckpt._src.encoding import dtypes
 from flax_ckpt._src.leaves import registry
 from flax_ckpt._src.leaves import type_handlers as th
 from flax_ckpt._src.leaves.arrays import key_dtype
@@ -184,34 +185,48 @@ def _match_leaves(saved: Any, flat: list, partial: bool
     extra = [treespec.path_str(leaf["path"]) for i, leaf in enumerate(saved.leaves)
              if i not in used]
   if missing or extra:
-    msg = ["the template does not match the checkpoint at " + os.fspath(saved.cp_dir) + ":"]
-    if missing:
-      msg.append(f"  in the template but not in the checkpoint: {', '.join(missing)}")
-    if extra:
-      msg.append(f"  in the checkpoint but not in the template: {', '.join(extra)} "
-                 "(pass partial=True to load only the template's leaves)")
-    raise errors.StructureMismatchError("\n".join(msg))
+    raise errors.StructureMismatchError(errors.mismatch_summary(
+        "the template does not match the checkpoint at " + os.fspath(saved.cp_dir), [
+            ("missing from the checkpoint",
+             "in the template but not in the checkpoint: {}", missing),
+            ("not in the template", "in the checkpoint but not in the template: {} (pass "
+             "partial=True to load only the template's leaves)", extra)],
+        "Fix the template, or load without one / call flax_ckpt.metadata to see what was "
+        "saved."))
   return ids, subtrees
 
 
 def _check_fit(saved: Any, plan: LoadPlan) -> None:
-  """Each template leaf must be able to receive its saved leaf (kind and shape)."""
-  problems = []
-  for i, (_, t) in zip(plan.ids, plan.flat):
+  """Each template leaf must be able to receive its saved leaf (kind and shape); warns
+  (once, naming them) of the leaves whose dtype the template narrows."""
+  kinds, shapes, dtype_pairs = [], [], []
+  for i, (_, t), a in zip(plan.ids, plan.flat, plan.args):
     if i < 0:
       continue
-    why = _kind_conflict(t, saved.leaves[i]["typestr"], saved.leaves[i]["record"].get("impl"))
+    leaf = saved.leaves[i]
+    where = treespec.path_str(leaf["path"])
+    why = _kind_conflict(t, leaf["typestr"], leaf["record"].get("impl"))
     if why:
-      problems.append(f"{treespec.path_str(saved.leaves[i]['path'])}: {why}")
-  for i, a in zip(plan.ids, plan.args):
-    if i < 0:
+      kinds.append(f"{where}: {why}")
       continue
-    s = _saved_shape(saved.leaves[i])
+    s = _saved_shape(leaf)
     if a.shape is not None and s is not None and tuple(a.shape) != s:
-      problems.append(f"{treespec.path_str(saved.leaves[i]['path'])}: checkpoint shape {s}, "
-                      f"template shape {tuple(a.shape)}")
-  if problems:
-    raise errors.StructureMismatchError(
-        "the template does not fit the checkpoint's leaves (fix the template, or load "
-        "without one / call flax_ckpt.metadata to see what was saved):\n  "
-        + "\n  ".join(problems))
+      shapes.append(f"{where}: checkpoint shape {s}, template shape {tuple(a.shape)}")
+    elif a.dtype is not None and leaf["record"].get("dtype") is not None:
+      dtype_pairs.append((where, _saved_dtype(leaf["record"]["dtype"]), a.dtype,
+                          a.restore_type is jax.Array))
+  if kinds or shapes:
+    raise errors.StructureMismatchError(errors.mismatch_summary(
+        "the template does not fit the leaves of the checkpoint at " + os.fspath(saved.cp_dir),
+        [("of another kind", "", kinds), ("of another shape", "", shapes)],
+        "Fix the template, or load without one / call flax_ckpt.metadata to see what was "
+        "saved."))
+  errors.warn_lossy_casts(errors.lossy_casts(dtype_pairs))
+
+
+def _saved_dtype(name: str) -> Any:
+  """The numpy dtype of a record's dtype name (None for one this numpy cannot name)."""
+  try:
+    return dtypes.dtype_from_name(name)
+  except (KeyError, TypeError, ValueError):
+    return None
