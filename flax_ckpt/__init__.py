@@ -53,6 +53,7 @@ from flax_ckpt._src.errors import CheckpointReplacedError as CheckpointReplacedE
 from flax_ckpt._src.errors import CorruptCheckpointError as CorruptCheckpointError
 from flax_ckpt._src.errors import FormatError as FormatError
 from flax_ckpt._src.errors import IncompleteCheckpointError as IncompleteCheckpointError
+from flax_ckpt._src.errors import LossyCastWarning as LossyCastWarning
 from flax_ckpt._src.errors import StorageError as StorageError
 from flax_ckpt._src.errors import StructureMismatchError as StructureMismatchError
 from flax_ckpt._src.errors import UnsupportedLeafError as UnsupportedLeafError
@@ -117,6 +118,7 @@ __all__ = [
   "CorruptCheckpointError",
   "FormatError",
   "IncompleteCheckpointError",
+  "LossyCastWarning",
   "Problem",
   "RegistrationError",
   "StorageError",

@@ -3,12 +3,10 @@
 import doctest
 import importlib
 import pkgutil
-import warnings
 
 import pytest
 
 import flax_ckpt
-from flax_ckpt._src.errors import LossyCastWarning
 
 _MODULES = ["flax_ckpt", "flax_ckpt.args", "flax_ckpt.metadata", "flax_ckpt.policies",
             "flax_ckpt.type_handlers"] + [
@@ -18,9 +16,5 @@ _MODULES = ["flax_ckpt", "flax_ckpt.args", "flax_ckpt.metadata", "flax_ckpt.poli
 @pytest.mark.parametrize("name", _MODULES)
 def test_docstring_examples(name):
   module = importlib.import_module(name)
-  with warnings.catch_warnings():
-    # an example may cast to a narrower dtype on purpose (load's float32 -> bfloat16); a
-    # reader sees the warning on stderr, which doctest does not compare
-    warnings.filterwarnings("ignore", category=LossyCastWarning)
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+  result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
   assert result.failed == 0

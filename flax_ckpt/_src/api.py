@@ -127,7 +127,9 @@ def load(path: paths.PathLike, abstract_state: Any = None, *, partial: bool = Fa
   With ``abstract_state`` (a PyTree whose leaves are arrays, ``jax.ShapeDtypeStruct``
   with or without ``sharding``, or ``None``), the result has exactly the template's
   structure and types. A template dtype different from the saved one casts the values
-  (``astype`` semantics: float->int truncates, out-of-range values wrap). A ``None``
+  (``astype`` semantics: float->int truncates, out-of-range values wrap; a cast that can
+  lose information warns once per load with a :class:`LossyCastWarning` naming the
+  leaves). A ``None``
   template leaf loads that leaf as saved.
 
   Args:
@@ -154,10 +156,10 @@ def load(path: paths.PathLike, abstract_state: Any = None, *, partial: bool = Fa
   Example:
     >>> import jax, jax.numpy as jnp, flax_ckpt, tempfile, os
     >>> path = os.path.join(tempfile.mkdtemp(), 'ckpt')
-    >>> flax_ckpt.save(path, {'w': jnp.ones((2, 3))})
-    >>> template = {'w': jax.ShapeDtypeStruct((2, 3), jnp.bfloat16)}
+    >>> flax_ckpt.save(path, {'w': jnp.ones((2, 3), jnp.bfloat16)})
+    >>> template = {'w': jax.ShapeDtypeStruct((2, 3), jnp.float32)}  # a lossless cast
     >>> flax_ckpt.load(path, template)['w'].dtype
-    dtype(bfloat16)
+    dtype('float32')
   """
   if files.is_single_file(path):  # a safetensors or flax msgpack file, not a checkpoint
     return files.load_file(path, abstract_state, partial=partial,
