@@ -28,6 +28,7 @@ import jax
 
 from flax_ckpt._src import errors
 from flax_ckpt._src.format import parse_json_object
+from flax_ckpt._src.tree import treespec
 
 SEQUENCE, DICT = 1, 2  # Orbax's KeyType values
 _EMPTY = {"None": None, "Dict": dict, "List": list, "Tuple": tuple, "NamedTuple": tuple}
@@ -208,23 +209,6 @@ def _materialize(root: Any, where: str) -> Any:
   return out[id(root)]
 
 
-def template_keys(keypath: Sequence[Any]) -> tuple[str, ...]:
-  """A jax key path as Orbax's key strings (dict key, index and attribute name alike)."""
-  out = []
-  for k in keypath:
-    if isinstance(k, jax.tree_util.DictKey):
-      out.append(str(k.key))
-    elif isinstance(k, jax.tree_util.SequenceKey):
-      out.append(str(k.idx))
-    elif isinstance(k, jax.tree_util.GetAttrKey):
-      out.append(k.name)
-    elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-      out.append(str(k.key))
-    else:
-      out.append(str(k))
-  return tuple(out)
-
-
 def shown(keys: Sequence[str]) -> str:
   """A template path for messages, e.g. ``['params']['w']``."""
   return "".join(f"[{k!r}]" for k in keys) or "<root>"
@@ -252,7 +236,7 @@ def match_template(entries: Sequence[Entry], template: Any, partial: bool,
   leaves, covered = [], []
   missing = []
   for kp, t in flat:
-    keys = template_keys(kp)
+    keys = treespec.key_strings(kp)
     e = by_keys.get(keys)
     if t is None:  # the whole subtree, loaded as saved: it must exist
       if e is None and not any(k[:len(keys)] == keys for k in by_keys):

@@ -28,6 +28,7 @@ from flax_ckpt._src.engine.loading import checkpoint_metadata, load_parts
 from flax_ckpt._src.format import DEFAULT_CHECKPOINTABLE
 from flax_ckpt._src.interop import msgpack_io, orbax_reading
 from flax_ckpt._src.io import multihost, paths
+from flax_ckpt._src.tree import treespec
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -243,19 +244,7 @@ def default_name(keypath: tuple) -> str:
     >>> default_name(kp)
     'dense/0/kernel'
   """
-  out = []
-  for k in keypath:
-    if isinstance(k, jax.tree_util.DictKey):
-      out.append(str(k.key))
-    elif isinstance(k, jax.tree_util.SequenceKey):
-      out.append(str(k.idx))
-    elif isinstance(k, jax.tree_util.GetAttrKey):
-      out.append(k.name)
-    elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-      out.append(str(k.key))
-    else:
-      out.append(str(k))
-  return "/".join(out)
+  return "/".join(treespec.key_strings(keypath))
 
 
 def _named_arrays(tree: Any, name_fn: Callable[[tuple], str] | None) -> list[tuple[str, Any]]:

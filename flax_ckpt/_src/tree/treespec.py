@@ -84,6 +84,31 @@ def path_from_jax(keypath: Sequence[Any]) -> Path:
   return tuple(out)
 
 
+def key_strings(keypath: Sequence[Any]) -> tuple[str, ...]:
+  """A jax key path as plain strings, dict key, index and attribute name alike: the names
+  other tools give leaves (Orbax's key tuples, safetensors' ``/``-joined names).
+
+  Example:
+    >>> import jax
+    >>> (kp, _), = jax.tree_util.tree_flatten_with_path({'dense': [{'kernel': 1}]})[0]
+    >>> key_strings(kp)
+    ('dense', '0', 'kernel')
+  """
+  out = []
+  for k in keypath:
+    if isinstance(k, jax.tree_util.DictKey):
+      out.append(str(k.key))
+    elif isinstance(k, jax.tree_util.SequenceKey):
+      out.append(str(k.idx))
+    elif isinstance(k, jax.tree_util.GetAttrKey):
+      out.append(k.name)
+    elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+      out.append(str(k.key))
+    else:
+      out.append(str(k))
+  return tuple(out)
+
+
 def match_key(path: Sequence[Sequence[Any]]) -> tuple:
   """Canonical form used to match template paths to saved paths.
 
