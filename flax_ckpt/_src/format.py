@@ -24,12 +24,13 @@ import numpy as np
 from flax_ckpt._src import errors
 
 FORMAT_NAME = "flax_ckpt"
-FORMAT_VERSION = 2  # the newest commit marker "version" this flax_ckpt reads and writes
+FORMAT_VERSION = 3  # the newest commit marker "version" this flax_ckpt reads and writes
 # Version 1: the parts live in the checkpoint directory. Version 2 adds "generation": the
-# parts live in that subdirectory (object stores, where nothing can be renamed). A marker
-# without a generation is still written as version 1, so older readers keep reading
-# local checkpoints.
-READABLE_VERSIONS = (1, 2)
+# parts live in that subdirectory (object stores, where nothing can be renamed). Version 3
+# adds chunks stored in reused data files (a chunk record's "f", see "Reused bytes"): an
+# older reader would read them from the wrong file. A marker is written with the lowest
+# version its content needs, so older readers keep reading what they can.
+READABLE_VERSIONS = (1, 2, 3)
 TREE_VERSION = 1  # _TREE.json's "version"
 
 # checkpoint directory
@@ -52,7 +53,10 @@ KIND_PYTREE, KIND_STATEFUL, KIND_HANDLER = "pytree", "stateful", "handler"
 TREE_FILE = "_TREE.json"
 CHUNKS_PREFIX = "_CHUNKS.p"  # _CHUNKS.p<i>.json: where process i wrote each chunk
 LEAVES_DIR = "leaves"  # leaves/<leaf-dir>/: files of handlers that write their own
-DATA_FILE_RE = re.compile(r"data\.p\d+\.bin(\.\d+)?")  # a data file (or its segment)
+# a data file (or its segment): data.p<i>.bin, or data.p<i>.r<k>.bin, a data file of an
+# earlier checkpoint that this one reuses (a hard link; docs/format.md, "Reused bytes")
+DATA_FILE_RE = re.compile(r"data\.p\d+(\.r\d+)?\.bin(\.\d+)?")
+REUSED_FILE_RE = re.compile(r"data\.p\d+\.r\d+\.bin")
 
 # checksums (docs/format.md, "Checksums"): XXH3 64-bit, as 16 lowercase hex digits
 CHECKSUM_ALGORITHM = "xxh3_64"
@@ -68,6 +72,17 @@ CHECKSUM_MIN_BLOCK_BYTES = 64 << 10
 def data_file(process_index: int) -> str:
   """``data.p<i>.bin``: the packed array bytes process ``i`` wrote."""
   return f"data.p{process_index}.bin"
+
+
+def reused_file(process_index: int, k: int) -> str:
+  """``data.p<i>.r<k>.bin``: the ``k``-th earlier data file process ``i`` reuses."""
+  return f"data.p{process_index}.r{k}.bin"
+
+
+def chunk_file(chunk: Any) -> str:
+  """The data file (name in its part directory) holding a chunk record's bytes: its
+  ``f`` (a reused file, format version 3) or else ``data.p<p>.bin``."""
+  return chunk.get("f") or data_file(chunk["p"])
 
 
 def chunks_file(process_index: int) -> str:
@@ -202,7 +217,10 @@ class Manifest:
     manager: a CheckpointManager's ``{"step", "time", "metrics"}`` record, or None.
     generation: the subdirectory holding the parts (object stores), or None: the
       checkpoint directory itself.
-    version: the format version: 2 with a generation, else 1.
+    version: the format version: 3 when a part reuses data files of an earlier
+      checkpoint (``reuses``), else 2 with a generation, else 1.
+    reuses: a part's chunks refer to reused data files (written as version 3; not
+      stored: a reader knows it from the version).
   """
 
   parts: dict[str, PartEntry]
@@ -213,10 +231,12 @@ class Manifest:
   generation: str | None = None
   version: int = 0  # 0: the version this content needs (2 with a generation, else 1)
   checksums: dict[str, str] | None = None  # {path in the checkpoint: digest}; None: none
+  reuses: bool = False
 
   def __post_init__(self) -> None:
     if not self.version:
-      object.__setattr__(self, "version", 2 if self.generation is not None else 1)
+      object.__setattr__(self, "version",
+                         3 if self.reuses else 2 if self.generation is not None else 1)
 
   def to_json(self) -> dict[str, Any]:
     out: dict[str, Any] = {
@@ -266,7 +286,7 @@ class Manifest:
         created_at=float(created) if isinstance(created, (int, float)) else None,
         process_count=nproc if isinstance(nproc, int) else 1,
         manager=manager if isinstance(manager, dict) else None,
-        generation=generation, version=d["version"])
+        generation=generation, version=d["version"], reuses=d["version"] >= 3)
 
   @classmethod
   def from_bytes(cls, raw: bytes, *, where: str) -> Manifest:
@@ -301,6 +321,7 @@ def _file_checksums(d: Any, where: str) -> dict[str, str] | None:
 class _ChunkRecordOptional(TypedDict, total=False):
   x: list[str]  # checksums of the chunk's blocks (CHECKSUM_RE each), in order
   xb: int  # block size in bytes when there is more than one block (a multiple of a row)
+  f: str  # version 3: a reused data file data.p<p>.r<k>.bin holds the bytes (REUSED_FILE_RE)
 
 
 class ChunkRecord(_ChunkRecordOptional):
@@ -308,9 +329,9 @@ class ChunkRecord(_ChunkRecordOptional):
 
   s: list[int]  # start index of the box
   h: list[int]  # the box's shape
-  o: int  # byte offset in data.p<p>.bin (64-byte aligned)
+  o: int  # byte offset in data.p<p>.bin (or in ``f``), 64-byte aligned
   n: int  # byte count
-  p: int  # the process that wrote it (which data.p<p>.bin)
+  p: int  # the process that wrote it (which data.p<p>.bin, unless ``f`` says another)
 
 
 class _ChunksFileOptional(TypedDict, total=False):

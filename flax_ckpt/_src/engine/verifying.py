@@ -37,7 +37,7 @@ from flax_ckpt._src.format import (
     ROOT_DIR,
     STATE_FILE_RE,
     TREE_FILE,
-    data_file,
+    chunk_file,
 )
 from flax_ckpt._src.io import paths, storage
 from flax_ckpt._src.leaves.arrays import ARRAY_TYPESTRS, check_array_record
@@ -188,7 +188,7 @@ def _check_tree(part_dir: Any, part: str, report: VerifyReport) -> None:
     return
   try:
     plan = ReadPlan(os.fspath(part_dir), saved.files, saved.backend, saved.segments)
-    dead: set[int] = set()  # data files that cannot be read: reported once
+    dead: set[str] = set()  # data files that cannot be read: reported once
     for i, leaf in enumerate(saved.leaves):
       name = treespec.path_str(leaf["path"])
       chunks = saved.chunks.get(i, [])
@@ -224,14 +224,15 @@ def _leaf_structure(plan: ReadPlan, name: str, leaf: Any, chunks: list[Any], par
 
 
 def _check_chunk(plan: ReadPlan, c: Any, name: str, part: str, report: VerifyReport,
-                 dead: set[int]) -> None:
-  if "x" not in c or c["p"] in dead:
+                 dead: set[str]) -> None:
+  f = chunk_file(c)
+  if "x" not in c or f in dead:
     return
-  file = os.path.join(plan.state_dir, data_file(c["p"]))
+  file = os.path.join(plan.state_dir, f)
   try:
     bad = plan.verify_chunk(c)
   except OSError as e:
-    dead.add(c["p"])
+    dead.add(f)
     report.add(file, f"cannot be read ({e})", part, name)
     return
   report.chunks_checked += 1

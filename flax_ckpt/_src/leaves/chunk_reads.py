@@ -2,7 +2,9 @@
 
 Pure numpy plus one storage backend to read through, so it can be unit-tested alone. A
 chunk record (docs/format.md) is ``{"s": start, "h": shape, "o": file offset, "n": nbytes,
-"p": process index of the data file}``; a box is a (start, shape) region of the array.
+"p": process index of the data file}`` (plus ``"f"``, a reused data file, in format
+version 3: :func:`~flax_ckpt._src.format.chunk_file` names the file); a box is a
+(start, shape) region of the array.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any, cast
 import numpy as np
 
 from flax_ckpt._src import env, errors
-from flax_ckpt._src.format import data_file
+from flax_ckpt._src.format import chunk_file
 from flax_ckpt._src.io import observe, storage
 
 _MIN_RUN = 512  # contiguous runs shorter than this are staged instead of read one by one
@@ -154,7 +156,8 @@ class ReadPlan:
     self.files = files
     self.segments = segments or {}
     self.backend = backend if backend is not None else storage.backend_for(state_dir)
-    self.requests: dict[int, list[tuple[int, memoryview]]] = {}
+    self.requests: dict[str, list[tuple[int, memoryview]]] = {}  # by data file name
+    self._proc: dict[str, int] = {}  # data file name -> the process whose index lists it
     self.staged: list[tuple[dict, np.ndarray, list[int], list[int], list[int]]] = []
     # verify: every chunk read whole is checked as it is read (``checks``, see execute); a
     # chunk read in part goes through the staged path, which reads and checks whole blocks
@@ -176,7 +179,7 @@ class ReadPlan:
         chunks[0]["h"] == list(shape)):  # the common case: one chunk is the whole box
       if nbytes:
         whole = memoryview(dest)  # pyright: ignore[reportArgumentType]  # Buffer is typed on 3.12+
-        self.requests.setdefault(chunks[0]["p"], []).append((chunks[0]["o"], whole))
+        self._reqs(chunks[0]).append((chunks[0]["o"], whole))
         if self.verify and "x" in chunks[0]:
           self.checks.append((chunks[0], whole))
       return out
@@ -199,7 +202,7 @@ class ReadPlan:
         file_off = chunk["o"] + _flat(at_chunk, chunk_shape) * item
         dest_off = _flat(at_dest, shape) * item
         part = dest_view[dest_off:dest_off + n]
-        self.requests.setdefault(chunk["p"], []).append((file_off, part))
+        self._reqs(chunk).append((file_off, part))
         if checked:
           self.checks.append((chunk, part))  # the request's own view (execute pairs them)
       elif checked:  # the whole chunk, strided in the box
@@ -207,6 +210,15 @@ class ReadPlan:
       else:
         self._strided(chunk, item, overlap, at_chunk, at_dest, list(shape), dest_view, out)
     return out
+
+  def _reqs(self, chunk: dict) -> list[tuple[int, memoryview]]:
+    """The read requests on ``chunk``'s data file."""
+    name = chunk_file(chunk)
+    reqs = self.requests.get(name)
+    if reqs is None:
+      reqs = self.requests[name] = []
+      self._proc[name] = chunk["p"]
+    return reqs
 
   def _strided(self, chunk: dict, item: int, overlap: list[int], at_chunk: list[int],
                at_dest: list[int], shape: list[int], dest_view: memoryview,
@@ -231,7 +243,7 @@ class ReadPlan:
                    .sum(0)).tolist()
     else:
       file_offs, dest_offs = [file0], [dest0]
-    reqs = self.requests.setdefault(chunk["p"], [])
+    reqs = self._reqs(chunk)
     for f, d in zip(file_offs, dest_offs):
       reqs.append((f, dest_view[d:d + run]))
 
@@ -242,9 +254,9 @@ class ReadPlan:
     and of each row only the span from the first to the last byte any of them needs.
     """
     budget = staging_bytes()
-    by_chunk: dict[tuple[int, int], list] = {}
+    by_chunk: dict[tuple[str, int], list] = {}
     for chunk, out, at_chunk, at_dest, overlap in self.staged:
-      by_chunk.setdefault((chunk["p"], chunk["o"]), [chunk, []])[1].append(
+      by_chunk.setdefault((chunk_file(chunk), chunk["o"]), [chunk, []])[1].append(
           (out, at_chunk, at_dest, overlap))
     scratch = None
     for chunk, items in by_chunk.values():
@@ -270,7 +282,7 @@ class ReadPlan:
       lo, hi = 0, row  # whole blocks are whole rows
       first, last = first // rpb * rpb, min(chunk_shape[0], -(-last // rpb) * rpb)
       per = max(1, per // rpb) * rpb
-    path = os.path.join(self.state_dir, data_file(chunk["p"]))
+    path = os.path.join(self.state_dir, chunk_file(chunk))
     for r0 in range(first, last, per):
       r1 = min(last, r0 + per)
       if scratch is None or scratch.nbytes < (r1 - r0) * row:
@@ -330,14 +342,14 @@ class ReadPlan:
         f"bytes {a}..{min(a + xb, chunk['o'] + chunk['n'])} (the chunk at index "
         f"{chunk['s']}, block {b0 + k}) do not match their checksum",
         leaf=self._leaf_of.get(id(chunk), ""),
-        file=os.path.join(self.state_dir, data_file(chunk["p"])))
+        file=os.path.join(self.state_dir, chunk_file(chunk)))
 
   def check_extents(self, leaves: Sequence[tuple[str, dict, list[dict]]]) -> None:
     """Before anything is allocated: each (name, record, chunks) leaf's chunk byte counts
     match its boxes and its record's ``nbytes``, and every data file really holds the
     bytes the chunks claim (one 1-byte read at each file's last claimed byte), so a
     crafted shape or offset is a FormatError, never a huge allocation."""
-    ends: dict[int, tuple[int, str]] = {}
+    ends: dict[str, tuple[int, str, int]] = {}  # file -> (end, leaf name, process)
     prod = math.prod
     for name, record, chunks in leaves:  # one pass: this runs once per leaf on every load
       for c in chunks:
@@ -350,27 +362,27 @@ class ReadPlan:
         n = c["n"]
         if item is not None and n != prod(c["h"]) * item:
           bad = True
-        end, p = c["o"] + n, c["p"]
-        if n and end > ends.get(p, (0, ""))[0]:
-          ends[p] = (end, name)
+        end, f = c["o"] + n, chunk_file(c)
+        if n and end > ends.get(f, (0, "", 0))[0]:
+          ends[f] = (end, name, c["p"])
       if bad:
         raise errors.FormatError(
             f"leaf {name}: its chunks' byte counts do not match its shape {shape} and "
             f"nbytes {nbytes}; the checkpoint is damaged or crafted, nothing was read.")
-    for p, (end, name) in sorted(ends.items()):
+    for f, (end, name, p) in sorted(ends.items()):
       probe = memoryview(bytearray(1))
       try:
-        self.backend.read_into(os.path.join(self.state_dir, data_file(p)), [(end - 1, probe)],
+        self.backend.read_into(os.path.join(self.state_dir, f), [(end - 1, probe)],
                                self.files, self.segments.get(p))
         storage.READ_STATS.discount(1, 1)  # a probe, not data the load needed
       except OSError as e:
         if isinstance(e, FileNotFoundError):
           raise  # a load racing an overwrite looks again; else the caller names it
         err = errors.TruncatedDataError(
-            f"leaf {name}: its chunks claim {end} bytes of {data_file(p)} in "
+            f"leaf {name}: its chunks claim {end} bytes of {f} in "
             f"{self.state_dir}, which is truncated ({e}); the checkpoint is damaged or "
             "crafted, nothing was allocated.")
-        err.path = os.path.join(self.state_dir, data_file(p))  # for verify's report
+        err.path = os.path.join(self.state_dir, f)  # for verify's report
         raise err from e
 
   def verify_chunk(self, chunk: dict) -> list[int]:
@@ -381,7 +393,7 @@ class ReadPlan:
     per = max(1, staging_bytes() // xb) * xb
     scratch = storage.aligned_empty(min(n, per))
     view = memoryview(scratch)  # pyright: ignore[reportArgumentType]  # Buffer is typed on 3.12+
-    path = os.path.join(self.state_dir, data_file(chunk["p"]))
+    path = os.path.join(self.state_dir, chunk_file(chunk))
     bad: list[int] = []
     for a in range(0, n, per):
       m = min(per, n - a)
@@ -399,16 +411,17 @@ class ReadPlan:
     # time), while it is still in the CPU cache. Other stores (object stores: all ranged
     # GETs in flight at once) read everything first, then check on the pool.
     grouped = getattr(self.backend, "name", "") == "posix"
-    for p, reqs in self.requests.items():
-      path = os.path.join(self.state_dir, data_file(p))
+    for name, reqs in self.requests.items():
+      path = os.path.join(self.state_dir, name)
+      segment_bytes = self.segments.get(self._proc[name])
       if not checked or not grouped:
-        self.backend.read_into(path, reqs, self.files, self.segments.get(p))
+        self.backend.read_into(path, reqs, self.files, segment_bytes)
         continue
       for group in _read_groups(_split_checked(reqs, checked)):  # read one, check another
         items = [item for _, _, item in group if item is not None]
         groups.append((functools.partial(self.backend.read_into, path,
                                          [(o, v) for o, v, _ in group], self.files,
-                                         self.segments.get(p)), items))
+                                         segment_bytes), items))
     self.requests.clear()
     if checked and not grouped:
       self._verify([(chunk, view, 0) for chunk, view in self.checks])

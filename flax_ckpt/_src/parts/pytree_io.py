@@ -21,6 +21,7 @@ from flax_ckpt._src.format import (
   CHECKSUM_RE,
   CHUNKS_PREFIX,
   LEAVES_DIR,
+  REUSED_FILE_RE,
   TREE_FILE,
   TREE_VERSION,
   ChunkRecord,
@@ -253,6 +254,12 @@ def _path_ok(path: Any) -> bool:
       for e in path)
 
 
+def _reused_ok(name: Any) -> bool:
+  """A chunk's ``f`` is absent or names a reused data file of this part directory (a
+  crafted one must not point a read at another file or outside the checkpoint)."""
+  return name is None or (isinstance(name, str) and REUSED_FILE_RE.fullmatch(name) is not None)
+
+
 _MAX_COUNT = 1 << 62  # offsets, sizes and indexes beyond this are crafted (and overflow)
 
 
@@ -295,7 +302,8 @@ def _read_chunk_index(files: storage.CheckpointDir, cp_dir: epath.Path, n_leaves
       if not 0 <= leaf < n_leaves or not isinstance(v, list) or not all(
           isinstance(c, dict) and all(_is_count(c.get(f)) for f in "onp")
           and all(isinstance(c.get(f), list) and all(_is_count(x) for x in c[f])
-                  for f in "sh") and _sums_ok(c, summed is not None) for c in v):
+                  for f in "sh") and _sums_ok(c, summed is not None)
+          and _reused_ok(c.get("f")) for c in v):
         raise errors.FormatError(f"{where}: leaf id {k!r} is out of range or its chunk "
                                  "records are malformed; the checkpoint is damaged.")
       chunks.setdefault(leaf, []).extend(v)
