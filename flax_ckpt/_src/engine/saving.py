@@ -33,18 +33,23 @@ from typing import Any
 from etils import epath
 
 from flax_ckpt._src import errors
+from flax_ckpt._src.engine import loading
 from flax_ckpt._src.format import (
-    COMMIT_MARKER,
-    DATA_FILE_RE,
-    DEFAULT_CHECKPOINTABLE,
-    KIND_PYTREE,
-    PART_NAME_RE,
-    ROOT_DIR,
-    Manifest,
-    PartEntry,
+  COMMIT_MARKER,
+  DATA_FILE_RE,
+  DEFAULT_CHECKPOINTABLE,
+  KIND_PYTREE,
+  PART_NAME_RE,
+  REUSED_FILE_RE,
+  ROOT_DIR,
+  Manifest,
+  PartEntry,
 )
 from flax_ckpt._src.io import multihost, observe, paths, storage
+from flax_ckpt._src.leaves.reuse import PreviousChunks
+from flax_ckpt._src.parts import pytree_io
 from flax_ckpt._src.parts.protocol import PartFinish, PartWriter, part_kinds
+from flax_ckpt._src.parts.pytree import PyTreeWriter
 
 _log = observe.child("save")
 
@@ -65,6 +70,10 @@ class SaveOptions:
     before_commit: called by process 0 right before the commit marker is written; an
       exception it raises aborts the save (a manager checks that it still owns its
       directory).
+    reuse_from: a committed checkpoint on the same local filesystem (a manager's
+      previous step): array chunks whose bytes equal the same chunk there are hard-linked
+      from it instead of written again (docs/format.md, "Reused bytes"). Ignored where
+      the storage has no hard links, and when it cannot be read.
   """
 
   overwrite: bool = False
@@ -75,6 +84,7 @@ class SaveOptions:
   overwrite_flag: str = "overwrite"
   manager: dict | None = None
   before_commit: Callable[[], None] | None = None
+  reuse_from: str | None = None
 
 
 @dataclasses.dataclass
@@ -208,9 +218,41 @@ class PendingSave:
     with observe.phase(_log, self._what(), "plan"):
       self._each_part(lambda p: p.writer.plan(f"checkpointable {p.name!r}"))
     shared = self._make_tmp_dir()
+    previous = self._previous_parts()
+    for p in self.parts:
+      if p.name in previous and isinstance(p.writer, PyTreeWriter):
+        p.writer.previous = previous[p.name]
     with observe.phase(_log, self._what(), "write (start)"):
       self._each_part(lambda p: self._finishes.append(
           p.writer.start(self._part_dir(p), shared.get(p.name), self.options.is_async)))
+
+  def _previous_parts(self) -> dict[str, PreviousChunks]:
+    """The reusable chunks of ``reuse_from``'s PyTree parts that this save also has; an
+    unreadable or damaged earlier checkpoint only means nothing is reused."""
+    src = self.options.reuse_from
+    if src is None or not self.backend.has_links or not any(
+        isinstance(p.writer, PyTreeWriter) for p in self.parts):
+      return {}
+
+    def read(ckpt: loading.CommittedCheckpoint) -> dict[str, PreviousChunks]:
+      out = {}
+      for p in self.parts:
+        entry = ckpt.manifest.parts.get(p.name)
+        if entry is None or entry.kind != KIND_PYTREE or not isinstance(p.writer,
+                                                                        PyTreeWriter):
+          continue
+        loading.verify_part_files(ckpt, p.name)  # the index it trusts is the one saved
+        found = pytree_io.previous_chunks(ckpt.part_dir(p.name))
+        if found is not None:
+          out[p.name] = found
+      return out
+
+    try:
+      with observe.phase(_log, self._what(), "read the previous checkpoint's index"):
+        return loading.read_committed(src, read)
+    except (OSError, errors.CheckpointError) as e:
+      _log.info("%s: not reusing the bytes of %s (%s)", self._what(), src, e)
+      return {}
 
   def commit(self) -> None:
     """Finishes writing, commits with one rename, and waits for every process."""
@@ -291,32 +333,37 @@ class PendingSave:
     entries = {p.name: dataclasses.replace(p.writer.entry(),
                                            dir=None if p.dir == p.name else p.dir)
                for p in self.parts}
-    sums = self._file_checksums(entries)
+    sums, reuses = self._file_checksums(entries)
     if self.options.before_commit is not None:
       self.options.before_commit()
     manifest = Manifest(
         parts=entries, custom_metadata=self.options.custom_metadata, created_at=time.time(),
-        process_count=self.nproc, manager=self.options.manager, checksums=sums)
+        process_count=self.nproc, manager=self.options.manager, checksums=sums,
+        reuses=reuses)
     self.backend.commit(os.fspath(self.tmp), os.fspath(self.final), manifest,
                         overwrite=self.options.overwrite, fsync=self.options.fsync)
 
-  def _file_checksums(self, entries: dict[str, PartEntry]) -> dict[str, str]:
+  def _file_checksums(self, entries: dict[str, PartEntry]) -> tuple[dict[str, str], bool]:
     """The checksum of every file of the save but the commit marker and the PyTree parts'
     data files (their chunks carry their own), read back once every process has written
-    its files: so the files of other processes and of custom handlers are covered too."""
+    its files: so the files of other processes and of custom handlers are covered too.
+    Also whether any process reused an earlier data file (the format version says so)."""
     assert self.tmp is not None
     tmp = os.fspath(self.tmp)
     data_dirs = {"" if p.dir == ROOT_DIR else p.dir for p in self.parts
                  if entries[p.name].kind == KIND_PYTREE}
-    names = [n for n in self.backend.list_files(tmp) if n != COMMIT_MARKER and not (
-        DATA_FILE_RE.fullmatch(posixpath.basename(n)) and posixpath.dirname(n) in data_dirs)]
+    listed = self.backend.list_files(tmp)
+    data = {n for n in listed if DATA_FILE_RE.fullmatch(posixpath.basename(n))
+            and posixpath.dirname(n) in data_dirs}
+    reuses = any(REUSED_FILE_RE.fullmatch(posixpath.basename(n)) for n in data)
+    names = [n for n in listed if n != COMMIT_MARKER and n not in data]
     sums = self.backend.file_digests(tmp, names)
     missing = [n for n, d in sums.items() if d is None]
     if missing:
       raise errors.CheckpointError(
           f"files of the save to {self.final} vanished before the commit ({missing[:5]}); "
           "something else writes into its temporary directory. Nothing was committed.")
-    return {n: d for n, d in sums.items() if d is not None}
+    return {n: d for n, d in sums.items() if d is not None}, reuses
 
   # --- observability ---------------------------------------------------------------
 

@@ -118,10 +118,16 @@ def save_array(value: Any, info: th.ParamInfo, arg: th.SaveArgs | None, kind: st
     return  # process-local values (numpy, arrays process 0 holds whole): process 0 writes
   # otherwise every process writes the shards whose replica 0 it holds (possibly all of
   # them, for an array on a sub-mesh of this process's devices)
+  reuse = ctx.reuse
   for start, host in _host_chunks(value, copy=info.is_async and kind == "numpy"):
     if host.dtype != dtype:
       host = host.astype(dtype)
     host = dtypes.little_endian(host)
+    if reuse is not None:  # the same bytes as in the previous checkpoint: refer to them
+      same = reuse.reuse(info.keypath, info.record["dtype"], start, host)
+      if same is not None:
+        info.chunks.append(same)
+        continue
     off, n = ctx.writer.add(host)
     info.chunks.append({"s": list(start), "h": list(host.shape), "o": off, "n": n,
                         "p": ctx.process_index})

@@ -175,11 +175,14 @@ class SaveContext(LeafContext):
     process_index: this process's index.
     primary_local: leaf indexes process 0 writes as process-local (jax arrays held whole
       by each process).
+    reuse: the earlier checkpoint's chunks this save may refer to instead of writing
+      equal bytes again (``reuse.ChunkReuse``), or None.
   """
 
   writer: Any
   process_index: int = 0
   primary_local: frozenset = frozenset()
+  reuse: Any = None
 
 
 @dataclasses.dataclass(kw_only=True)

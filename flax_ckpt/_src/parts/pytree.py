@@ -15,6 +15,7 @@ from etils import epath
 from flax_ckpt._src import errors
 from flax_ckpt._src.format import KIND_PYTREE, PartEntry
 from flax_ckpt._src.io import background, multihost
+from flax_ckpt._src.leaves import reuse
 from flax_ckpt._src.parts import pytree_io
 from flax_ckpt._src.parts.handlers import CheckpointArgs, CheckpointHandler
 from flax_ckpt._src.parts.protocol import (
@@ -70,6 +71,9 @@ class PyTreeWriter:
   def __init__(self, item: Any):
     self._item = item
     self._plan: pytree_io.SavePlan | None = None
+    # the same part of an earlier checkpoint whose equal chunks this save refers to
+    # (set by the save transaction before ``start``)
+    self.previous: reuse.PreviousChunks | None = None
 
   def plan(self, what: str) -> None:
     with background.no_gc():
@@ -93,8 +97,9 @@ class PyTreeWriter:
     with background.no_gc():
       write = pytree_io.prepare_save(
           epath.Path(directory), self._plan, is_async=is_async,
-          process_index=multihost.process_index(), primary_local=frozenset(shared or ()))
-    self._plan = self._item = None  # the snapshot lives in ``write`` now
+          process_index=multihost.process_index(), primary_local=frozenset(shared or ()),
+          previous=self.previous)
+    self._plan = self._item = self.previous = None  # the snapshot lives in ``write`` now
     return _NoGcFinish(write)
 
   def entry(self) -> PartEntry:

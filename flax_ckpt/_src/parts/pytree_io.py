@@ -33,7 +33,7 @@ from flax_ckpt._src.format import (
   parse_json_object,
 )
 from flax_ckpt._src.io import background, storage
-from flax_ckpt._src.leaves import registry
+from flax_ckpt._src.leaves import registry, reuse
 from flax_ckpt._src.leaves import type_handlers as th
 from flax_ckpt._src.parts.pytree_template import LoadPlan, as_saved_args, conform, match_template
 from flax_ckpt._src.tree import class_registry, plain_dataclasses, treespec
@@ -88,12 +88,15 @@ def local_array_ids(plan: SavePlan) -> list[int]:
 
 
 def prepare_save(cp_dir: epath.Path, plan: SavePlan, *, is_async: bool,
-                 process_index: int = 0, primary_local: frozenset = frozenset()) -> TreeWrite:
+                 process_index: int = 0, primary_local: frozenset = frozenset(),
+                 previous: reuse.PreviousChunks | None = None) -> TreeWrite:
   """Snapshots the planned tree and returns the :class:`TreeWrite` that writes it.
 
   Everything that reads the caller's values happens before this returns; ``finish`` only
   touches snapshots. Each process writes its own data file and chunk index; only process 0
   writes the tree metadata and runs custom handlers (which write per-leaf files).
+  ``previous``: the same part of an earlier checkpoint, whose chunks are referred to
+  instead of written again where the bytes are equal (:mod:`~flax_ckpt._src.leaves.reuse`).
   """
   backend = storage.backend_for(cp_dir)
   backend.makedirs(os.fspath(cp_dir))
@@ -101,7 +104,9 @@ def prepare_save(cp_dir: epath.Path, plan: SavePlan, *, is_async: bool,
       parent_dir=cp_dir, backend=backend, naming=_naming([p for p, _ in plan.leaves]),
       writer=backend.open_writer(os.path.join(cp_dir, data_file(process_index)),
                                  direct=is_async),
-      process_index=process_index, primary_local=primary_local)
+      process_index=process_index, primary_local=primary_local,
+      reuse=None if previous is None else reuse.ChunkReuse(
+          previous, os.fspath(cp_dir), process_index, backend))
   primary = process_index == 0
   if primary and any(not registry.is_builtin(h) for h in plan.handlers):
     backend.makedirs(os.fspath(cp_dir / LEAVES_DIR))
@@ -138,8 +143,8 @@ def _add_checksums(chunks: dict[str, list[ChunkRecord]],
   """Records each chunk's block checksums (``x``, and ``xb`` for several blocks)."""
   for records in chunks.values():
     for c in records:
-      if not c["n"]:
-        continue  # nothing to check (a chunk of a custom handler may hold no bytes)
+      if not c["n"] or "f" in c:
+        continue  # nothing to check (a custom handler's empty chunk), or reused: has its own
       xb, digests = sums[c["o"]]
       c["x"] = digests
       if len(digests) > 1:
@@ -167,6 +172,8 @@ class TreeWrite:
     ctx, cp_dir = self._ctx, self._ctx.parent_dir
     try:
       background.wait_futures(self._futures)
+      if ctx.reuse is not None:
+        ctx.reuse.settle(ctx.writer)
     except BaseException:
       ctx.writer.close()
       raise
@@ -456,6 +463,14 @@ def _read(saved: _SavedTree, plan: LoadPlan, restore_type: Any) -> Any:
             for pos, i in enumerate(ids)]
   return plain_dataclasses.collapse_plain_dataclasses(
       jax.tree_util.tree_unflatten(plan.treedef, values))
+
+
+def previous_chunks(cp_dir: epath.Path) -> reuse.PreviousChunks | None:
+  """The reusable chunks of the committed PyTree part at ``cp_dir`` (validated like a
+  load's), for a later save of the same part; None when it has none."""
+  saved = read_saved_tree(cp_dir)
+  saved.close()  # the index is all that is read; the files are linked by path
+  return reuse.previous_chunks(os.fspath(cp_dir), saved.leaves, saved.chunks)
 
 
 def metadata_tree(cp_dir: epath.Path) -> Any:

@@ -292,7 +292,7 @@ class CheckpointManager(step_listing.StepListing):
           is_async=self._opts.enable_async, fsync=self._opts.fsync,
           barrier_timeout_s=self._opts.barrier_timeout_s,
           # a background save may outlive the lock (a paused process): check again last
-          before_commit=self._ensure_owner)
+          before_commit=self._ensure_owner, reuse_from=self._reuse_source())
     except BaseException:
       self._sigterm.save_finished()
       raise
@@ -312,6 +312,15 @@ class CheckpointManager(step_listing.StepListing):
       self._pending = background.start_background(finish_and_retain, final)
     else:
       finish_and_retain()
+
+  def _reuse_source(self) -> str | None:
+    """The newest committed step, whose unchanged bytes the next save links (no save is
+    in flight here: ``_start_save`` waited for it)."""
+    if not self._opts.reuse_unchanged:
+      return None
+    with self._lock:
+      newest = max(self._infos, default=None)
+    return None if newest is None else self._step_path(newest)
 
   def _apply_retention(self) -> None:
     with self._lock:

@@ -57,6 +57,12 @@ class CheckpointManagerOptions:
       process by SIGTERM once committed) before it ends anyway (after any save in flight
       commits). Loops that call ``reached_preemption`` end themselves; see
       ``CheckpointManager.reached_preemption``.
+    reuse_unchanged: an array chunk whose bytes equal the same chunk of the newest step
+      already committed is not written again: the new step hard-links that step's data
+      file (local directories; object stores write every byte). Every step stays a
+      complete checkpoint: deleting the older one (retention) leaves it whole, and a
+      copy copies the bytes. For frozen weights, EMA copies and other repeated bytes;
+      ``False`` writes every byte. See docs/format.md, "Reused bytes".
   """
 
   save_interval_steps: int | None = None
@@ -81,6 +87,7 @@ class CheckpointManagerOptions:
   fsync: bool = True
   clock: Callable[[], float] = time.time
   sigterm_grace_s: float = 30.0
+  reuse_unchanged: bool = True
 
   def __post_init__(self):
     self._check_orbax()

@@ -10,6 +10,7 @@ tensorstore kvstore for the data files; ``s3://`` and ``gs://`` paths use
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -130,7 +131,14 @@ class StorageBackend(Protocol):
     """The checksum (``digest``) of each file ``directory/name``; None where it is missing."""
     ...
 
+  has_links: bool  # whether ``link_file`` can make hard links here
+
   def remove_file(self, path: str) -> None: ...
+  def link_file(self, src: str, dst: str) -> bool:
+    """Makes ``dst`` another name of the regular file ``src`` (a hard link, so deleting
+    either name keeps the other's bytes); False where the storage has no links."""
+    ...
+
   def is_dir(self, path: str) -> bool: ...
   def listdir(self, path: str) -> list[str]:
     """The names directly under ``path`` ([] when there is nothing)."""
@@ -193,6 +201,7 @@ class PosixBackend:
   """Local files through the POSIX API (``FLAX_CKPT_STORAGE=posix``, the default)."""
 
   name = "posix"
+  has_links = True  # a save may hard-link unchanged data files of the previous checkpoint
 
   def open_writer(self, path: str, *, direct: bool = False, ts_context: Any = None
                   ) -> DataWriter:
@@ -277,6 +286,12 @@ class PosixBackend:
       os.unlink(path)
     except FileNotFoundError:
       pass
+
+  def link_file(self, src: str, dst: str) -> bool:
+    if not stat.S_ISREG(os.lstat(src).st_mode):  # never a link to a link or a device
+      return False
+    os.link(src, dst, follow_symlinks=False)
+    return True
 
   def is_dir(self, path: str) -> bool:
     return os.path.isdir(path)

@@ -86,6 +86,8 @@ def _generation_of(marker: bytes | None, where: str) -> str | None:
 class ObjectStoreBackend:
   """``s3://`` and ``gs://`` checkpoints through tensorstore's kvstore drivers."""
 
+  has_links = False  # no hard links: a save here writes every byte
+
   def __init__(self, scheme: str):
     self.scheme = scheme
     self.name = {"s3": "s3", "gs": "gcs"}[scheme]
@@ -153,6 +155,10 @@ class ObjectStoreBackend:
       got = objstore.read_many([posixpath.join(directory, n) for n in batch])
       out.update({n: None if g is None else checksums.digest(g) for n, g in zip(batch, got)})
     return out
+
+  def link_file(self, src: str, dst: str) -> bool:
+    del src, dst  # no hard links in an object store (a save there writes every byte)
+    return False
 
   def remove_file(self, path: str) -> None:
     objstore.delete(path)

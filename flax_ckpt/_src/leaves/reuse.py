@@ -1,0 +1,186 @@
+"""Unchanged bytes are never written twice: chunks equal to the previous checkpoint's.
+
+Why: fine-tuning with frozen base weights, EMA copies and embedding tables repeat most of
+their bytes at every save. When an array chunk of a save has exactly the bytes of the
+same chunk (same leaf path, dtype, start and shape) of the previous checkpoint of the
+same manager directory, the new checkpoint hard-links that checkpoint's data file into
+its own part directory (``data.p<i>.r<k>.bin``) and its chunk record points there
+(``"f"``, format version 3; docs/format.md, "Reused bytes") instead of writing the bytes
+again. A hard link keeps every checkpoint self-contained: readers, copies and deletion
+see an ordinary file, and deleting the old checkpoint (retention) leaves the new one
+whole. Local files only; object stores write every byte (no hard links there).
+
+Identity is decided by the chunk's checksums, which the previous checkpoint already
+records per block (XXH3-64, at more than 10 GB/s): the first block is hashed first, so a
+changed chunk costs one block's hash (at most 1 MiB); an unchanged one is hashed whole,
+on the hash pool. A reused file of which less than half would be referenced is not kept
+(its chunks are written anew), so reuse never more than doubles the disk space a
+checkpoint keeps alive.
+
+Example:
+  >>> key_of((("d", "w"),), "float32", (0,), (4,))
+  ((('d', 'w'),), 'float32', (0,), (4,))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from flax_ckpt._src.format import ChunkRecord, chunk_file, reused_file
+from flax_ckpt._src.io import observe, storage
+from flax_ckpt._src.io.storage import checksums
+
+_log = observe.child("save")
+
+ChunkKey = tuple[tuple, str, tuple[int, ...], tuple[int, ...]]
+
+
+def key_of(keypath: Sequence[Sequence[Any]], dtype: str, start: Sequence[int],
+           shape: Sequence[int]) -> ChunkKey:
+  """The identity of a chunk across saves: leaf path, stored dtype, start and shape."""
+  return (tuple(tuple(e) for e in keypath), dtype, tuple(start), tuple(shape))
+
+
+@dataclasses.dataclass
+class PreviousChunks:
+  """The checksummed array chunks of one PyTree part of a committed checkpoint.
+
+  Attributes:
+    part_dir: the part's directory in that checkpoint.
+    chunks: ``{chunk key: its record}``.
+    files: ``{data file name: (st_dev, st_ino)}`` when the index was read, so a file
+      replaced since (a checkpoint deleted and saved again) is never linked.
+  """
+
+  part_dir: str
+  chunks: dict[ChunkKey, ChunkRecord]
+  files: dict[str, tuple[int, int]]
+
+
+def previous_chunks(part_dir: str, leaves: Sequence[dict],
+                    chunks: dict[int, list[ChunkRecord]]) -> PreviousChunks | None:
+  """The reusable chunks of a part already read and validated (``_TREE.json``'s leaves
+  and the merged chunk index): checksummed chunks of built-in array leaves in regular
+  data files. None when there are none."""
+  out: dict[ChunkKey, ChunkRecord] = {}
+  files: dict[str, tuple[int, int]] = {}
+  for i, leaf in enumerate(leaves):
+    dtype = leaf["record"].get("dtype")
+    if leaf["typestr"] not in ("jax.Array", "np.ndarray") or not isinstance(dtype, str):
+      continue
+    for c in chunks.get(i, ()):
+      if not c.get("x") or not c["n"]:
+        continue
+      name = chunk_file(c)
+      if name not in files:
+        try:
+          st = os.lstat(os.path.join(part_dir, name))
+        except OSError:
+          continue
+        if not stat.S_ISREG(st.st_mode):
+          continue
+        files[name] = (st.st_dev, st.st_ino)
+      out[key_of(leaf["path"], dtype, c["s"], c["h"])] = c
+  return PreviousChunks(part_dir, out, files) if out else None
+
+
+@dataclasses.dataclass
+class _Link:
+  """An earlier data file linked into the new part directory, and who refers to it."""
+
+  name: str
+  size: int
+  used: int = 0
+  chunks: list = dataclasses.field(default_factory=list)  # (record, host buffer)
+
+
+def _same_bytes(view: memoryview, old: ChunkRecord) -> bool:
+  """Whether ``view`` has the bytes ``old``'s checksums describe (first block first)."""
+  x = old["x"]
+  xb = old.get("xb", old["n"])
+  if len(x) == 1:
+    return checksums.digest(view) == x[0]
+  if checksums.digest(view[:xb]) != x[0]:
+    return False
+  return not checksums.bad_blocks(view, xb, x)
+
+
+class ChunkReuse:
+  """One process's reuse of a :class:`PreviousChunks` in one save of a part.
+
+  Args:
+    previous: the earlier checkpoint's chunks of this part.
+    part_dir: the new checkpoint's part directory (its temporary one).
+    process_index: this process (its reused files are ``data.p<i>.r<k>.bin``).
+    backend: the storage backend (its ``link_file`` makes the links).
+  """
+
+  def __init__(self, previous: PreviousChunks, part_dir: str, process_index: int,
+               backend: Any):
+    self._prev = previous
+    self._dir = part_dir
+    self._pid = process_index
+    self._backend = backend
+    self._links: dict[str, _Link | None] = {}  # earlier file name -> its link (None: none)
+    self.reused_bytes = 0
+
+  def reuse(self, keypath: Any, dtype: str, start: Sequence[int], host: np.ndarray
+            ) -> ChunkRecord | None:
+    """The record of ``host`` (a chunk of the leaf at ``keypath`` starting at ``start``)
+    referring to the earlier bytes when they are equal; None: write it."""
+    old = self._prev.chunks.get(key_of(keypath, dtype, start, host.shape))
+    if old is None or old["n"] != host.nbytes:
+      return None
+    if not _same_bytes(storage.as_bytes_view(host), old):
+      return None
+    link = self._link(chunk_file(old))
+    if link is None:
+      return None
+    rec: ChunkRecord = {"s": list(start), "h": list(host.shape), "o": old["o"], "n": old["n"],
+                        "p": self._pid, "f": link.name, "x": old["x"]}
+    if "xb" in old:
+      rec["xb"] = old["xb"]
+    link.used += old["n"]
+    link.chunks.append((rec, host))
+    self.reused_bytes += old["n"]
+    return rec
+
+  def _link(self, name: str) -> _Link | None:
+    """The earlier file ``name`` linked into the new part directory (once)."""
+    if name in self._links:
+      return self._links[name]
+    link = None
+    dst = os.path.join(self._dir, reused_file(self._pid, len(self._links)))
+    try:
+      if self._backend.link_file(os.path.join(self._prev.part_dir, name), dst):
+        st = os.lstat(dst)
+        if (st.st_dev, st.st_ino) == self._prev.files.get(name):
+          link = _Link(os.path.basename(dst), st.st_size)
+        else:  # replaced since its index was read: not the bytes the index describes
+          os.unlink(dst)
+    except OSError as e:  # deleted meanwhile, another filesystem, too many links: write
+      _log.debug("cannot reuse %s (%s); writing its chunks", name, e)
+    self._links[name] = link
+    return link
+
+  def settle(self, writer: Any) -> None:
+    """Before the chunk index is written: a reused file of which less than half is
+    referred to is dropped and its chunks go to ``writer`` (the space bound); the
+    caller's buffers are released."""
+    for link in self._links.values():
+      if link is None:
+        continue
+      if link.used * 2 < link.size:
+        for rec, host in link.chunks:
+          rec["o"], _ = writer.add(host)
+          for field in ("f", "x", "xb"):  # the writer checksums what it writes
+            rec.pop(field, None)  # pyright: ignore[reportGeneralTypeIssues]  # optional keys
+        self.reused_bytes -= link.used
+        os.unlink(os.path.join(self._dir, link.name))
+      link.chunks = []
