@@ -5,8 +5,9 @@ A save to an object store writes each data file as segment objects
 the chunk index (``_CHUNKS.p<i>.json``, see docs/format.md); a local save writes one file.
 Readers of either storage read either layout, so a copy could keep the local one, but one
 object per data file would hold a process's whole share of the checkpoint in one upload
-(and in memory). Copied to an object store, a local data file is split as a save there
-would split it, and its chunk index gains ``segment_bytes``; the manifest's checksum of
+(and in memory). Copied to an object store, a local data file (and every reused data file its
+chunks refer to) is split as a save there would split it, and its chunk index gains
+``segment_bytes``; the manifest's checksum of
 that index is updated to match. Nothing else changes.
 
 Example:
@@ -25,6 +26,7 @@ from flax_ckpt._src.format import (
     CHUNKS_PREFIX,
     DATA_FILE_RE,
     KIND_PYTREE,
+    REUSED_FILE_RE,
     ROOT_DIR,
     Manifest,
     dump_json_bytes,
@@ -90,9 +92,20 @@ def plan(manifest: Manifest, base: str, files: list[str], segment_bytes: int
       new = dump_json_bytes({**index, "segment_bytes": segment_bytes})
       out.rewritten[rel] = new
       out.segmented.add(data_rel)
+      out.segmented.update(f for f in _reused_files(index, d) if f in listed)
       if out.checksums is not None and rel in out.checksums:
         out.checksums[rel] = checksums.digest(new)
   return out
+
+
+def _reused_files(index: dict[str, Any], d: str) -> set[str]:
+  """The reused data files (``f``, format version 3) the chunks of ``index`` refer to:
+  segmented with the index's own data file, whose ``segment_bytes`` they share."""
+  chunks = index.get("chunks")
+  found = {c.get("f") for v in (chunks.values() if isinstance(chunks, dict) else ())
+           if isinstance(v, list) for c in v if isinstance(c, dict)}
+  return {posixpath.join(d, f) for f in found
+          if isinstance(f, str) and REUSED_FILE_RE.fullmatch(f)}
 
 
 def write_segments(source: str, target: str, segment_bytes: int) -> int:
