@@ -476,6 +476,71 @@ def test_async_and_blocking_saves_reuse_every_array_kind(tmp_path, enable_async)
       _verify_ok(sd)
 
 
+_A = _rand(1, (256, 512))
+
+_LAYOUTS = {
+    # name: (step 0 leaf, step 1 leaf): the same values in another memory layout
+    "fortran_both": (np.asfortranarray(_A), np.asfortranarray(_A)),
+    "c_then_fortran": (_A, np.asfortranarray(_A)),
+    "transposed_view": (_A.T.copy(), _A.T),
+    "strided_view": (_A[:, ::2].copy(), _A[:, ::2]),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(_LAYOUTS))
+def test_memory_layout_of_a_numpy_leaf_does_not_matter(tmp_path, layout):
+  """Identity is the logical bytes (C order): a Fortran-ordered array or a strided view of
+  the same values is reused, and loads as those values."""
+  a0, a1 = _LAYOUTS[layout]
+  with _mngr(tmp_path) as m:
+    m.save(0, {"keep": _FROZEN, "a": a0})
+    m.save(1, {"keep": _FROZEN, "a": a1})
+    sd = _step_dir(tmp_path, 1)
+    recs = _records(sd)["a"]
+    assert _linked(recs) == recs
+    _assert_bitwise(m.restore(1), {"keep": _FROZEN, "a": np.ascontiguousarray(a1)})
+    _verify_ok(sd)
+
+
+def test_scalars_and_empty_arrays_beside_reused_ones(tmp_path):
+  def state():
+    return {"keep": _FROZEN, "np0d": np.array(5.0), "jax0d": jnp.float32(2.0),
+            "empty": np.zeros((0, 4), np.float32), "npscalar": np.float32(3.0),
+            "pyint": 7}
+
+  with _mngr(tmp_path) as m:
+    m.save(0, state())
+    m.save(1, state())
+    sd = _step_dir(tmp_path, 1)
+    recs = _records(sd)
+    assert _linked(recs["np0d"]) == recs["np0d"] and _linked(recs["jax0d"]) == recs["jax0d"]
+    assert _linked(recs["empty"]) == []  # no bytes: nothing to link
+    _assert_bitwise(m.restore(1), state())
+    _verify_ok(sd)
+
+
+@pytest.mark.parametrize("case", ["equal_then_mutated", "changed_then_mutated_back"])
+def test_async_save_reuses_the_values_at_save_time(tmp_path, case):
+  """An async save snapshots: mutating the numpy leaf right after save() returns changes
+  neither what is compared with the previous step nor what is written."""
+  orig = _rand(30, (256, 512))
+  leaf = orig.copy() if case == "equal_then_mutated" else orig + 5
+  at_save = leaf.copy()
+  with _mngr(tmp_path, enable_async=True) as m:
+    m.save(0, {"keep": _FROZEN, "b": orig})
+    m.wait_until_finished()
+    m.save(1, {"keep": _FROZEN, "b": leaf})
+    if case == "equal_then_mutated":
+      leaf += 1.0
+    else:
+      leaf[...] = orig
+    m.wait_until_finished()
+    recs = _records(_step_dir(tmp_path, 1))["b"]
+    assert bool(_linked(recs)) == (case == "equal_then_mutated"), recs
+    _assert_bitwise(m.restore(1), {"keep": _FROZEN, "b": at_save})
+    _verify_ok(_step_dir(tmp_path, 1))
+
+
 # ------------------------------------------------------------------ 7. option off
 
 
