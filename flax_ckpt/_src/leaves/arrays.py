@@ -124,13 +124,16 @@ def save_array(value: Any, info: th.ParamInfo, arg: th.SaveArgs | None, kind: st
       host = host.astype(dtype)
     host = dtypes.little_endian(host)
     if reuse is not None:  # the same bytes as in the previous checkpoint: refer to them
-      same = reuse.reuse(info.keypath, info.record["dtype"], start, host)
+      same = reuse.reuse(value, info.keypath, info.record["dtype"], start, host)
       if same is not None:
         info.chunks.append(same)
         continue
     off, n = ctx.writer.add(host)
     info.chunks.append({"s": list(start), "h": list(host.shape), "o": off, "n": n,
                         "p": ctx.process_index})
+    if reuse is not None:
+      reuse.note(value, (info.record["dtype"], tuple(start), tuple(host.shape)),
+                 info.chunks[-1])
 
 
 class ArrayHandler(BuiltinHandler):

@@ -13,9 +13,12 @@ whole. Local files only; object stores write every byte (no hard links there).
 Identity is decided by the chunk's checksums, which the previous checkpoint already
 records per block (XXH3-64, at more than 10 GB/s): the first block is hashed first, so a
 changed chunk costs one block's hash (at most 1 MiB); an unchanged one is hashed whole,
-on the hash pool. A reused file of which less than half would be referenced is not kept
-(its chunks are written anew), so reuse never more than doubles the disk space a
-checkpoint keeps alive.
+on the hash pool. Cheaper still, a ``jax.Array`` is immutable: when a save is given the
+very array object (still alive) whose chunk checksums an earlier save of this process
+computed, those checksums are its bytes' and nothing is hashed (frozen weights kept
+outside the train step's outputs). A reused file of which less than half would be
+referenced is not kept (its chunks are written anew), so reuse never more than doubles
+the disk space a checkpoint keeps alive.
 
 Example:
   >>> key_of((("d", "w"),), "float32", (0,), (4,))
@@ -27,6 +30,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import stat
+import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,6 +44,39 @@ from flax_ckpt._src.io.storage import checksums
 _log = observe.child("save")
 
 ChunkKey = tuple[tuple, str, tuple[int, ...], tuple[int, ...]]
+
+# id(jax.Array) -> (weak reference, {(dtype, start, shape): (block bytes, checksums)}):
+# the checksums saves of this process computed for live arrays (entries leave with them)
+_KNOWN: dict[int, tuple[weakref.ref, dict[tuple, tuple[int, list[str]]]]] = {}
+_KNOWN_LOCK = threading.Lock()
+
+
+def _forget(ref: weakref.ref, key: int) -> None:
+  with _KNOWN_LOCK:
+    entry = _KNOWN.get(key)
+    if entry is not None and entry[0] is ref:
+      del _KNOWN[key]
+
+
+def _known_sums(value: Any, key: tuple) -> tuple[int, list[str]] | None:
+  entry = _KNOWN.get(id(value))
+  if entry is None or entry[0]() is not value:
+    return None
+  return entry[1].get(key)
+
+
+def _remember(value: Any, key: tuple, xb: int, digests: list[str]) -> None:
+  """Records the checksums of a chunk of the (immutable) jax array ``value``."""
+  with _KNOWN_LOCK:
+    key_id = id(value)
+    entry = _KNOWN.get(key_id)
+    if entry is None or entry[0]() is not value:
+      try:
+        ref = weakref.ref(value, lambda r: _forget(r, key_id))
+      except TypeError:
+        return
+      entry = _KNOWN[key_id] = (ref, {})
+    entry[1][key] = (xb, digests)
 
 
 def key_of(keypath: Sequence[Sequence[Any]], dtype: str, start: Sequence[int],
@@ -58,17 +96,17 @@ class PreviousChunks:
       replaced since (a checkpoint deleted and saved again) is never linked.
   """
 
-  part_dir: str
-  chunks: dict[ChunkKey, ChunkRecord]
-  files: dict[str, tuple[int, int]]
+  part_dir: str = ""
+  chunks: dict[ChunkKey, Any] = dataclasses.field(default_factory=dict)  # ChunkRecords
+  files: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
 
-def previous_chunks(part_dir: str, leaves: Sequence[dict],
+def previous_chunks(part_dir: str, leaves: Sequence[Any],
                     chunks: dict[int, list[ChunkRecord]]) -> PreviousChunks | None:
   """The reusable chunks of a part already read and validated (``_TREE.json``'s leaves
   and the merged chunk index): checksummed chunks of built-in array leaves in regular
   data files. None when there are none."""
-  out: dict[ChunkKey, ChunkRecord] = {}
+  out: dict[ChunkKey, Any] = {}
   files: dict[str, tuple[int, int]] = {}
   for i, leaf in enumerate(leaves):
     dtype = leaf["record"].get("dtype")
@@ -100,7 +138,7 @@ class _Link:
   chunks: list = dataclasses.field(default_factory=list)  # (record, host buffer)
 
 
-def _same_bytes(view: memoryview, old: ChunkRecord) -> bool:
+def _same_bytes(view: memoryview, old: Any) -> bool:
   """Whether ``view`` has the bytes ``old``'s checksums describe (first block first)."""
   x = old["x"]
   xb = old.get("xb", old["n"])
@@ -115,7 +153,8 @@ class ChunkReuse:
   """One process's reuse of a :class:`PreviousChunks` in one save of a part.
 
   Args:
-    previous: the earlier checkpoint's chunks of this part.
+    previous: the earlier checkpoint's chunks of this part (empty: the first save, which
+      only notes the checksums of the jax arrays it writes, for the next one).
     part_dir: the new checkpoint's part directory (its temporary one).
     process_index: this process (its reused files are ``data.p<i>.r<k>.bin``).
     backend: the storage backend (its ``link_file`` makes the links).
@@ -128,19 +167,24 @@ class ChunkReuse:
     self._pid = process_index
     self._backend = backend
     self._links: dict[str, _Link | None] = {}  # earlier file name -> its link (None: none)
+    self._arrays: list[tuple[Any, tuple, ChunkRecord]] = []  # jax arrays' chunks to note
     self.reused_bytes = 0
 
-  def reuse(self, keypath: Any, dtype: str, start: Sequence[int], host: np.ndarray
-            ) -> ChunkRecord | None:
-    """The record of ``host`` (a chunk of the leaf at ``keypath`` starting at ``start``)
-    referring to the earlier bytes when they are equal; None: write it."""
-    old = self._prev.chunks.get(key_of(keypath, dtype, start, host.shape))
+  def reuse(self, value: Any, keypath: Any, dtype: str, start: Sequence[int],
+            host: np.ndarray) -> ChunkRecord | None:
+    """The record of ``host`` (the chunk of leaf ``value`` at ``keypath`` that starts at
+    ``start``) referring to the earlier bytes when they are equal; None: write it."""
+    key = (dtype, tuple(start), tuple(host.shape))
+    old = self._prev.chunks.get((tuple(tuple(e) for e in keypath), *key))
     if old is None or old["n"] != host.nbytes:
       return None
-    if not _same_bytes(storage.as_bytes_view(host), old):
+    known = _known_sums(value, key)
+    if known is not None and known == (old.get("xb", old["n"]), old["x"]):
+      pass  # the same immutable array whose checksums these are: nothing to hash
+    elif not _same_bytes(storage.as_bytes_view(host), old):
       return None
     link = self._link(chunk_file(old))
-    if link is None:
+    if link is None or old["o"] + old["n"] > link.size:  # a truncated file: write instead
       return None
     rec: ChunkRecord = {"s": list(start), "h": list(host.shape), "o": old["o"], "n": old["n"],
                         "p": self._pid, "f": link.name, "x": old["x"]}
@@ -149,7 +193,13 @@ class ChunkReuse:
     link.used += old["n"]
     link.chunks.append((rec, host))
     self.reused_bytes += old["n"]
+    self.note(value, key, rec)
     return rec
+
+  def note(self, value: Any, key: tuple, record: ChunkRecord) -> None:
+    """Remembers, once the save's checksums are known, those of a jax array's chunk."""
+    if not isinstance(value, np.ndarray):  # numpy arrays are mutable: never by identity
+      self._arrays.append((value, key, record))
 
   def _link(self, name: str) -> _Link | None:
     """The earlier file ``name`` linked into the new part directory (once)."""
@@ -184,3 +234,12 @@ class ChunkReuse:
         self.reused_bytes -= link.used
         os.unlink(os.path.join(self._dir, link.name))
       link.chunks = []
+
+  def remember(self) -> None:
+    """After the chunk records have their checksums: notes them for the jax arrays they
+    came from, so the next save of the same arrays hashes nothing."""
+    for value, key, rec in self._arrays:
+      digests = rec.get("x")
+      if digests:
+        _remember(value, key, rec.get("xb", rec["n"]), digests)
+    self._arrays = []

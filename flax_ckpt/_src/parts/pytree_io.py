@@ -182,6 +182,8 @@ class TreeWrite:
                          "data_file": data_file(ctx.process_index), "chunks": chunks,
                          "checksum": CHECKSUM_ALGORITHM}
     _add_checksums(chunks, ctx.writer.checksums())
+    if ctx.reuse is not None:
+      ctx.reuse.remember()
     segment_bytes = getattr(ctx.writer, "segment_bytes", None)
     if segment_bytes:  # object stores: the data file is stored as segments
       index["segment_bytes"] = segment_bytes

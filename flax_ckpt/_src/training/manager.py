@@ -292,7 +292,8 @@ class CheckpointManager(step_listing.StepListing):
           is_async=self._opts.enable_async, fsync=self._opts.fsync,
           barrier_timeout_s=self._opts.barrier_timeout_s,
           # a background save may outlive the lock (a paused process): check again last
-          before_commit=self._ensure_owner, reuse_from=self._reuse_source())
+          before_commit=self._ensure_owner, reuse_unchanged=self._opts.reuse_unchanged,
+          reuse_from=self._reuse_source())
     except BaseException:
       self._sigterm.save_finished()
       raise

@@ -29,18 +29,19 @@ def start_save(path: str, parts: Mapping[str, Any], record: dict, *,
                custom_metadata: dict | None, is_async: bool, fsync: bool,
                barrier_timeout_s: float | None,
                before_commit: Callable[[], None] | None = None,
-               reuse_from: str | None = None) -> tuple[str, Callable[[], None]]:
+               reuse_unchanged: bool = False, reuse_from: str | None = None
+               ) -> tuple[str, Callable[[], None]]:
   """Snapshots ``parts`` for the step directory ``path``; returns it and ``finish()``.
 
   ``finish()`` writes the parts and commits the checkpoint, with ``record`` (the
   manager's record of the step) in its manifest; ``before_commit`` runs right before the
-  commit marker is written; ``reuse_from``: a committed step whose unchanged chunks are
-  hard-linked, not written again. A step is never overwritten.
+  commit marker is written; ``reuse_unchanged``: chunks equal to those of ``reuse_from``
+  (a committed step) are hard-linked, not written again. A step is never overwritten.
   """
   save = PendingSave.start(path, parts_from(parts), SaveOptions(
       overwrite=False, custom_metadata=custom_metadata, is_async=is_async, fsync=fsync,
       barrier_timeout_s=barrier_timeout_s, manager=record, before_commit=before_commit,
-      reuse_from=reuse_from))
+      reuse_unchanged=reuse_unchanged, reuse_from=reuse_from))
   return os.fspath(save.final), save.commit
 
 
