@@ -1000,3 +1000,35 @@ def test_two_processes_reuse_their_own_shards(tmp_path):
     a = np.asarray(got[name])
     want = _rand(seed["seed"], tuple(seed["shape"]))
     assert a.tobytes() == want.tobytes(), name
+
+
+# ------------------------------------------------------- identity of jax arrays vs bytes
+
+
+@pytest.mark.parametrize("same_objects", [True, False], ids=["same_jax_arrays", "equal_copies"])
+def test_jax_leaves_reused_by_identity_and_by_bytes(tmp_path, same_objects):
+  """The same (immutable) jax.Array objects are reused without hashing; new objects with
+  equal bytes (what a jitted train step returns for frozen weights) by their checksums."""
+  frozen = {k: jnp.asarray(v) for k, v in _FROZEN.items()}
+  with _mngr(tmp_path) as m:
+    for step in range(3):
+      base = frozen if same_objects else {k: v + 0 for k, v in frozen.items()}
+      state = {"frozen": base, "head": jnp.asarray(_rand(step, _FROZEN_SHAPE))}
+      m.save(step, state)
+      if step:
+        recs = _records(_step_dir(tmp_path, step))
+        assert all(_linked(recs[f"frozen/{k}"]) for k in _FROZEN), step
+        assert not _linked(recs["head"])
+      _assert_bitwise(m.restore(step), state)
+
+
+def test_numpy_leaf_changed_in_place_is_written(tmp_path):
+  """numpy arrays are mutable: the same object with new bytes is written again."""
+  arr = _rand(7, _FROZEN_SHAPE)
+  with _mngr(tmp_path) as m:
+    m.save(0, {"a": arr, "b": _FROZEN["w0"]})
+    arr[0, 0] += 1.0
+    m.save(1, {"a": arr, "b": _FROZEN["w0"]})
+    recs = _records(_step_dir(tmp_path, 1))
+    assert not _linked(recs["a"]) and _linked(recs["b"])
+    _assert_bitwise(m.restore(1), {"a": arr, "b": _FROZEN["w0"]})

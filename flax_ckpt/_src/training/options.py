@@ -61,8 +61,10 @@ class CheckpointManagerOptions:
       already committed is not written again: the new step hard-links that step's data
       file (local directories; object stores write every byte). Every step stays a
       complete checkpoint: deleting the older one (retention) leaves it whole, and a
-      copy copies the bytes. For frozen weights, EMA copies and other repeated bytes;
-      ``False`` writes every byte. See docs/format.md, "Reused bytes".
+      copy copies the bytes. For frozen weights, EMA copies and other repeated bytes.
+      Steps that share a file share its damage (detected by the checksums); ``False``
+      writes every byte, so every step is an independent copy. See docs/format.md,
+      "Reused bytes".
   """
 
   save_interval_steps: int | None = None
