@@ -27,9 +27,11 @@ from collections.abc import Callable, Iterator, Sequence
 import xxhash
 
 from flax_ckpt._src.format import CHECKSUM_BLOCK_BYTES, CHECKSUM_MIN_BLOCK_BYTES
+from flax_ckpt._src.io import background
 
 _VERIFY = contextvars.ContextVar("flax_ckpt_verify", default=True)
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_WRITE_POOL: concurrent.futures.ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 _BATCH_BYTES = 8 << 20  # hash work is handed to the pool in batches of this many bytes
 
@@ -41,6 +43,20 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
       _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=2,
                                                     thread_name_prefix="flax_ckpt_hash")
     return _POOL
+
+
+def _write_pool() -> concurrent.futures.ThreadPoolExecutor:
+  """The pool that checksums what saves write: its threads run at the lowered priority of
+  the other background save threads (``background.lower_thread_priority``), so hashing
+  behind an async save yields the cores to the training step it overlaps with; loads
+  verify on :func:`_pool`, at full priority."""
+  global _WRITE_POOL
+  with _POOL_LOCK:
+    if _WRITE_POOL is None:
+      _WRITE_POOL = concurrent.futures.ThreadPoolExecutor(
+          max_workers=2, thread_name_prefix="flax_ckpt_hash_w",
+          initializer=background.lower_thread_priority)
+    return _WRITE_POOL
 
 
 def verifying() -> bool:
@@ -112,7 +128,7 @@ class Hasher:
 
   def _submit(self) -> None:
     if self._batch:
-      self._futures.append(_pool().submit(_hash_batch, self._batch))
+      self._futures.append(_write_pool().submit(_hash_batch, self._batch))
       self._batch, self._batch_bytes = [], 0
 
   def results(self) -> dict[int, tuple[int, list[str]]]:
