@@ -138,15 +138,10 @@ class _Link:
   chunks: list = dataclasses.field(default_factory=list)  # (record, host buffer)
 
 
-def _same_bytes(view: memoryview, old: Any) -> bool:
-  """Whether ``view`` has the bytes ``old``'s checksums describe (first block first)."""
-  x = old["x"]
-  xb = old.get("xb", old["n"])
-  if len(x) == 1:
-    return checksums.digest(view) == x[0]
-  if checksums.digest(view[:xb]) != x[0]:
-    return False
-  return not checksums.bad_blocks(view, xb, x)
+def _first_block_same(view: memoryview, old: Any) -> bool:
+  """Whether ``view``'s first block has the checksum ``old`` records for it (for a chunk
+  of one block: whether the whole chunk is the same)."""
+  return checksums.digest(view[:old.get("xb", old["n"])]) == old["x"][0]
 
 
 class ChunkReuse:
@@ -158,43 +153,64 @@ class ChunkReuse:
     part_dir: the new checkpoint's part directory (its temporary one).
     process_index: this process (its reused files are ``data.p<i>.r<k>.bin``).
     backend: the storage backend (its ``link_file`` makes the links).
+    background: an async save: the checks run at the background threads' priority.
   """
 
   def __init__(self, previous: PreviousChunks, part_dir: str, process_index: int,
-               backend: Any):
+               backend: Any, background: bool = False):
+    self._background = background
     self._prev = previous
     self._dir = part_dir
     self._pid = process_index
     self._backend = backend
     self._links: dict[str, _Link | None] = {}  # earlier file name -> its link (None: none)
     self._arrays: list[tuple[Any, tuple, ChunkRecord]] = []  # jax arrays' chunks to note
+    self._pending: list[tuple[ChunkRecord, np.ndarray, Any, Any]] = []  # see reuse()
     self.reused_bytes = 0
 
   def reuse(self, value: Any, keypath: Any, dtype: str, start: Sequence[int],
             host: np.ndarray) -> ChunkRecord | None:
     """The record of ``host`` (the chunk of leaf ``value`` at ``keypath`` that starts at
-    ``start``) referring to the earlier bytes when they are equal; None: write it."""
+    ``start``) when it may be the earlier chunk's bytes; None: write it now.
+
+    A returned record is completed by :meth:`settle`: it refers to the earlier bytes if
+    they are the same (the rest of its blocks are checked on the hash pool meanwhile),
+    or the bytes go to the writer then."""
     key = (dtype, tuple(start), tuple(host.shape))
     old = self._prev.chunks.get((tuple(tuple(e) for e in keypath), *key))
     if old is None or old["n"] != host.nbytes:
       return None
     known = _known_sums(value, key)
-    if known is not None and known == (old.get("xb", old["n"]), old["x"]):
-      pass  # the same immutable array whose checksums these are: nothing to hash
-    elif not _same_bytes(storage.as_bytes_view(host), old):
-      return None
-    link = self._link(chunk_file(old))
-    if link is None or old["o"] + old["n"] > link.size:  # a truncated file: write instead
-      return None
-    rec: ChunkRecord = {"s": list(start), "h": list(host.shape), "o": old["o"], "n": old["n"],
-                        "p": self._pid, "f": link.name, "x": old["x"]}
-    if "xb" in old:
-      rec["xb"] = old["xb"]
-    link.used += old["n"]
-    link.chunks.append((rec, host))
-    self.reused_bytes += old["n"]
+    check = None
+    if known is None or known != (old.get("xb", old["n"]), old["x"]):
+      view = storage.as_bytes_view(host)
+      if not _first_block_same(view, old):
+        return None  # changed (most chunks of a training run): written at once
+      if len(old["x"]) > 1:  # the other blocks: on the pool while the next leaves go on
+        check = checksums.check_later(view, old["xb"], old["x"], self._background)
+    # else: the same immutable array whose checksums these are: nothing to hash
+    rec: ChunkRecord = {"s": list(start), "h": list(host.shape), "o": 0, "n": old["n"],
+                        "p": self._pid}
+    self._pending.append((rec, host, old, check))
     self.note(value, key, rec)
     return rec
+
+  def _resolve(self, writer: Any) -> None:
+    """Completes the records :meth:`reuse` returned: linked, or written."""
+    for rec, host, old, check in self._pending:
+      link = None
+      if check is None or check():
+        link = self._link(chunk_file(old))
+      if link is None or old["o"] + old["n"] > link.size:  # changed, unlinkable, truncated
+        rec["o"], _ = writer.add(host)
+        continue
+      rec.update({"o": old["o"], "f": link.name, "x": old["x"]})  # pyright: ignore[reportCallIssue,reportArgumentType]  # ChunkRecord keys
+      if "xb" in old:
+        rec["xb"] = old["xb"]
+      link.used += old["n"]
+      link.chunks.append((rec, host))
+      self.reused_bytes += old["n"]
+    self._pending = []
 
   def note(self, value: Any, key: tuple, record: ChunkRecord) -> None:
     """Remembers, once the save's checksums are known, those of a jax array's chunk."""
@@ -220,9 +236,11 @@ class ChunkReuse:
     return link
 
   def settle(self, writer: Any) -> None:
-    """Before the chunk index is written: a reused file of which less than half is
-    referred to is dropped and its chunks go to ``writer`` (the space bound); the
-    caller's buffers are released."""
+    """Before the chunk index is written: completes every record :meth:`reuse` returned
+    (linked, or its bytes added to ``writer``); then a reused file of which less than
+    half is referred to is dropped and its chunks go to ``writer`` too (the space bound).
+    The caller's buffers are released."""
+    self._resolve(writer)
     for link in self._links.values():
       if link is None:
         continue

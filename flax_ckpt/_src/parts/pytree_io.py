@@ -106,7 +106,7 @@ def prepare_save(cp_dir: epath.Path, plan: SavePlan, *, is_async: bool,
                                  direct=is_async),
       process_index=process_index, primary_local=primary_local,
       reuse=None if previous is None else reuse.ChunkReuse(
-          previous, os.fspath(cp_dir), process_index, backend))
+          previous, os.fspath(cp_dir), process_index, backend, background=is_async))
   primary = process_index == 0
   if primary and any(not registry.is_builtin(h) for h in plan.handlers):
     backend.makedirs(os.fspath(cp_dir / LEAVES_DIR))

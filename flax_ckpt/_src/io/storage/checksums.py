@@ -173,6 +173,19 @@ def bad_blocks(view: memoryview, xb: int, want: list[str]) -> list[int]:
   return [k for ks in found for k in ks]
 
 
+def check_later(view: memoryview, xb: int, want: list[str], background: bool
+                ) -> Callable[[], bool]:
+  """Starts checking ``view``'s blocks of ``xb`` bytes against ``want`` on a pool (the
+  lowered-priority one for ``background`` saves); returns a function that waits and
+  says whether every block matches."""
+  units = _units([(view, xb, want)])
+  step = max(1, math.ceil(len(units) / 4))
+  pool = _write_pool() if background else _pool()
+  futs = [pool.submit(_all_bad, units[j:j + step])
+          for j in range(0, len(units), step)]
+  return lambda: not any(f.result() for f in futs)
+
+
 def _all_bad(units: Sequence[tuple[int, int, memoryview, int, list[str]]]) -> list[int]:
   return [k + j for _, k, v, xb, want in units
           for j, (a, b) in enumerate(zip(block_digests(v, xb), want)) if a != b]
