@@ -3,13 +3,12 @@ several processes, loads into other process counts and meshes, and failures mid-
 
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
+from _mp_launch import run_job
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -20,35 +19,11 @@ pytestmark = pytest.mark.slow  # subprocesses; `-m 'not slow'` skips them
 WORKER = os.path.join(os.path.dirname(__file__), "_mp_worker.py")
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _run_job(nproc, ndev, scenario, path, mesh, spec, timeout=120):
   """Runs one job; returns each process's (returncode, RESULT dict, output tail)."""
-  port = _free_port()
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-  procs = [subprocess.Popen(
-      [sys.executable, WORKER, str(port), str(nproc), str(i), str(ndev), scenario, str(path),
-       mesh, spec], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-      for i in range(nproc)]
-  outs = []
-  try:
-    for p in procs:
-      out, _ = p.communicate(timeout=timeout)
-      outs.append(out)
-  finally:
-    for p in procs:  # never leave a child behind
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  results = []
-  for p, out in zip(procs, outs):
-    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-    results.append((p.returncode, json.loads(lines[-1][7:]) if lines else None, out[-3000:]))
-  return results
+  return run_job(lambda i, port: [sys.executable, WORKER, str(port), str(nproc), str(i),
+                                  str(ndev), scenario, str(path), mesh, spec],
+                 nproc, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -3,14 +3,12 @@ from s3:// (moto): one generation for all processes' objects, one commit marker,
 resharding restore in which each process reads only its share of the segment objects."""
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _mp_launch import run_job
 
 import flax_ckpt
 from flax_ckpt._src.format import GEN_RE
@@ -22,36 +20,11 @@ _WORKER = Path(__file__).resolve().parent / "_objstore_worker.py"
 _SEGMENT = 64 << 10  # w (2 MiB) is 4 chunks of 512 KiB: many segments per data file
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _run_job(nproc, ndev, scenario, path, timeout=150):
   """Runs one job; returns each process's (returncode, RESULT dict, output tail)."""
-  port = _free_port()
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-  env["FLAX_CKPT_OBJECT_BYTES"] = str(_SEGMENT)
-  procs = [subprocess.Popen(
-      [sys.executable, str(_WORKER), "mp", str(port), str(nproc), str(i), str(ndev), scenario,
-       path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-      text=True, env=env) for i in range(nproc)]
-  outs = []
-  try:
-    for p in procs:
-      out, _ = p.communicate(timeout=timeout)
-      outs.append(out)
-  finally:
-    for p in procs:  # never leave a child behind
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  results = []
-  for p, out in zip(procs, outs):
-    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-    results.append((p.returncode, json.loads(lines[-1][7:]) if lines else None, out[-3000:]))
-  return results
+  return run_job(lambda i, port: [sys.executable, str(_WORKER), "mp", str(port), str(nproc),
+                                  str(i), str(ndev), scenario, path],
+                 nproc, timeout=timeout, extra_env={"FLAX_CKPT_OBJECT_BYTES": str(_SEGMENT)})
 
 
 def _host():

@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -29,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _mp_launch import run_job
 from flax.training import train_state
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
@@ -694,35 +694,11 @@ def test_loading_never_imports_orbax(saved, ocp, tmp_path):
 
 # ---- a 2-process sharded save by orbax ----
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _run_job(nproc, ndev, scenario, path, timeout=180):
   """Runs one job of tests/_orbax_mp_worker.py; returns each process's (rc, RESULT, tail)."""
-  port = _free_port()
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-  procs = [subprocess.Popen(
-      [sys.executable, WORKER, str(port), str(nproc), str(i), str(ndev), scenario, str(path)],
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-      cwd=os.path.dirname(HERE)) for i in range(nproc)]
-  outs = []
-  try:
-    for p in procs:
-      out, _ = p.communicate(timeout=timeout)
-      outs.append(out)
-  finally:
-    for p in procs:  # never leave a child behind
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  results = []
-  for p, out in zip(procs, outs):
-    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-    results.append((p.returncode, json.loads(lines[-1][7:]) if lines else None, out[-3000:]))
-  return results
+  return run_job(lambda i, port: [sys.executable, WORKER, str(port), str(nproc), str(i),
+                                  str(ndev), scenario, str(path)],
+                 nproc, timeout=timeout, cwd=os.path.dirname(HERE))
 
 
 def _mp_host():

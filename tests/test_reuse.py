@@ -18,7 +18,6 @@ import os
 import pathlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _mp_launch import run_job
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -952,35 +952,15 @@ def test_sigkill_during_a_reusing_save_leaves_committed_steps_whole(tmp_path):
 _MP_WORKER = pathlib.Path(__file__).resolve().parent / "_reuse_mp_worker.py"
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_reuse_their_own_shards(tmp_path):
   root = tmp_path / "run"
-  port = _free_port()
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-  env["PYTHONPATH"] = os.pathsep.join([os.fspath(ROOT), env.get("PYTHONPATH", "")])
-  procs = [subprocess.Popen([sys.executable, "-W", "error", os.fspath(_MP_WORKER), str(port),
-                             str(i), os.fspath(root)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env) for i in range(2)]
-  outs = []
-  try:
-    for p in procs:
-      out, _ = p.communicate(timeout=150)
-      outs.append(out)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-4000:]
-    assert "RESULT ok" in out, out[-4000:]
+  pythonpath = os.pathsep.join([os.fspath(ROOT), os.environ.get("PYTHONPATH", "")])
+  for rc, r, out in run_job(lambda i, port: [sys.executable, "-W", "error",
+                                             os.fspath(_MP_WORKER), str(port), str(i),
+                                             os.fspath(root)],
+                            2, timeout=150, extra_env={"PYTHONPATH": pythonpath}):
+    assert rc == 0 and r == "ok", out
   sd = _step_dir(root, 2)
   assert _marker(sd)["version"] == 3
   part = os.path.join(sd, "state")
