@@ -197,23 +197,20 @@ def _print_diff(out: _Diff, args: argparse.Namespace) -> None:
 
 def add_parsers(sub: Any) -> None:
   """Adds ``verify`` and ``diff`` to the subcommands ``sub``."""
-  fmt = argparse.RawDescriptionHelpFormatter
-  p = sub.add_parser("verify", help="check every checksum and invariant (exit 1 on a problem)",
+  p = common.command(sub, "verify", run_verify,
+                     help="check every checksum and invariant (exit 1 on a problem)",
                      description="flax_ckpt.verify of a checkpoint, or of every step of a "
                      "directory: every problem is listed; exit status 1 on any.",
-                     epilog=VERIFY_EXAMPLE, formatter_class=fmt)
+                     example=VERIFY_EXAMPLE)
   p.add_argument("path", help="a checkpoint or a directory of steps")
-  p.add_argument("--json", action="store_true", help="machine-readable output")
-  p.set_defaults(run=run_verify)
-  p = sub.add_parser("diff", help="compare two checkpoints (exit 1 when they differ)",
+  p = common.command(sub, "diff", run_diff,
+                     help="compare two checkpoints (exit 1 when they differ)",
                      description="Structure, shape and dtype differences; with --values, "
                      "each leaf's max absolute and relative difference, and the number of "
                      "bitwise-equal leaves. Exit 1 when they differ (beyond --atol).",
-                     epilog=DIFF_EXAMPLE, formatter_class=fmt)
+                     example=DIFF_EXAMPLE)
   p.add_argument("a", help="the first checkpoint")
   p.add_argument("b", help="the second checkpoint")
   p.add_argument("--values", action="store_true", help="compare the values too (reads them)")
   p.add_argument("--atol", type=float, default=0.0,
                  help="values within this absolute difference count as equal (default 0)")
-  p.add_argument("--json", action="store_true", help="machine-readable output")
-  p.set_defaults(run=run_diff)

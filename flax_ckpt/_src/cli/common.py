@@ -8,6 +8,7 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import json
@@ -15,7 +16,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -34,6 +35,17 @@ OK, FAILED, ERROR = 0, 1, 2
 
 class CliError(Exception):
   """A command cannot run; ``main`` prints the message and exits with status 2."""
+
+
+def command(sub: Any, name: str, run: Callable[[argparse.Namespace], int], *, help: str,
+            description: str, example: str) -> argparse.ArgumentParser:
+  """Adds the subcommand ``name`` (run by ``run``, with ``--json`` and an example in its
+  ``--help``) to ``sub``; the caller adds its other arguments to the returned parser."""
+  p = sub.add_parser(name, help=help, description=description, epilog=example,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--json", action="store_true", help="machine-readable output")
+  p.set_defaults(run=run)
+  return p
 
 
 def human_bytes(n: float) -> str:

@@ -218,33 +218,30 @@ def run_convert(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> None:
   """Adds ``cp``, ``rm`` and ``convert`` to the subcommands ``sub``."""
-  fmt = argparse.RawDescriptionHelpFormatter
-  p = sub.add_parser("cp", help="copy a checkpoint or a step atomically (local <-> gs/s3)",
+  p = common.command(sub, "cp", run_cp,
+                     help="copy a checkpoint or a step atomically (local <-> gs/s3)",
                      description="Copies a checkpoint (or a step of a directory, --step N) "
                      "file by file, keeping its manifest, checksums and manager record; the "
                      "copy is verified, then committed atomically. An existing DST is "
-                     "refused unless --force.", epilog=CP_EXAMPLE, formatter_class=fmt)
+                     "refused unless --force.",
+                     example=CP_EXAMPLE)
   p.add_argument("src", help="a checkpoint, or a directory of steps with --step")
   p.add_argument("dst", help="the new checkpoint's path")
   p.add_argument("--step", type=int, help="with a directory SRC: the step to copy")
   p.add_argument("--force", action="store_true", help="replace a checkpoint at DST")
-  p.add_argument("--json", action="store_true", help="machine-readable output")
-  p.set_defaults(run=run_cp)
-  p = sub.add_parser("rm", help="delete a step of a directory, as retention does",
+  p = common.command(sub, "rm", run_rm,
+                     help="delete a step of a directory, as retention does",
                      description="Deletes a step of a CheckpointManager directory the way "
                      "retention does (never seen half-deleted). Takes the directory's lock: "
                      "refused while another writer holds it.",
-                     epilog=RM_EXAMPLE, formatter_class=fmt)
+                     example=RM_EXAMPLE)
   p.add_argument("dir", help="the manager's directory")
   p.add_argument("--step", type=int, required=True, help="the step to delete")
-  p.add_argument("--json", action="store_true", help="machine-readable output")
-  p.set_defaults(run=run_rm)
-  p = sub.add_parser("convert", help="to flax_ckpt or safetensors",
+  p = common.command(sub, "convert", run_convert, help="to flax_ckpt or safetensors",
                      description="--to safetensors: flax_ckpt.export_safetensors of a "
                      "checkpoint's params. --to flax_ckpt: an Orbax checkpoint, a flax "
                      "msgpack file or a safetensors file, loaded without a template and "
-                     "saved with flax_ckpt.save.", epilog=CONVERT_EXAMPLE,
-                     formatter_class=fmt)
+                     "saved with flax_ckpt.save.", example=CONVERT_EXAMPLE)
   p.add_argument("src", help="what to convert")
   p.add_argument("dst", help="the directory to write")
   p.add_argument("--to", required=True, choices=("flax_ckpt", "safetensors"))
@@ -252,5 +249,3 @@ def add_parsers(sub: Any) -> None:
                  "flax_ckpt: the part/item of SRC to read")
   p.add_argument("--max-shard-bytes", type=int, help="safetensors: bytes per file")
   p.add_argument("--force", action="store_true", help="flax_ckpt: replace DST")
-  p.add_argument("--json", action="store_true", help="machine-readable output")
-  p.set_defaults(run=run_convert)

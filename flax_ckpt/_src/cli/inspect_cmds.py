@@ -229,22 +229,20 @@ def _print_totals(totals: dict[str, Any]) -> None:
 
 def add_parsers(sub: Any) -> None:
   """Adds ``ls`` and ``show`` to the subcommands ``sub``."""
-  fmt = argparse.RawDescriptionHelpFormatter
-  p = sub.add_parser("ls", help="list the steps of a directory, or the parts of a checkpoint",
+  p = common.command(sub, "ls", run_ls,
+                     help="list the steps of a directory, or the parts of a checkpoint",
                      description="On a CheckpointManager directory: one row per step (time, "
                      "size, parts, metrics; the latest and best steps marked). On a "
                      "checkpoint: its parts with kinds and sizes.",
-                     epilog=LS_EXAMPLE, formatter_class=fmt)
+                     example=LS_EXAMPLE)
   p.add_argument("path", help="a directory of steps or a checkpoint (local, gs://, s3://)")
-  p.add_argument("--json", action="store_true", help="machine-readable output")
-  p.set_defaults(run=run_ls)
-  p = sub.add_parser("show", help="the tree of a checkpoint: shapes, dtypes, sizes",
+  p = common.command(sub, "show", run_show,
+                     help="the tree of a checkpoint: shapes, dtypes, sizes",
                      description="The leaves of a checkpoint's PyTree parts with shapes, "
                      "dtypes, sizes, saved shardings and types, and totals. Reads metadata "
-                     "only, never array data.", epilog=SHOW_EXAMPLE, formatter_class=fmt)
+                     "only, never array data.",
+                     example=SHOW_EXAMPLE)
   p.add_argument("path", help="a checkpoint")
   p.add_argument("--part", help="only this part (default: every PyTree part)")
   p.add_argument("--depth", type=int, help="sum the subtrees this many keys deep")
   p.add_argument("--filter", help="only the leaves whose path matches this regex")
-  p.add_argument("--json", action="store_true", help="machine-readable output")
-  p.set_defaults(run=run_show)
