@@ -236,17 +236,43 @@ def read_plan_for(infos: Sequence[th.ParamInfo]) -> ReadPlan:
                   getattr(ctx, "segments", None), verify=getattr(ctx, "verify", True))
 
 
+_BATCH_LEAVES = 256  # a load plans this many leaves while the previous ones are read
+
+
 def read_batched(infos: Sequence[th.ParamInfo], plan_leaf: Callable[[ReadPlan, int], Any],
                  finish_leaf: Callable[[Any], Any]) -> list[Any]:
-  """Plans every leaf's reads (``plan_leaf(plan, i)``), reads them all in one pass, then
-  turns each planned leaf into its value (``finish_leaf``)."""
+  """Plans every leaf's reads (``plan_leaf(plan, i)``), reads them, then turns each planned
+  leaf into its value (``finish_leaf``).
+
+  Why in batches: planning and placing a leaf is Python work on this thread, the reads and
+  checksums run on the pool, so with many small leaves batch k is read while batch k+1 is
+  planned and batch k-1 placed (5000 leaves: about a third less time)."""
   if not infos:
     return []
   plan = read_plan_for(infos)
   plan.check_extents([(info.name, info.record, info.chunks) for info in infos])
-  pending = [plan_leaf(plan, i) for i in range(len(infos))]
-  plan.execute()
-  return [finish_leaf(p) for p in pending]
+  out: list[Any] = []
+  waiting: list[tuple[list, Callable[[], None]]] = []  # batches being read, oldest first
+  try:
+    for b in range(0, len(infos), _BATCH_LEAVES):
+      pending = [plan_leaf(plan, i) for i in range(b, min(b + _BATCH_LEAVES, len(infos)))]
+      waiting.append((pending, plan.start()))
+      if len(waiting) > 1:
+        done, wait = waiting.pop(0)
+        wait()
+        out.extend(finish_leaf(p) for p in done)
+    while waiting:
+      done, wait = waiting.pop(0)
+      wait()
+      out.extend(finish_leaf(p) for p in done)
+  except BaseException:
+    for _, wait in waiting:  # no read may still fill a buffer once this raises
+      try:
+        wait()
+      except Exception:  # noqa: BLE001,S110 - the first error is the one to report
+        pass
+    raise
+  return out
 
 
 def _boxes_for(sharding: Any, shape: tuple[int, ...]):
@@ -305,10 +331,12 @@ def load_arrays(infos: Sequence[th.ParamInfo], args: Sequence[th.RestoreArgs] | 
   config: Any = jax.config  # its stubs do not declare options such as jax_default_device
   default_dev = (None if config.jax_default_device is not None
                  else jax.local_devices()[0])
+  # one sharding object for every unsharded leaf (building one per leaf cost ~1 us each)
+  default_sh = None if default_dev is None else jax.sharding.SingleDeviceSharding(default_dev)
 
   def finish(pending: tuple) -> Any:
     kind, host, target, dtype, weak = pending
-    v = _put_one(kind, host, target, dtype, default_dev)
+    v = _put_one(kind, host, target, dtype, default_dev, default_sh)
     return weakly_typed(v) if weak and kind != "numpy" else v
 
   return read_batched(
@@ -316,7 +344,8 @@ def load_arrays(infos: Sequence[th.ParamInfo], args: Sequence[th.RestoreArgs] | 
                                          default_kind), finish)
 
 
-def _put_one(kind: str, host: Any, target: Any, tdtype: np.dtype, dev: Any) -> Any:
+def _put_one(kind: str, host: Any, target: Any, tdtype: np.dtype, dev: Any,
+             single: Any = None) -> Any:
   """One loaded array as numpy or on its devices (``dev``: the default device, None when
   a ``jax.default_device`` setting decides), in the target dtype."""
   if target is None:
@@ -326,7 +355,7 @@ def _put_one(kind: str, host: Any, target: Any, tdtype: np.dtype, dev: Any) -> A
       return host
     if dev is None:
       return jax.device_put(host)
-    sh = jax.sharding.SingleDeviceSharding(dev)
+    sh = single if single is not None else jax.sharding.SingleDeviceSharding(dev)
     return devput.put(host.shape, host.dtype, sh, [dev], [host], committed=False)
   shape, sharding, devices, which = target
   hosts = host

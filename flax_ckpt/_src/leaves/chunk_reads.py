@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import numpy as np
@@ -21,6 +21,8 @@ from flax_ckpt._src import env, errors
 from flax_ckpt._src.format import chunk_file
 from flax_ckpt._src.io import observe, storage
 
+_ARENA_BYTES = 4 << 20  # see ReadPlan._alloc
+_ARENA_LEAF = 256 << 10
 _MIN_RUN = 512  # contiguous runs shorter than this are staged instead of read one by one
 
 
@@ -165,6 +167,21 @@ class ReadPlan:
     self.checks: list[tuple[dict, memoryview]] = []
     self._leaf_of: dict[int, str] = {}  # id(chunk) -> leaf name, for errors
     self._counter = observe.current_counter()  # the load's bytes to read (progress lines)
+    self._arena: np.ndarray | None = None  # small boxes are carved from it (see _alloc)
+    self._arena_used = 0
+
+  def _alloc(self, nbytes: int) -> np.ndarray:
+    """A 64-byte aligned buffer of ``nbytes``. Why an arena: one allocation per small leaf
+    cost as much as reading it (5000 leaves of 4-64 KiB); small boxes share blocks of
+    _ARENA_BYTES instead. A block lives while any leaf in it does, so only leaves below
+    _ARENA_LEAF use it (what a kept leaf can pin is bounded by the block size)."""
+    if nbytes > _ARENA_LEAF:
+      return storage.aligned_empty(nbytes)
+    at = self._arena_used + (-self._arena_used) % storage.ALIGN
+    if self._arena is None or at + nbytes > self._arena.nbytes:
+      self._arena, at = storage.aligned_empty(_ARENA_BYTES), 0
+    self._arena_used = at + nbytes
+    return self._arena[at:at + nbytes]
 
   def box(self, chunks: list[dict], dtype: np.dtype, start: Sequence[int],
           shape: Sequence[int]) -> np.ndarray:
@@ -173,7 +190,7 @@ class ReadPlan:
     nbytes = math.prod(shape) * item
     if self._counter is not None:
       self._counter.plan(nbytes)
-    dest = storage.aligned_empty(nbytes)
+    dest = self._alloc(nbytes)
     out = dest.view(dtype).reshape(tuple(shape))
     if len(chunks) == 1 and chunks[0]["n"] == nbytes and not any(start) and (
         chunks[0]["h"] == list(shape)):  # the common case: one chunk is the whole box
@@ -405,31 +422,48 @@ class ReadPlan:
     return bad
 
   def execute(self) -> None:
+    """Reads (and checks) every planned request; returns once all are in place."""
+    self.start()()
+
+  def start(self) -> Callable[[], None]:
+    """Starts the planned reads; returns the function that waits for them and raises what
+    they found. Local files are read (and checked) on the pool, so the caller plans and
+    places other leaves meanwhile; other stores are read before this returns."""
+    if getattr(self.backend, "name", "") != "posix" or self.staged:
+      self._execute_now()
+      return lambda: None
+    # read in groups in file order, each checked as soon as it is read (two at a time),
+    # while it is still in the CPU cache
     checked = {id(view): chunk for chunk, view in self.checks}
     groups: list[tuple[Any, list[tuple[dict, memoryview, int]]]] = []
-    # Local files: read in groups and check each group as soon as it is read (two at a
-    # time), while it is still in the CPU cache. Other stores (object stores: all ranged
-    # GETs in flight at once) read everything first, then check on the pool.
-    grouped = getattr(self.backend, "name", "") == "posix"
     for name, reqs in self.requests.items():
-      path = os.path.join(self.state_dir, name)
-      segment_bytes = self.segments.get(self._proc[name])
-      if not checked or not grouped:
-        self.backend.read_into(path, reqs, self.files, segment_bytes)
-        continue
-      for group in _read_groups(_split_checked(reqs, checked)):  # read one, check another
-        items = [item for _, _, item in group if item is not None]
-        groups.append((functools.partial(self.backend.read_into, path,
-                                         [(o, v) for o, v, _ in group], self.files,
-                                         segment_bytes), items))
+      read = functools.partial(self.backend.read_into, os.path.join(self.state_dir, name),
+                               files=self.files, segment_bytes=self.segments.get(
+                                   self._proc[name]))
+      for group in _read_groups(_split_checked(reqs, checked)):
+        groups.append((functools.partial(read, [(o, v) for o, v, _ in group]),
+                       [item for _, _, item in group if item is not None]))
     self.requests.clear()
-    if checked and not grouped:
-      self._verify([(chunk, view, 0) for chunk, view in self.checks])
     self.checks.clear()
-    if groups:
-      bad = storage.read_and_verify([(read, self._work(items)) for read, items in groups])
+    wait = storage.start_read_and_verify([(read, self._work(items)) for read, items in groups])
+
+    def done() -> None:
+      bad = wait()
       if bad is not None:
         self._mismatch(groups[bad[0]][1], bad[1], bad[2])
+
+    return done
+
+  def _execute_now(self) -> None:
+    """Object stores (all ranged GETs in flight at once) read everything, then check on
+    the pool; tiny strided runs are staged after the direct reads."""
+    for name, reqs in self.requests.items():
+      self.backend.read_into(os.path.join(self.state_dir, name), reqs, self.files,
+                             self.segments.get(self._proc[name]))
+    self.requests.clear()
+    if self.checks:
+      self._verify([(chunk, view, 0) for chunk, view in self.checks])
+    self.checks.clear()
     if self.staged:
       self._run_staged()
       self.staged.clear()

@@ -30,8 +30,9 @@ def put(
   """Builds a jax.Array of ``shape`` from per-device host buffers (one per device)."""
   if _batched is not None:
     try:
-      aval = _aval(tuple(shape), np.dtype(dtype))
-      return _batched(aval, sharding, list(bufs), list(devices), committed)
+      aval = _aval(tuple(shape), dtype if isinstance(dtype, np.dtype) else np.dtype(dtype))
+      return _batched(aval, sharding, bufs if type(bufs) is list else list(bufs),
+                      devices if type(devices) is list else list(devices), committed)
     except Exception:  # noqa: BLE001 - fall back to the public API below
       pass
   arrs = [jax.device_put(b, d) for b, d in zip(bufs, devices)]

@@ -18,10 +18,7 @@ from etils import epath
 from flax_ckpt._src import errors
 from flax_ckpt._src.format import (
   CHECKSUM_ALGORITHM,
-  CHECKSUM_RE,
-  CHUNKS_PREFIX,
   LEAVES_DIR,
-  REUSED_FILE_RE,
   TREE_FILE,
   TREE_VERSION,
   ChunkRecord,
@@ -30,11 +27,11 @@ from flax_ckpt._src.format import (
   chunks_file,
   data_file,
   dump_json_bytes,
-  parse_json_object,
 )
 from flax_ckpt._src.io import background, storage
 from flax_ckpt._src.leaves import registry, reuse
 from flax_ckpt._src.leaves import type_handlers as th
+from flax_ckpt._src.parts import index_checks
 from flax_ckpt._src.parts.pytree_template import LoadPlan, as_saved_args, conform, match_template
 from flax_ckpt._src.tree import class_registry, plain_dataclasses, treespec
 
@@ -233,98 +230,6 @@ class _SavedTree:
       self.files.close()
 
 
-def _read_tree(files: storage.CheckpointDir, cp_dir: epath.Path) -> dict:
-  """``_TREE.json``, validated as far as the structure decoder relies on it."""
-  where = os.fspath(cp_dir / TREE_FILE)
-  try:
-    tree = parse_json_object(files.read_bytes(TREE_FILE), where)
-  except FileNotFoundError as e:
-    raise errors.FormatError(f"{cp_dir} has no {TREE_FILE}; the checkpoint is damaged.") from e
-  if tree.get("version") != TREE_VERSION:
-    raise errors.FormatError(
-        f"{where}: tree format version {tree.get('version')} is not supported by this "
-        f"flax_ckpt (knows {TREE_VERSION}); upgrade flax_ckpt.")
-  leaves = tree.get("leaves")
-  if not isinstance(tree.get("root"), dict) or not isinstance(leaves, list) or not all(
-      isinstance(leaf, dict) and _path_ok(leaf.get("path"))
-      and isinstance(leaf.get("typestr"), str) and isinstance(leaf.get("record"), dict)
-      for leaf in leaves):
-    raise errors.FormatError(f"{where}: malformed tree (root, leaves, or a leaf's path, "
-                             "typestr or record); the checkpoint is damaged.")
-  treespec.check_structure(tree["root"], len(leaves), where)
-  return tree
-
-
-def _path_ok(path: Any) -> bool:
-  """A leaf path: a list of ``[kind, key]`` (kind d/a/i/f, key a str or an int)."""
-  return isinstance(path, list) and all(
-      isinstance(e, list) and len(e) == 2 and e[0] in ("d", "a", "i", "f")
-      and (isinstance(e[1], str) or (isinstance(e[1], int) and not isinstance(e[1], bool)))
-      for e in path)
-
-
-def _reused_ok(name: Any) -> bool:
-  """A chunk's ``f`` is absent or names a reused data file of this part directory (a
-  crafted one must not point a read at another file or outside the checkpoint)."""
-  return name is None or (isinstance(name, str) and REUSED_FILE_RE.fullmatch(name) is not None)
-
-
-_MAX_COUNT = 1 << 62  # offsets, sizes and indexes beyond this are crafted (and overflow)
-
-
-def _is_count(v: Any) -> bool:
-  return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < _MAX_COUNT
-
-
-def _sums_ok(c: dict, summed: bool) -> bool:
-  """A chunk's checksums (``x``, ``xb``) are absent, or one well-formed digest per block."""
-  x = c.get("x")
-  if x is None:
-    return "xb" not in c
-  n, h, xb = c["n"], c["h"], c.get("xb", c["n"])
-  row = n // h[0] if h and h[0] else n  # blocks are whole rows
-  return (summed and isinstance(x, list) and _is_count(xb) and xb > 0
-          and (xb >= n or (row > 0 and xb % row == 0)) and len(x) == max(1, -(-n // xb))
-          and all(isinstance(d, str) and CHECKSUM_RE.fullmatch(d) for d in x))
-
-
-def _read_chunk_index(files: storage.CheckpointDir, cp_dir: epath.Path, n_leaves: int
-                      ) -> tuple[dict[int, list[ChunkRecord]], dict[int, int]]:
-  """Every ``_CHUNKS.p<i>.json``, merged by leaf id; and each process's segment size."""
-  chunks: dict[int, list[ChunkRecord]] = {}
-  segments: dict[int, int] = {}
-  for name in sorted(files.listdir()):
-    if not (name.startswith(CHUNKS_PREFIX) and name.endswith(".json")):
-      continue
-    where = os.fspath(cp_dir / name)
-    data = parse_json_object(files.read_bytes(name), where)
-    by_leaf = data.get("chunks")
-    if not isinstance(by_leaf, dict) or not _is_count(data.get("process_index")):
-      raise errors.FormatError(f"{where}: malformed chunk index; the checkpoint is damaged.")
-    summed = data.get("checksum")
-    if summed is not None and summed != CHECKSUM_ALGORITHM:
-      raise errors.FormatError(
-          f"{where}: checksum algorithm {summed!r} is not known to this flax_ckpt (knows "
-          f"{CHECKSUM_ALGORITHM}); upgrade flax_ckpt.")
-    for k, v in by_leaf.items():
-      leaf = int(k) if isinstance(k, str) and k.isdigit() else -1
-      if not 0 <= leaf < n_leaves or not isinstance(v, list) or not all(
-          isinstance(c, dict) and all(_is_count(c.get(f)) for f in "onp")
-          and all(isinstance(c.get(f), list) and all(_is_count(x) for x in c[f])
-                  for f in "sh") and _sums_ok(c, summed is not None)
-          and _reused_ok(c.get("f")) for c in v):
-        raise errors.FormatError(f"{where}: leaf id {k!r} is out of range or its chunk "
-                                 "records are malformed; the checkpoint is damaged.")
-      chunks.setdefault(leaf, []).extend(v)
-    seg = data.get("segment_bytes")
-    if seg is not None:
-      if not _is_count(seg) or not 4096 <= seg <= (1 << 30):
-        raise errors.FormatError(f"{where}: invalid segment_bytes {seg!r}; the checkpoint "
-                                 "is damaged.")
-      segments[data["process_index"]] = seg
-  return chunks, segments
-
-
 def read_saved_tree(cp_dir: epath.Path) -> _SavedTree:
   """Reads the tree and chunk indexes; the data files stay reachable through ``files``."""
   backend = storage.backend_for(cp_dir)
@@ -333,8 +238,8 @@ def read_saved_tree(cp_dir: epath.Path) -> _SavedTree:
   except FileNotFoundError as e:
     raise errors.CheckpointReplacedError(f"{cp_dir} disappeared while loading") from e
   try:
-    tree = _read_tree(files, cp_dir)
-    chunks, segments = _read_chunk_index(files, cp_dir, len(tree["leaves"]))
+    tree = index_checks.read_tree(files, cp_dir)
+    chunks, segments = index_checks.read_chunk_index(files, cp_dir, len(tree["leaves"]))
   except BaseException as e:
     gone = isinstance(e, (FileNotFoundError, errors.FormatError)) and files.is_gone()
     files.close()

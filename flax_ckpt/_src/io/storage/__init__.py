@@ -29,6 +29,9 @@ from flax_ckpt._src.io.storage.buffers import as_bytes_view as as_bytes_view
 from flax_ckpt._src.io.storage.buffers import flat_bytes as flat_bytes
 from flax_ckpt._src.io.storage.checksums import bad_blocks as bad_blocks
 from flax_ckpt._src.io.storage.checksums import read_and_verify as read_and_verify
+from flax_ckpt._src.io.storage.checksums import (
+    start_read_and_verify as start_read_and_verify,
+)
 from flax_ckpt._src.io.storage.checksums import verify_all as verify_all
 from flax_ckpt._src.io.storage.checksums import verify_reads as verify_reads
 from flax_ckpt._src.io.storage.checksums import verifying as verifying

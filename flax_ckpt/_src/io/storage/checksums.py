@@ -198,20 +198,32 @@ def read_and_verify(groups: Sequence[tuple[Callable[[], None],
   items in the same pool thread, two groups at a time: one group is checked while the next
   one is read, from memory the read just wrote. Returns ``(group, item, block)`` of the
   first mismatch, or None; a failed read raises, once every group has stopped."""
+  return start_read_and_verify(groups)()
+
+
+def start_read_and_verify(groups: Sequence[tuple[Callable[[], None],
+                                                 Sequence[tuple[memoryview, int, list[str]]]]]
+                          ) -> Callable[[], tuple[int, int, int] | None]:
+  """:func:`read_and_verify`, started: returns the function that waits for it (a load
+  plans and places the next leaves meanwhile)."""
 
   def run(g: int) -> tuple[int, int] | None:
     read, items = groups[g]
     read()
-    return _check(_units(items))
+    return _check(_units(items)) if items else None
 
   futs = [_pool().submit(run, g) for g in range(len(groups))]
-  concurrent.futures.wait(futs)  # nothing writes into the caller's buffers after this
-  first = None
-  for g, f in enumerate(futs):
-    r = f.result()
-    if r is not None and first is None:
-      first = (g, *r)
-  return first
+
+  def wait() -> tuple[int, int, int] | None:
+    concurrent.futures.wait(futs)  # nothing writes into the caller's buffers after this
+    first = None
+    for g, f in enumerate(futs):
+      r = f.result()
+      if r is not None and first is None:
+        first = (g, *r)
+    return first
+
+  return wait
 
 
 def _units(items: Sequence[tuple[memoryview, int, list[str]]]
