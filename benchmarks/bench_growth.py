@@ -27,8 +27,10 @@ back cold (``raw w``, ``raw rc``); ``flax_ckpt.save``; ``flax_ckpt.metadata`` an
 Fits: a least-squares line ``t = a * x + b`` of each time against the leaf count (per-leaf
 cost ``a`` in microseconds, intercept ``b``) and against the bytes (``a`` in s/GiB). The
 superlinearity check compares the cost per unit above the intercept, ``(t - b) / x``, at the
-largest point with the smallest, and the slope of the last segment with the first; both are
-about 1 when the time grows linearly, and well above 1 when it grows faster.
+largest point with the smallest (noisy when the intercept dominates the smallest point: ``n/a``
+when it is not above it), and the slope of the last segment (e.g. 10k -> 100k leaves) with the
+one before it (1k -> 10k); both are about 1 when the time grows linearly, and well above 1
+when it grows faster.
 """
 
 from __future__ import annotations
@@ -190,10 +192,10 @@ def fit(xs, ts, unit: float, unit_name: str, label: str) -> None:
   per = (t - b) / x
   ratio = f"{per[-1] / per[0]:.2f}" if per[0] > 0 else "n/a"
   seg = np.diff(t) / np.diff(x)
-  seg_ratio = f"{seg[-1] / seg[0]:.2f}" if len(seg) > 1 and seg[0] > 0 else "n/a"
+  seg_ratio = f"{seg[-1] / seg[-2]:.2f}" if len(seg) > 1 and seg[-2] > 0 else "n/a"
   scale = 1e6 if unit == 1 else 1.0
   print(f"{label}: {a * scale:.3f} {unit_name} + {b:.4f} s; superlinearity "
-        f"(t-b)/x largest/smallest {ratio}, last/first segment slope {seg_ratio}")
+        f"(t-b)/x largest/smallest {ratio}, slope of last/previous segment {seg_ratio}")
 
 
 def fits(rows: list[tuple], by_leaves: bool) -> None:
@@ -204,6 +206,8 @@ def fits(rows: list[tuple], by_leaves: bool) -> None:
                      ("raw_w", "raw write"), ("ob_save", "orbax save"),
                      ("ob_load", "orbax load")):
     pts = [(x, t[key]) for x, (_, _, t) in zip(xs, done) if key in t]
+    if not pts:
+      continue
     fit([p[0] for p in pts], [p[1] for p in pts], unit, name, f"  {label}")
 
 
