@@ -34,7 +34,7 @@ from flax_ckpt._src.format import (
     ROOT_DIR,
     Manifest,
 )
-from flax_ckpt._src.io import background, observe, orbax_layout, paths, storage
+from flax_ckpt._src.io import background, gc_pause, observe, orbax_layout, paths, storage
 from flax_ckpt._src.parts.protocol import RestoreRequest, part_kinds
 
 _log = observe.child("load")
@@ -142,7 +142,8 @@ def read_committed(path: paths.PathLike, read: Callable[[CommittedCheckpoint], _
       if manifest is None:
         continue
       try:
-        out = read(CommittedCheckpoint(final, manifest))
+        with gc_pause.paused():  # an index of many leaves is many small objects: gc_pause.py
+          out = read(CommittedCheckpoint(final, manifest))
       except errors.CheckpointReplacedError:
         if last:
           raise

@@ -28,7 +28,7 @@ from flax_ckpt._src.format import (
   data_file,
   dump_json_bytes,
 )
-from flax_ckpt._src.io import background, storage
+from flax_ckpt._src.io import background, gc_pause, storage
 from flax_ckpt._src.leaves import registry, reuse
 from flax_ckpt._src.leaves import type_handlers as th
 from flax_ckpt._src.parts import index_checks
@@ -198,14 +198,15 @@ class TreeWrite:
       ctx.backend.sync_dir(os.fspath(cp_dir))
 
   def _write_tree(self, fsync: bool) -> None:
-    records = [
-        {"path": [list(e) for e in keypath], "typestr": typestr, "record": info.record}
-        for keypath, typestr, info in zip(self._keypaths, self._typestrs, self._infos)
-    ]
-    self._ctx.backend.write_bytes(
-        os.fspath(self._ctx.parent_dir / TREE_FILE),
-        dump_json_bytes({"version": TREE_VERSION, "root": self._root, "leaves": records}),
-        fsync=fsync)
+    with gc_pause.paused():  # a dict per leaf, then one big dump: io/gc_pause.py
+      records = [
+          {"path": [list(e) for e in keypath], "typestr": typestr, "record": info.record}
+          for keypath, typestr, info in zip(self._keypaths, self._typestrs, self._infos)
+      ]
+      data = dump_json_bytes({"version": TREE_VERSION, "root": self._root, "leaves": records})
+      del records
+    self._ctx.backend.write_bytes(os.fspath(self._ctx.parent_dir / TREE_FILE), data,
+                                  fsync=fsync)
 
   def abort(self) -> None:
     """Stops background writes of a save that will not be finished."""
