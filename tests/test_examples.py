@@ -278,6 +278,11 @@ def test_sigkill_repeatedly_then_resume_is_bitwise(example, tmp_path):
   after the previous restart resumed and committed more; the last restart must end bitwise
   where the uninterrupted run did."""
   module, args, _, digest, logged = example
+  if module == "nnx_lm":
+    # CI's 15-minute budget: what this test kills is the manager, the same code for both
+    # examples, and this test costs a minute per example; nnx_lm's bitwise resume is
+    # covered by test_sigterm_saves_exits_cleanly_and_resume_is_bitwise.
+    pytest.skip("runs for linen only (the manager's crash handling is example-agnostic)")
   total = _total_steps(args)
   every = int(next(a.split("=")[1] for a in args if "checkpoint.every_steps" in a))
   workdir = tmp_path / "run"
