@@ -34,7 +34,7 @@ from flax_ckpt._src.format import (
     ROOT_DIR,
     Manifest,
 )
-from flax_ckpt._src.io import background, gc_pause, observe, orbax_layout, paths, storage
+from flax_ckpt._src.io import gc_pause, observe, orbax_layout, paths, storage
 from flax_ckpt._src.parts.protocol import RestoreRequest, part_kinds
 
 _log = observe.child("load")
@@ -254,8 +254,8 @@ def load_parts(path: paths.PathLike, abstract: Mapping[str, Any] | None, *,
         done, max(counter.planned, done), secs)
 
   with observe.Progress(_log, progress_line), observe.counting(counter), \
-      background.no_gc(), storage.verify_reads(verify):
-    out = read_committed(path, read)
+      storage.verify_reads(verify):
+    out = read_committed(path, read)  # (the collector is paused in there)
   log_loaded(what, list(out), storage.READ_STATS.bytes - first, time.monotonic() - t0)
   return out
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
-import contextlib
-import gc
 import os
 import sys
 import threading
@@ -16,23 +14,6 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from flax_ckpt._src import env
-
-
-@contextlib.contextmanager
-def no_gc():
-  """Pauses the cyclic garbage collector during bookkeeping over many leaves.
-
-  Walking thousands of leaves allocates many small objects; each automatic collection then
-  scans the whole heap (all of the caller's arrays), which cost more than the I/O itself.
-  """
-  was = gc.isenabled()
-  gc.disable()
-  try:
-    yield
-  finally:
-    if was:
-      gc.enable()
-
 
 NICE_ENV = env.BACKGROUND_NICE
 

@@ -14,7 +14,7 @@ from etils import epath
 
 from flax_ckpt._src import errors
 from flax_ckpt._src.format import KIND_PYTREE, PartEntry
-from flax_ckpt._src.io import background, multihost
+from flax_ckpt._src.io import gc_pause, multihost
 from flax_ckpt._src.leaves import reuse
 from flax_ckpt._src.parts import pytree_io
 from flax_ckpt._src.parts.handlers import CheckpointArgs, CheckpointHandler
@@ -76,7 +76,7 @@ class PyTreeWriter:
     self.previous: reuse.PreviousChunks | None = None
 
   def plan(self, what: str) -> None:
-    with background.no_gc():
+    with gc_pause.paused():
       try:
         self._plan = pytree_io.plan_save(self._item)  # validates before the disk is touched
       except errors.UnsupportedLeafError as e:
@@ -94,7 +94,7 @@ class PyTreeWriter:
 
   def start(self, directory: epath.Path, shared: JsonValue, is_async: bool) -> PartFinish:
     assert self._plan is not None, "plan() first"
-    with background.no_gc():
+    with gc_pause.paused():
       write = pytree_io.prepare_save(
           epath.Path(directory), self._plan, is_async=is_async,
           process_index=multihost.process_index(), primary_local=frozenset(shared or ()),
@@ -116,7 +116,7 @@ class _NoGcFinish:
     self._write = write
 
   def finish(self, fsync: bool) -> None:
-    with background.no_gc():
+    with gc_pause.paused():
       self._write.finish(fsync)
 
   def abort(self) -> None:
@@ -146,7 +146,7 @@ class PyTreeCheckpointHandler(CheckpointHandler[PyTreeSave, PyTreeRestore]):
       raise TypeError(f"PyTreeCheckpointHandler.restore takes PyTreeRestore args, not "
                       f"{type(args).__qualname__}")
     restore_type = check_restore_type(args.restore_type)
-    with background.no_gc():
+    with gc_pause.paused():
       return pytree_io.load(epath.Path(directory), args.item, partial=args.partial,
                             restore_type=restore_type)
 
@@ -178,7 +178,7 @@ class PyTreeKind:
     if isinstance(args, CheckpointArgs):
       raise TypeError(f"part {request.name!r} is a PyTree; restore it with a template or "
                       f"PyTreeRestore, not {type(args).__qualname__}")
-    with background.no_gc():  # restore_type was checked once by the API
+    with gc_pause.paused():  # restore_type was checked once by the API
       return pytree_io.load(epath.Path(directory), args, partial=request.partial,
                             restore_type=request.restore_type)
 
