@@ -227,17 +227,11 @@ def leaf_sweep(a, rng, ocp) -> None:
   fits(rows, by_leaves=True)
 
 
-def _free_ram() -> int:
-  with open("/proc/meminfo") as f:
-    for line in f:
-      if line.startswith("MemAvailable:"):
-        return int(line.split()[1]) * 1024
-  return 0
 
 
 def why_not(size: int, root: str, orbax: bool) -> str | None:
   """Why a point of ``size`` bytes cannot run here, or None."""
-  disk, ram = shutil.disk_usage(root).free, _free_ram()
+  disk, ram = shutil.disk_usage(root).free, C.free_ram()
   need_disk = size * (2 if orbax else 1) + GiB  # raw file, then flax_ckpt/orbax one at a time
   need_ram = int(size * 2.5)  # the state, a loaded copy, orbax's staging
   if disk < need_disk:

@@ -36,6 +36,8 @@ import shutil
 import subprocess
 import sys
 
+from benchmarks import common as C
+
 MiB = 1 << 20
 GiB = 1 << 30
 ARRAYS = 16
@@ -58,14 +60,6 @@ def _status(key: str) -> int:
   raise RuntimeError(f"no {key} in /proc/self/status")
 
 
-def reset_hwm() -> bool:
-  """Resets this process's peak-RSS mark (VmHWM) to its current RSS (Linux >= 4.0)."""
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-    return True
-  except OSError:
-    return False
 
 
 def shape(gib: float) -> tuple[int, int]:
@@ -151,7 +145,7 @@ def child(case: str, gib: float, root: str) -> dict:
   gc.collect()
   state = sum(int(np.prod(x.shape)) * 4 for x in jax.tree.leaves(obj))
   rss0 = _status("VmRSS")
-  reset = reset_hwm()
+  reset = C.reset_hwm()
   base = _status("VmRSS") if reset else rss0
   out = _run(case, obj, root)
   peak = _status("VmHWM")
@@ -181,17 +175,11 @@ def run_child(case: str, gib: float, root: str, env: dict | None = None) -> dict
   return json.loads(lines[-1][len("RESULT "):])
 
 
-def _free_ram() -> int:
-  with open("/proc/meminfo") as f:
-    for line in f:
-      if line.startswith("MemAvailable:"):
-        return int(line.split()[1]) * 1024
-  return 0
 
 
 def why_not(gib: float, root: str) -> str | None:
   size = gib * GiB
-  disk, ram = shutil.disk_usage(root).free, _free_ram()
+  disk, ram = shutil.disk_usage(root).free, C.free_ram()
   if disk < 3 * size + GiB:  # flax_ckpt's, an async save's and orbax's checkpoint
     return f"needs {(3 * size + GiB) / GiB:.1f} GiB of disk, {disk / GiB:.1f} free"
   if ram < 2.5 * size + GiB:  # the state and at most one more copy, plus slack

@@ -397,7 +397,7 @@ def _rss_child(method: str, mib: int) -> None:
   state_bytes = sum(x.nbytes for x in state.values())
   rss0 = proc.memory_info().rss
   peak[0] = rss0
-  hwm_reset = _reset_hwm()
+  hwm_reset = C.reset_hwm()
   th = threading.Thread(target=sample, daemon=True)
   th.start()
   err = None
@@ -427,14 +427,6 @@ def _rss_child(method: str, mib: int) -> None:
                                     "maxrss": maxrss, "hwm": hwm_reset, "t": dt, "err": err}))
 
 
-def _reset_hwm() -> bool:
-  """Resets the kernel's peak-RSS mark (VmHWM) of this process (Linux >= 4.0)."""
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-    return True
-  except OSError:
-    return False
 
 
 def _hwm() -> int:

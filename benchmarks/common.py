@@ -157,3 +157,22 @@ def raw_baselines(raw: str, bufs: list[np.ndarray], *cleanup: str) -> tuple[floa
   t_rc, _ = timed(lambda: raw_read(raw))
   t_rw, _ = timed(lambda: raw_read(raw))
   return t_w, t_rc, t_rw
+
+
+def reset_hwm() -> bool:
+  """Resets this process's peak-RSS mark (VmHWM) to its current RSS (Linux >= 4.0)."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
+def free_ram() -> int:
+  """Bytes of memory available to a new allocation (``MemAvailable``), 0 if unknown."""
+  with open("/proc/meminfo") as f:
+    for line in f:
+      if line.startswith("MemAvailable:"):
+        return int(line.split()[1]) * 1024
+  return 0
