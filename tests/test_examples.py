@@ -468,6 +468,11 @@ def test_lm_two_processes_with_jax_distributed_then_evaluate_on_one_device(tmp_p
 def test_linen_with_an_object_store_workdir_trains_resumes_and_evaluates(objstore_root):
   """``--workdir s3://...`` / ``gs://...``: checkpoints and config.json in the bucket,
   a rerun resumes from the bucket, and the evaluator reads it from there."""
+  if objstore_root.startswith("gs://"):
+    # CI's 15-minute budget: three example processes cost ~25 s per store, and above the
+    # storage layer both stores run the same code; gs:// itself is covered by every
+    # test_objstore_*.py test, which run on both stores.
+    pytest.skip("runs on s3:// only (the example is store-agnostic above the storage layer)")
   import tensorstore as ts
 
   workdir = f"{objstore_root}/run"
