@@ -5,8 +5,9 @@ entries, parsed JSON) that live until the save or load ends. Each one counts tow
 collector's thresholds, so a 10,000-leaf load triggers several *full* collections, and a
 full collection walks every object of the process: the user's model, optimizer and data
 pipeline too. Measured (10,000 leaves, this repo's CI machine): ``metadata`` 52 -> 19
-µs/leaf, a 5,000-leaf save -20%. None of what we allocate there needs the cycle collector
-(reference counting frees it); the collector runs as usual once the section ends.
+µs/leaf once it was paused too (saves and loads already were). None of what we allocate
+there needs the cycle collector (reference counting frees it); the collector runs as usual
+once the section ends.
 
 Only short, CPU-bound sections are paused: planning and recording a save's leaves and
 reading a checkpoint (in the caller's thread), and dumping a tree's records to JSON (tens of
