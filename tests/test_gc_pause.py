@@ -68,3 +68,19 @@ def test_concurrent_loads_leave_the_collector_on(tmp_path):
     t.join()
   assert not errors
   assert gc.isenabled()
+
+
+def test_an_async_save_leaves_the_collector_on_while_its_data_is_written(tmp_path):
+  """The commit thread pauses the collector only for its bookkeeping (the chunk index and
+  tree dumps), not while it waits for the data: a training loop running meanwhile keeps
+  its collector. Sampled from this thread while the save is in flight."""
+  tree = {f"w{i}": np.random.default_rng(i).random(2 << 20, dtype=np.float32)
+          for i in range(16)}  # 128 MiB: the write takes far longer than the bookkeeping
+  samples = []
+  pending = flax_ckpt.save_async(tmp_path / "c", tree)
+  while not pending.done():
+    samples.append(gc.isenabled())
+  pending.result()
+  assert gc.isenabled()
+  if len(samples) >= 20:  # (a save that finished at once has nothing to sample)
+    assert sum(samples) >= 0.5 * len(samples), f"{sum(samples)} of {len(samples)} samples"

@@ -45,7 +45,7 @@ from flax_ckpt._src.format import (
   Manifest,
   PartEntry,
 )
-from flax_ckpt._src.io import gc_pause, multihost, observe, paths, storage
+from flax_ckpt._src.io import multihost, observe, paths, storage
 from flax_ckpt._src.leaves.reuse import PreviousChunks
 from flax_ckpt._src.parts import pytree_io
 from flax_ckpt._src.parts.protocol import PartFinish, PartWriter, part_kinds
@@ -203,7 +203,7 @@ class PendingSave:
       raise
     save._progress.start()
     try:
-      with observe.counting(save.counter), gc_pause.paused():  # why: io/gc_pause.py
+      with observe.counting(save.counter):
         save._begin()
     except BaseException:
       save._give_up()

@@ -100,27 +100,13 @@ class PyTreeWriter:
           process_index=multihost.process_index(), primary_local=frozenset(shared or ()),
           previous=self.previous)
     self._plan = self._item = self.previous = None  # the snapshot lives in ``write`` now
-    return _NoGcFinish(write)
+    return write  # its finish pauses the collector for its bookkeeping only
 
   def entry(self) -> PartEntry:
     return PartEntry(KIND_PYTREE)
 
   def close(self) -> None:
     pass
-
-
-class _NoGcFinish:
-  """The tree's write, finished with the garbage collector paused (many small objects)."""
-
-  def __init__(self, write: pytree_io.TreeWrite):
-    self._write = write
-
-  def finish(self, fsync: bool) -> None:
-    with gc_pause.paused():
-      self._write.finish(fsync)
-
-  def abort(self) -> None:
-    self._write.abort()
 
 
 class PyTreeCheckpointHandler(CheckpointHandler[PyTreeSave, PyTreeRestore]):

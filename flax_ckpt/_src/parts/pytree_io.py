@@ -174,18 +174,22 @@ class TreeWrite:
     except BaseException:
       ctx.writer.close()
       raise
-    chunks = {str(i): info.chunks for i, info in enumerate(self._infos) if info.chunks}
-    index: ChunksFile = {"process_index": ctx.process_index,
-                         "data_file": data_file(ctx.process_index), "chunks": chunks,
-                         "checksum": CHECKSUM_ALGORITHM}
-    _add_checksums(chunks, ctx.writer.checksums())
-    if ctx.reuse is not None:
-      ctx.reuse.remember()
-    segment_bytes = getattr(ctx.writer, "segment_bytes", None)
-    if segment_bytes:  # object stores: the data file is stored as segments
-      index["segment_bytes"] = segment_bytes
-    ctx.backend.write_bytes(os.fspath(cp_dir / chunks_file(ctx.process_index)),
-                            dump_json_bytes(index), fsync=fsync)
+    # the per-leaf bookkeeping, not the waits for the data (io/gc_pause.py: an async save's
+    # commit thread must not keep the training loop's collector off for the whole write)
+    with gc_pause.paused():
+      chunks = {str(i): info.chunks for i, info in enumerate(self._infos) if info.chunks}
+      index: ChunksFile = {"process_index": ctx.process_index,
+                           "data_file": data_file(ctx.process_index), "chunks": chunks,
+                           "checksum": CHECKSUM_ALGORITHM}
+      _add_checksums(chunks, ctx.writer.checksums())
+      if ctx.reuse is not None:
+        ctx.reuse.remember()
+      segment_bytes = getattr(ctx.writer, "segment_bytes", None)
+      if segment_bytes:  # object stores: the data file is stored as segments
+        index["segment_bytes"] = segment_bytes
+      data = dump_json_bytes(index)
+    ctx.backend.write_bytes(os.fspath(cp_dir / chunks_file(ctx.process_index)), data,
+                            fsync=fsync)
     if ctx.process_index != 0:
       ctx.writer.write(fsync=fsync)
       if fsync:
@@ -198,7 +202,7 @@ class TreeWrite:
       ctx.backend.sync_dir(os.fspath(cp_dir))
 
   def _write_tree(self, fsync: bool) -> None:
-    with gc_pause.paused():  # a dict per leaf, then one big dump: io/gc_pause.py
+    with gc_pause.paused():  # a dict per leaf, then one big dump
       records = [
           {"path": [list(e) for e in keypath], "typestr": typestr, "record": info.record}
           for keypath, typestr, info in zip(self._keypaths, self._typestrs, self._infos)
