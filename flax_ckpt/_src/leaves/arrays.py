@@ -101,13 +101,41 @@ def _record_array(value: Any, info: th.ParamInfo, dtype: np.dtype, kind: str) ->
     rec["weak_type"] = True  # e.g. a step counter made from a Python int
 
 
-def save_array(value: Any, info: th.ParamInfo, arg: th.SaveArgs | None, kind: str) -> None:
-  """Records one array leaf and adds the chunks this process writes to the data file."""
+def _check_alive(value: Any, name: Callable[[], str]) -> None:
   if isinstance(value, jax.Array) and value.is_deleted():
     raise errors.UnsupportedLeafError(
-        f"leaf {info.name}: this jax.Array was deleted or donated before save was called; "
+        f"leaf {name()}: this jax.Array was deleted or donated before save was called; "
         "save the state before a step that donates it (or save the step's output). Nothing "
         "was written.")
+
+
+def write_known_leaves(leaves: Sequence[tuple[int, Any, Any]], writer: Any, is_async: bool,
+                       path_str: Callable[[Any], str]) -> list[tuple]:
+  """Adds the chunks of array leaves whose records are already known (a save of a
+  structure saved before: ``parts/save_cache.py``) to ``writer``, without recording them.
+
+  ``leaves``: (leaf index, key path, value) of ``jax.Array`` / ``np.ndarray`` leaves of a
+  single-process save, in the order the handlers would have written them. Returns
+  ``(leaf index, start, shape, offset, nbytes)`` per chunk, in that order: the offsets
+  and bytes :func:`save_array` would have given them.
+  """
+  if not _cpu_only():
+    _start_host_copies([v for _, _, v in leaves])
+  out = []
+  for i, keypath, v in leaves:
+    numpy = isinstance(v, np.ndarray)
+    if not numpy:
+      _check_alive(v, lambda keypath=keypath: path_str(keypath))
+    for start, host in _host_chunks(v, copy=is_async and numpy):
+      host = dtypes.little_endian(host)
+      off, n = writer.add(host)
+      out.append((i, start, host.shape, off, n))
+  return out
+
+
+def save_array(value: Any, info: th.ParamInfo, arg: th.SaveArgs | None, kind: str) -> None:
+  """Records one array leaf and adds the chunks this process writes to the data file."""
+  _check_alive(value, lambda: info.name)
   dtype = np.dtype(value.dtype)
   if arg is not None and arg.dtype is not None:
     dtype = np.dtype(arg.dtype)

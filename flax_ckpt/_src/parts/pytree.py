@@ -98,7 +98,7 @@ class PyTreeWriter:
       write = pytree_io.prepare_save(
           epath.Path(directory), self._plan, is_async=is_async,
           process_index=multihost.process_index(), primary_local=frozenset(shared or ()),
-          previous=self.previous)
+          previous=self.previous, structure_cache=multihost.process_count() == 1)
     self._plan = self._item = self.previous = None  # the snapshot lives in ``write`` now
     return write  # its finish pauses the collector for its bookkeeping only
 

@@ -29,9 +29,9 @@ from flax_ckpt._src.format import (
   dump_json_bytes,
 )
 from flax_ckpt._src.io import background, gc_pause, storage
-from flax_ckpt._src.leaves import registry, reuse
+from flax_ckpt._src.leaves import arrays, registry, reuse
 from flax_ckpt._src.leaves import type_handlers as th
-from flax_ckpt._src.parts import index_checks
+from flax_ckpt._src.parts import index_checks, save_cache
 from flax_ckpt._src.parts.pytree_template import LoadPlan, as_saved_args, conform, match_template
 from flax_ckpt._src.tree import class_registry, plain_dataclasses, treespec
 
@@ -86,7 +86,8 @@ def local_array_ids(plan: SavePlan) -> list[int]:
 
 def prepare_save(cp_dir: epath.Path, plan: SavePlan, *, is_async: bool,
                  process_index: int = 0, primary_local: frozenset = frozenset(),
-                 previous: reuse.PreviousChunks | None = None) -> TreeWrite:
+                 previous: reuse.PreviousChunks | None = None,
+                 structure_cache: bool = False) -> TreeWrite:
   """Snapshots the planned tree and returns the :class:`TreeWrite` that writes it.
 
   Everything that reads the caller's values happens before this returns; ``finish`` only
@@ -94,6 +95,8 @@ def prepare_save(cp_dir: epath.Path, plan: SavePlan, *, is_async: bool,
   writes the tree metadata and runs custom handlers (which write per-leaf files).
   ``previous``: the same part of an earlier checkpoint, whose chunks are referred to
   instead of written again where the bytes are equal (:mod:`~flax_ckpt._src.leaves.reuse`).
+  ``structure_cache``: a single-process save may reuse the planning of an earlier save of
+  the same structure (:mod:`~flax_ckpt._src.parts.save_cache`).
   """
   backend = storage.backend_for(cp_dir)
   backend.makedirs(os.fspath(cp_dir))
@@ -104,6 +107,23 @@ def prepare_save(cp_dir: epath.Path, plan: SavePlan, *, is_async: bool,
       process_index=process_index, primary_local=primary_local,
       reuse=None if previous is None else reuse.ChunkReuse(
           previous, os.fspath(cp_dir), process_index, backend, background=is_async))
+  key = (save_cache.key_for(plan.root, plan.leaves, plan.handlers)
+         if structure_cache and previous is None else None)
+  entry = save_cache.lookup(key) if key is not None else None
+  if entry is not None:  # records and files planned by an earlier save: only the bytes
+    groups: dict[int, list[int]] = {}  # in the order _serialize_all writes them
+    for i, h in enumerate(plan.handlers):
+      groups.setdefault(id(h), []).append(i)
+    try:
+      known = arrays.write_known_leaves(
+          [(i, *plan.leaves[i]) for ids in groups.values() for i in ids], ctx.writer,
+          is_async, treespec.path_str)
+    except BaseException:
+      ctx.writer.close()
+      raise
+    if len(groups) > 1:
+      known.sort(key=lambda c: c[0])  # the index lists them by leaf
+    return TreeWrite(plan, ctx, [], [], key=key, cached=(entry, known))
   primary = process_index == 0
   if primary and any(not registry.is_builtin(h) for h in plan.handlers):
     backend.makedirs(os.fspath(cp_dir / LEAVES_DIR))
@@ -115,7 +135,7 @@ def prepare_save(cp_dir: epath.Path, plan: SavePlan, *, is_async: bool,
   except BaseException:
     ctx.writer.close()
     raise
-  return TreeWrite(plan, ctx, infos, futures)
+  return TreeWrite(plan, ctx, infos, futures, key=key)
 
 
 async def _serialize_all(plan: SavePlan, infos: list[th.ParamInfo], primary: bool) -> list:
@@ -148,6 +168,15 @@ def _add_checksums(chunks: dict[str, list[ChunkRecord]],
         c["xb"] = xb
 
 
+def _chunk_records(known: list[tuple], process_index: int) -> dict[str, list[ChunkRecord]]:
+  """``{leaf id: chunk records}`` of chunks written without records (a cached save)."""
+  out: dict[str, list[ChunkRecord]] = {}
+  for i, start, shape, off, n in known:
+    out.setdefault(str(i), []).append(
+        {"s": list(start), "h": list(shape), "o": off, "n": n, "p": process_index})
+  return out
+
+
 class TreeWrite:
   """The writing half of a tree save: :meth:`finish` (``fsync``) or :meth:`abort`.
 
@@ -156,13 +185,18 @@ class TreeWrite:
   """
 
   def __init__(self, plan: SavePlan, ctx: th.SaveContext, infos: list[th.ParamInfo],
-               futures: list):
+               futures: list, *, key: save_cache.Key | None = None,
+               cached: tuple[save_cache.Entry, list[tuple]] | None = None):
     self._root = plan.root
     self._keypaths = [keypath for keypath, _ in plan.leaves]
-    self._typestrs = [h.typestr() for h in plan.handlers]
+    self._handlers = plan.handlers
     self._ctx = ctx
     self._infos = infos
     self._futures = futures
+    # key: this save's structure, when it may be cached; cached: the entry of an earlier
+    # save of that structure and the (leaf, start, shape, offset, nbytes) chunks written
+    self._key, self._cached = key, cached
+    self._template: tuple[list, list[bytes]] | None = None  # a miss's, for its entry
 
   def finish(self, fsync: bool) -> None:
     """Waits for the handlers, then writes the chunk index, tree and data file."""
@@ -177,17 +211,7 @@ class TreeWrite:
     # the per-leaf bookkeeping, not the waits for the data (io/gc_pause.py: an async save's
     # commit thread must not keep the training loop's collector off for the whole write)
     with gc_pause.paused():
-      chunks = {str(i): info.chunks for i, info in enumerate(self._infos) if info.chunks}
-      index: ChunksFile = {"process_index": ctx.process_index,
-                           "data_file": data_file(ctx.process_index), "chunks": chunks,
-                           "checksum": CHECKSUM_ALGORITHM}
-      _add_checksums(chunks, ctx.writer.checksums())
-      if ctx.reuse is not None:
-        ctx.reuse.remember()
-      segment_bytes = getattr(ctx.writer, "segment_bytes", None)
-      if segment_bytes:  # object stores: the data file is stored as segments
-        index["segment_bytes"] = segment_bytes
-      data = dump_json_bytes(index)
+      data = self._index_bytes()
     ctx.backend.write_bytes(os.fspath(cp_dir / chunks_file(ctx.process_index)), data,
                             fsync=fsync)
     if ctx.process_index != 0:
@@ -201,16 +225,60 @@ class TreeWrite:
       ctx.backend.sync_tree(os.fspath(cp_dir / LEAVES_DIR))  # files of custom handlers
       ctx.backend.sync_dir(os.fspath(cp_dir))
 
+  def _index_bytes(self) -> bytes:
+    """The chunk index (``_CHUNKS.p<i>.json``), with every chunk's checksums."""
+    ctx = self._ctx
+    sums = ctx.writer.checksums()
+    segment_bytes = getattr(ctx.writer, "segment_bytes", None)
+    if self._cached is not None:
+      entry, known = self._cached
+      at = [(c[3], c[4]) for c in known]
+      if at == entry.chunks and segment_bytes == entry.segment_bytes:
+        return save_cache.fill(entry.pieces, at, sums)
+      save_cache.STATS.full_index += 1
+      chunks = _chunk_records(known, ctx.process_index)  # not where planned: in full
+    else:
+      chunks = {str(i): info.chunks for i, info in enumerate(self._infos) if info.chunks}
+    index: ChunksFile = {"process_index": ctx.process_index,
+                         "data_file": data_file(ctx.process_index), "chunks": chunks,
+                         "checksum": CHECKSUM_ALGORITHM}
+    if self._key is not None and self._cached is None:  # a miss: dumped as the template
+      at = [(c["o"], c["n"]) for records in chunks.values() for c in records]
+      marks = (c for records in chunks.values() for c in records if c["n"])
+      for k, c in enumerate(marks):
+        c["x"] = save_cache.mark(k)
+    else:
+      at = None
+      _add_checksums(chunks, sums)
+      if ctx.reuse is not None:
+        ctx.reuse.remember()
+    if segment_bytes:  # object stores: the data file is stored as segments
+      index["segment_bytes"] = segment_bytes
+    data = dump_json_bytes(index)
+    if at is None:
+      return data
+    pieces = save_cache.split(data)
+    self._template = (at, pieces)
+    return save_cache.fill(pieces, at, sums)
+
   def _write_tree(self, fsync: bool) -> None:
-    with gc_pause.paused():  # a dict per leaf, then one big dump
-      records = [
-          {"path": [list(e) for e in keypath], "typestr": typestr, "record": info.record}
-          for keypath, typestr, info in zip(self._keypaths, self._typestrs, self._infos)
-      ]
-      data = dump_json_bytes({"version": TREE_VERSION, "root": self._root, "leaves": records})
-      del records
+    if self._cached is not None:
+      data = self._cached[0].tree_bytes
+    else:
+      with gc_pause.paused():  # a dict per leaf, then one big dump
+        records = [
+            {"path": [list(e) for e in keypath], "typestr": h.typestr(), "record": info.record}
+            for keypath, h, info in zip(self._keypaths, self._handlers, self._infos)
+        ]
+        data = dump_json_bytes({"version": TREE_VERSION, "root": self._root,
+                                "leaves": records})
+        del records
     self._ctx.backend.write_bytes(os.fspath(self._ctx.parent_dir / TREE_FILE), data,
                                   fsync=fsync)
+    if self._key is not None and self._template is not None:
+      save_cache.remember(save_cache.Entry(
+          self._key, data, *self._template,
+          segment_bytes=getattr(self._ctx.writer, "segment_bytes", None)))
 
   def abort(self) -> None:
     """Stops background writes of a save that will not be finished."""
