@@ -57,12 +57,14 @@ class Packer:
   def place(self, arr: np.ndarray) -> tuple[int, memoryview]:
     """Returns (offset, byte view) for ``arr``: the next 64-byte aligned offset."""
     view = as_bytes_view(arr)
-    self.size += (-self.size) % ALIGN
-    offset = self.size
-    self.size += view.nbytes
+    offset = self.size + (-self.size) % ALIGN
+    n = view.nbytes
+    self.size = offset + n
     if self.counter is not None:
-      self.counter.plan(view.nbytes)
-    self.checksum(offset, view, arr.shape)
+      self.counter.plan(n)
+    if n:  # (this runs once per leaf: the small-chunk case without function calls)
+      self.hasher.add(offset, view, n if n <= checksums.MIN_BLOCK_BYTES else
+                      checksums.block_bytes(n, checksums.row_bytes(arr.shape, n)))
     return offset, view
 
   def checksum(self, offset: int, view: memoryview, shape: tuple[int, ...]) -> None:

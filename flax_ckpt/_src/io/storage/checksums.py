@@ -29,6 +29,7 @@ import xxhash
 from flax_ckpt._src.format import CHECKSUM_BLOCK_BYTES, CHECKSUM_MIN_BLOCK_BYTES
 from flax_ckpt._src.io import background
 
+MIN_BLOCK_BYTES = CHECKSUM_MIN_BLOCK_BYTES  # a chunk this small is one block
 _VERIFY = contextvars.ContextVar("flax_ckpt_verify", default=True)
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
 _WRITE_POOL: concurrent.futures.ThreadPoolExecutor | None = None
