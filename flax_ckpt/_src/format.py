@@ -69,6 +69,9 @@ CHECKSUM_BLOCK_BYTES = 1 << 20
 CHECKSUM_MIN_BLOCK_BYTES = 64 << 10
 
 
+DATA_FILE_PREFIX = "data.p"  # every data file's name starts so (reused ones too)
+
+
 def data_file(process_index: int) -> str:
   """``data.p<i>.bin``: the packed array bytes process ``i`` wrote."""
   return f"data.p{process_index}.bin"

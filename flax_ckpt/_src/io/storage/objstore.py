@@ -382,6 +382,9 @@ class ObjectDir:
     got = read_versioned(f"{self.directory}/{name}")
     return got is None or got[1] != gen
 
+  def prefetch(self, prefix: str, nbytes: int) -> None:
+    """Nothing: object stores are read by ranged GETs in parallel when the plan is known."""
+
   def listdir(self) -> list[str]:
     if self._names is None:
       self._names = sorted({k.split("/", 1)[0] for k in list_keys(self.directory)})

@@ -277,6 +277,34 @@ class CheckpointFiles:
         self._fds[name] = open_regular(name, dir_fd=self._dfd)
       return self._fds[name]
 
+  def prefetch(self, prefix: str, nbytes: int) -> None:
+    """Asks the kernel to start reading the first ``nbytes`` of the files whose names
+    start with ``prefix`` (in name order) into the page cache, in the background: a load
+    does this before it parses the metadata, so the disk is busy meanwhile. Only a hint
+    (errors are ignored; the load reports what is wrong)."""
+    if not hasattr(os, "posix_fadvise"):
+      return
+    # listed here, not in the pool: listings through one directory fd share its offset,
+    # so two at once (this and the load's own) would each see part of the directory
+    names = sorted(n for n in self.listdir() if n.startswith(prefix))
+
+    def run() -> None:
+      left = nbytes
+      for name in names:
+        with self._lock:  # not after close(): _dfd None would open relative to the cwd
+          if left <= 0 or self._dfd is None:
+            return
+          try:
+            if name not in self._fds:
+              self._fds[name] = open_regular(name, dir_fd=self._dfd)
+            fd = self._fds[name]
+            size = os.fstat(fd).st_size
+            os.posix_fadvise(fd, 0, min(size, left), os.POSIX_FADV_WILLNEED)
+          except (OSError, errors.FormatError):  # not there, not a regular file: the
+            return  # load itself will say so
+          left -= size
+    _pool().submit(run)
+
   def read_bytes(self, name: str) -> bytes:
     fd = open_regular(name, dir_fd=self._dfd)
     try:
