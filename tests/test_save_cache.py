@@ -179,7 +179,7 @@ def test_chunks_not_where_planned_fall_back_to_a_full_index(tmp_path):
 def test_cache_keeps_a_few_recent_structures(tmp_path):
   for k in range(7):
     flax_ckpt.save(tmp_path / f"s{k}", {"w": jnp.ones(k + 1)})
-  assert len(save_cache._entries) <= 4
+  assert len(save_cache._entries) <= 2
   hits = save_cache.STATS.hits
   flax_ckpt.save(tmp_path / "again", {"w": jnp.ones(7)})  # the most recent one is kept
   assert save_cache.STATS.hits == hits + 1
@@ -192,3 +192,14 @@ def test_manager_saves_of_one_structure_stay_loadable(tmp_path):
     mngr.wait_until_finished()
     for step in range(3):
       _assert_same(_state(step), mngr.restore(step))
+
+
+def test_a_structure_too_big_to_keep_is_not_cached(tmp_path, monkeypatch):
+  monkeypatch.setattr(save_cache, "_MAX_BYTES", 5000)  # ~7 leaves' worth
+  tree = {f"a{i}": jnp.ones(3) for i in range(10)}
+  flax_ckpt.save(tmp_path / "a", tree)
+  assert save_cache._entries == []
+  hits = save_cache.STATS.hits
+  flax_ckpt.save(tmp_path / "b", tree)
+  assert save_cache.STATS.hits == hits
+  assert _files(tmp_path / "a") == _files(tmp_path / "b")
