@@ -122,17 +122,10 @@ def write_known_leaves(leaves: Sequence[tuple[int, Any, Any]], writer: Any, is_a
   if not _cpu_only():
     _start_host_copies([v for _, _, v in leaves])
   out = []
-  single = jax.sharding.SingleDeviceSharding
   for i, keypath, v in leaves:
     numpy = isinstance(v, np.ndarray)
     if not numpy:
       _check_alive(v, lambda keypath=keypath: path_str(keypath))
-      if type(v.sharding) is single:  # the common case, once per leaf: no function call
-        host = np.asarray(v)  # (fully addressable: this is a single-process save)
-        if host.flags.c_contiguous and host.dtype.byteorder != ">":
-          off, n = writer.add(host)
-          out.append((i, (0,) * host.ndim, host.shape, off, n))
-          continue
     for start, host in _host_chunks(v, copy=is_async and numpy):
       host = dtypes.little_endian(host)
       off, n = writer.add(host)
