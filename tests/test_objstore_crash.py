@@ -390,15 +390,16 @@ def test_owner_lock_refuses_a_second_manager_and_is_taken_over_when_stale(s3_roo
   assert _lock_owner(run) is None
 
   # in another process (alive, refreshing its heartbeat): refused with who holds it
-  holder = _hold(run, 1.0, tmp_path / "holder.err")
+  stale = 2.0
+  holder = _hold(run, stale, tmp_path / "holder.err")
   try:
     assert _lock_owner(run)["pid"] == holder.pid
     with pytest.raises(flax_ckpt.CheckpointError,
                        match=rf"in use by another CheckpointManager \(host .*pid {holder.pid}"):
-      flax_ckpt.CheckpointManager(run, lock_stale_after_s=1.0)
-    time.sleep(1.5)  # longer than stale_after_s: the heartbeat keeps the lock fresh
+      flax_ckpt.CheckpointManager(run, lock_stale_after_s=stale)
+    time.sleep(stale + 0.5)  # longer than stale_after_s: the heartbeat keeps the lock fresh
     with pytest.raises(flax_ckpt.CheckpointError, match="in use by another CheckpointManager"):
-      flax_ckpt.CheckpointManager(run, lock_stale_after_s=1.0)
+      flax_ckpt.CheckpointManager(run, lock_stale_after_s=stale)
     with flax_ckpt.CheckpointManager(run, read_only=True) as ro:  # readers need no lock
       assert ro.all_steps() == [1]
     # the owner hangs (its pid stays alive, its heartbeat stops): taken over once stale
@@ -406,12 +407,15 @@ def test_owner_lock_refuses_a_second_manager_and_is_taken_over_when_stale(s3_roo
     time.sleep(0.3)
     stopped_at = time.time()
     beat = _lock_owner(run)["beat"]
-    while time.time() - beat <= 1.0:
+    # Refused while the heartbeat is fresh. Why only up to half of stale_after_s: the
+    # manager reads the lock a moment after this loop's clock check, and on a loaded
+    # machine that moment can be long (CI once saw a takeover right at the 1 s edge).
+    while time.time() - beat <= stale / 2:
       with pytest.raises(flax_ckpt.CheckpointError, match="in use by another"):
-        flax_ckpt.CheckpointManager(run, lock_stale_after_s=1.0)
+        flax_ckpt.CheckpointManager(run, lock_stale_after_s=stale)
       time.sleep(0.2)
-    time.sleep(0.1)
-    with flax_ckpt.CheckpointManager(run, enable_async=False, lock_stale_after_s=1.0) as m:
+    time.sleep(max(0.0, beat + stale + 0.1 - time.time()))
+    with flax_ckpt.CheckpointManager(run, enable_async=False, lock_stale_after_s=stale) as m:
       assert _lock_owner(run)["pid"] == os.getpid()
       assert time.time() - stopped_at < 10
       m.save(2, _small("two"), force=True)
