@@ -126,10 +126,14 @@ def _too_deep(raw: bytes) -> bool:
   strings count too: an upper bound, exact for every file flax_ckpt writes)."""
   if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
     return False  # the common case: too few brackets to nest that deep
-  step = _BRACKET_STEP[np.frombuffer(raw, np.uint8)]  # +1 [ {, -1 ] }, else 0
+  # the brackets alone first (bytes.translate, in C): the running sum then covers a few
+  # percent of the file (a 1 MB _TREE.json of 5,000 leaves: 14 -> 4 ms)
+  brackets = raw.translate(None, _NOT_BRACKETS)
+  step = _BRACKET_STEP[np.frombuffer(brackets, np.uint8)]  # +1 [ {, -1 ] }
   return int(np.cumsum(step, dtype=np.int32).max()) > MAX_JSON_DEPTH
 
 
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
 _BRACKET_STEP = np.zeros(256, np.int8)
 _BRACKET_STEP[[ord("["), ord("{")]] = 1
 _BRACKET_STEP[[ord("]"), ord("}")]] = -1

@@ -278,7 +278,7 @@ def read_batched(infos: Sequence[th.ParamInfo], plan_leaf: Callable[[ReadPlan, i
   if not infos:
     return []
   plan = read_plan_for(infos)
-  plan.check_extents([(info.name, info.record, info.chunks) for info in infos])
+  plan.check_extents([(info, info.record, info.chunks) for info in infos])
   out: list[Any] = []
   waiting: list[tuple[list, Callable[[], None]]] = []  # batches being read, oldest first
   try:

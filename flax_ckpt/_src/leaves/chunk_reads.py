@@ -31,6 +31,12 @@ def staging_bytes() -> int:
   return env.staging_bytes()
 
 
+def _name(leaf: Any) -> str:
+  """A leaf's name for an error: ``leaf`` itself, or its ``.name`` (a ParamInfo's is made
+  from its key path: ~4 us, too much to spend on every leaf of a load that succeeds)."""
+  return leaf if isinstance(leaf, str) else str(getattr(leaf, "name", leaf))
+
+
 def _contiguous(box_shape: Sequence[int], full: Sequence[int]) -> bool:
   """Whether a box of shape ``box_shape`` is one contiguous run inside C-order ``full``."""
   k = 0
@@ -85,6 +91,11 @@ def chunks_tile(chunks: list[dict], shape: Sequence[int]) -> bool:
     >>> chunks_tile([{"s": [0], "h": [3]}, {"s": [2], "h": [1]}], (4,))
     False
   """
+  if len(chunks) == 1:  # the common case, first: this runs for every leaf of a load
+    c = chunks[0]
+    if any(c["s"]):
+      return False
+    return c["h"] == list(shape) if shape else math.prod(c["h"]) == 1
   if sum(math.prod(c["h"]) for c in chunks) != math.prod(shape):
     return False
   if len(chunks) < 2:  # one chunk: the whole array (0-d arrays may have a [1] chunk)
@@ -165,7 +176,7 @@ class ReadPlan:
     # chunk read in part goes through the staged path, which reads and checks whole blocks
     self.verify = verify
     self.checks: list[tuple[dict, memoryview]] = []
-    self._leaf_of: dict[int, str] = {}  # id(chunk) -> leaf name, for errors
+    self._leaf_of: dict[int, Any] = {}  # id(chunk) -> leaf name (see _name), for errors
     self._counter = observe.current_counter()  # the load's bytes to read (progress lines)
     self._arena: np.ndarray | None = None  # small boxes are carved from it (see _alloc)
     self._arena_used = 0
@@ -331,7 +342,7 @@ class ReadPlan:
     xb = chunk.get("xb", chunk["n"])
     if row <= 0 or xb % row:
       raise errors.FormatError(
-          f"leaf {self._leaf_of.get(id(chunk), '?')}: checksum block size {xb} of a chunk in "
+          f"leaf {_name(self._leaf_of.get(id(chunk), '?'))}: checksum block size {xb} of a chunk in "
           f"{self.state_dir} is not a whole number of its {row}-byte rows; the checkpoint "
           "is damaged or crafted.")
     return xb // row
@@ -358,15 +369,16 @@ class ReadPlan:
     raise errors.CorruptCheckpointError(
         f"bytes {a}..{min(a + xb, chunk['o'] + chunk['n'])} (the chunk at index "
         f"{chunk['s']}, block {b0 + k}) do not match their checksum",
-        leaf=self._leaf_of.get(id(chunk), ""),
+        leaf=_name(self._leaf_of.get(id(chunk), "")),
         file=os.path.join(self.state_dir, chunk_file(chunk)))
 
-  def check_extents(self, leaves: Sequence[tuple[str, dict, list[dict]]]) -> None:
+  def check_extents(self, leaves: Sequence[tuple[Any, dict, list[dict]]]) -> None:
     """Before anything is allocated: each (name, record, chunks) leaf's chunk byte counts
     match its boxes and its record's ``nbytes``, and every data file really holds the
     bytes the chunks claim (one 1-byte read at each file's last claimed byte), so a
-    crafted shape or offset is a FormatError, never a huge allocation."""
-    ends: dict[str, tuple[int, str, int]] = {}  # file -> (end, leaf name, process)
+    crafted shape or offset is a FormatError, never a huge allocation. A name is a str or
+    has a ``.name`` (a ParamInfo), made only for an error (see :func:`_name`)."""
+    ends: dict[str, tuple[int, Any, int]] = {}  # file -> (end, leaf name, process)
     prod = math.prod
     for name, record, chunks in leaves:  # one pass: this runs once per leaf on every load
       for c in chunks:
@@ -384,7 +396,7 @@ class ReadPlan:
           ends[f] = (end, name, c["p"])
       if bad:
         raise errors.FormatError(
-            f"leaf {name}: its chunks' byte counts do not match its shape {shape} and "
+            f"leaf {_name(name)}: its chunks' byte counts do not match its shape {shape} and "
             f"nbytes {nbytes}; the checkpoint is damaged or crafted, nothing was read.")
     for f, (end, name, p) in sorted(ends.items()):
       probe = memoryview(bytearray(1))
@@ -396,7 +408,7 @@ class ReadPlan:
         if isinstance(e, FileNotFoundError):
           raise  # a load racing an overwrite looks again; else the caller names it
         err = errors.TruncatedDataError(
-            f"leaf {name}: its chunks claim {end} bytes of {f} in "
+            f"leaf {_name(name)}: its chunks claim {end} bytes of {f} in "
             f"{self.state_dir}, which is truncated ({e}); the checkpoint is damaged or "
             "crafted, nothing was allocated.")
         err.path = os.path.join(self.state_dir, f)  # for verify's report
