@@ -342,9 +342,9 @@ class ReadPlan:
     xb = chunk.get("xb", chunk["n"])
     if row <= 0 or xb % row:
       raise errors.FormatError(
-          f"leaf {_name(self._leaf_of.get(id(chunk), '?'))}: checksum block size {xb} of a chunk in "
-          f"{self.state_dir} is not a whole number of its {row}-byte rows; the checkpoint "
-          "is damaged or crafted.")
+          f"leaf {_name(self._leaf_of.get(id(chunk), '?'))}: checksum block size {xb} of a "
+          f"chunk in {self.state_dir} is not a whole number of its {row}-byte rows; the "
+          "checkpoint is damaged or crafted.")
     return xb // row
 
   def _verify(self, items: list[tuple[dict, memoryview, int]]) -> None:

@@ -20,7 +20,6 @@ from flax_ckpt._src.leaves import type_handlers as th
 from flax_ckpt._src.leaves.arrays import key_dtype
 from flax_ckpt._src.tree import plain_dataclasses, treespec
 
-
 _KEY_DTYPES: dict[Any, bool] = {}
 
 
