@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from typing import Any, TypedDict
@@ -72,6 +73,7 @@ CHECKSUM_MIN_BLOCK_BYTES = 64 << 10
 DATA_FILE_PREFIX = "data.p"  # every data file's name starts so (reused ones too)
 
 
+@functools.lru_cache(maxsize=4096)  # asked for every chunk of a load: 10,000 f-strings
 def data_file(process_index: int) -> str:
   """``data.p<i>.bin``: the packed array bytes process ``i`` wrote."""
   return f"data.p{process_index}.bin"

@@ -178,6 +178,7 @@ class ReadPlan:
     self.checks: list[tuple[dict, memoryview]] = []
     self._leaf_of: dict[int, Any] = {}  # id(chunk) -> leaf name (see _name), for errors
     self._counter = observe.current_counter()  # the load's bytes to read (progress lines)
+    self._planned = 0  # bytes boxed since the last start(), not yet told to _counter
     self._arena: np.ndarray | None = None  # small boxes are carved from it (see _alloc)
     self._arena_used = 0
 
@@ -199,8 +200,7 @@ class ReadPlan:
     """A host buffer of ``shape`` at ``start`` that will hold the saved values."""
     item = dtype.itemsize
     nbytes = math.prod(shape) * item
-    if self._counter is not None:
-      self._counter.plan(nbytes)
+    self._planned += nbytes  # told to the progress counter once per batch, in start()
     dest = self._alloc(nbytes)
     out = dest.view(dtype).reshape(tuple(shape))
     if len(chunks) == 1 and chunks[0]["n"] == nbytes and not any(start) and (
@@ -441,6 +441,9 @@ class ReadPlan:
     """Starts the planned reads; returns the function that waits for them and raises what
     they found. Local files are read (and checked) on the pool, so the caller plans and
     places other leaves meanwhile; other stores are read before this returns."""
+    if self._counter is not None and self._planned:
+      self._counter.plan(self._planned)
+    self._planned = 0
     if getattr(self.backend, "name", "") != "posix" or self.staged:
       self._execute_now()
       return lambda: None

@@ -341,7 +341,7 @@ def _infos_for(saved: _SavedTree, ids: list[int]) -> list[th.ParamInfo]:
     leaf = saved.leaves[i]
     out.append(th.ParamInfo(
         # the same (kind, key) tuples a save gives handlers (JSON holds them as lists)
-        keypath=tuple(tuple(e) for e in leaf["path"]), parent_dir=saved.cp_dir,
+        keypath=tuple(map(tuple, leaf["path"])), parent_dir=saved.cp_dir,
         record=leaf["record"],
         chunks=saved.chunks.get(i, []), index=i, context=ctx))
   return out
