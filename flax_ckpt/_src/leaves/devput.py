@@ -14,7 +14,7 @@ try:  # the fast path jax itself uses for device_put; public API as fallback
   # Why xla_client's and not pxla.batched_device_put, which forwards to it: pxla's first
   # looks for jax.Arrays among the buffers (ours are always numpy) and fires test events,
   # ~3 of its ~10 us per leaf (5,000 small leaves a load).
-  from jax._src.lib import xla_client as _xc
+  from jax._src.lib import xla_client as _xc  # pyright: ignore[reportPrivateImportUsage]  # jax re-exports it privately
 
   _batched = _xc.batched_device_put
 except Exception:  # noqa: BLE001 - private API moved: use the public one
