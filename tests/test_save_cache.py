@@ -203,3 +203,45 @@ def test_a_structure_too_big_to_keep_is_not_cached(tmp_path, monkeypatch):
   flax_ckpt.save(tmp_path / "b", tree)
   assert save_cache.STATS.hits == hits
   assert _files(tmp_path / "a") == _files(tmp_path / "b")
+
+
+def _part_files(step_dir):
+  part = step_dir / "state"
+  return {f: (part / f).read_bytes() for f in sorted(os.listdir(part))}
+
+
+@pytest.mark.parametrize("enable_async", [False, True])
+def test_manager_hits_refer_to_unchanged_bytes_like_a_full_save(tmp_path, monkeypatch,
+                                                                  enable_async):
+  """Manager saves (reuse_unchanged, the default) of one structure hit the cache from the
+  second on: frozen leaves are referred to, changed ones written, and every file is byte
+  for byte that of the same saves planned in full; retention keeps the newest whole."""
+  frozen = _state(0)
+
+  def at(step):
+    return {**frozen, "step": frozen["step"] + step, "np": frozen["np"] + step}
+
+  def run(name):
+    with flax_ckpt.CheckpointManager(tmp_path / name, enable_async=enable_async,
+                                     max_to_keep=2) as mngr:
+      for step in range(4):
+        mngr.save(step, at(step))
+      mngr.wait_until_finished()
+      assert mngr.all_steps() == [2, 3]
+      for step in (2, 3):
+        _assert_same(at(step), mngr.restore(step))
+
+  with monkeypatch.context() as m:
+    m.setattr(save_cache, "lookup", lambda key: None)
+    run("full")
+  save_cache.clear()
+  hits = save_cache.STATS.hits
+  run("cached")
+  assert save_cache.STATS.hits == hits + 3
+  for step in (2, 3):
+    full, cached = _part_files(tmp_path / "full" / str(step)), _part_files(
+        tmp_path / "cached" / str(step))
+    assert full == cached
+    assert "data.p0.r0.bin" in cached  # the frozen leaves' bytes: linked, not written
+    assert len(cached["data.p0.bin"]) <= len(cached["data.p0.r0.bin"]) // 2  # (async: padded)
+    assert flax_ckpt.verify(tmp_path / "cached" / str(step))

@@ -31,7 +31,7 @@ from flax_ckpt._src.leaves.registry import BuiltinHandler
 _CPU_ONLY: bool | None = None
 
 
-def _cpu_only() -> bool:
+def cpu_only() -> bool:
   """Whether this process has no accelerators (host views are then zero-copy)."""
   global _CPU_ONLY
   if _CPU_ONLY is None:
@@ -39,7 +39,7 @@ def _cpu_only() -> bool:
   return _CPU_ONLY
 
 
-def _start_host_copies(values: Sequence[Any]) -> None:
+def start_host_copies(values: Sequence[Any]) -> None:
   """Starts every device->host copy of accelerator arrays before any is waited on."""
   for value in values:
     if not isinstance(value, jax.Array):
@@ -55,7 +55,7 @@ def _start_host_copies(values: Sequence[Any]) -> None:
         break
 
 
-def _host_chunks(value: Any, copy: bool) -> list[tuple[tuple[int, ...], np.ndarray]]:
+def host_chunks(value: Any, copy: bool) -> list[tuple[tuple[int, ...], np.ndarray]]:
   """(start index, host buffer) of every distinct shard this process must write."""
   if isinstance(value, np.ndarray):
     host = np.array(value, copy=True, order="C") if copy else np.ascontiguousarray(value)
@@ -101,7 +101,7 @@ def _record_array(value: Any, info: th.ParamInfo, dtype: np.dtype, kind: str) ->
     rec["weak_type"] = True  # e.g. a step counter made from a Python int
 
 
-def _check_alive(value: Any, name: Callable[[], str]) -> None:
+def check_alive(value: Any, name: Callable[[], str]) -> None:
   if isinstance(value, jax.Array) and value.is_deleted():
     raise errors.UnsupportedLeafError(
         f"leaf {name()}: this jax.Array was deleted or donated before save was called; "
@@ -109,33 +109,9 @@ def _check_alive(value: Any, name: Callable[[], str]) -> None:
         "was written.")
 
 
-def write_known_leaves(leaves: Sequence[tuple[int, Any, Any]], writer: Any, is_async: bool,
-                       path_str: Callable[[Any], str]) -> list[tuple]:
-  """Adds the chunks of array leaves whose records are already known (a save of a
-  structure saved before: ``parts/save_cache.py``) to ``writer``, without recording them.
-
-  ``leaves``: (leaf index, key path, value) of ``jax.Array`` / ``np.ndarray`` leaves of a
-  single-process save, in the order the handlers would have written them. Returns
-  ``(leaf index, start, shape, offset, nbytes)`` per chunk, in that order: the offsets
-  and bytes :func:`save_array` would have given them.
-  """
-  if not _cpu_only():
-    _start_host_copies([v for _, _, v in leaves])
-  out = []
-  for i, keypath, v in leaves:
-    numpy = isinstance(v, np.ndarray)
-    if not numpy:
-      _check_alive(v, lambda keypath=keypath: path_str(keypath))
-    for start, host in _host_chunks(v, copy=is_async and numpy):
-      host = dtypes.little_endian(host)
-      off, n = writer.add(host)
-      out.append((i, start, host.shape, off, n))
-  return out
-
-
 def save_array(value: Any, info: th.ParamInfo, arg: th.SaveArgs | None, kind: str) -> None:
   """Records one array leaf and adds the chunks this process writes to the data file."""
-  _check_alive(value, lambda: info.name)
+  check_alive(value, lambda: info.name)
   dtype = np.dtype(value.dtype)
   if arg is not None and arg.dtype is not None:
     dtype = np.dtype(arg.dtype)
@@ -147,7 +123,7 @@ def save_array(value: Any, info: th.ParamInfo, arg: th.SaveArgs | None, kind: st
   # otherwise every process writes the shards whose replica 0 it holds (possibly all of
   # them, for an array on a sub-mesh of this process's devices)
   reuse = ctx.reuse
-  for start, host in _host_chunks(value, copy=info.is_async and kind == "numpy"):
+  for start, host in host_chunks(value, copy=info.is_async and kind == "numpy"):
     if host.dtype != dtype:
       host = host.astype(dtype)
     host = dtypes.little_endian(host)
@@ -176,8 +152,8 @@ class ArrayHandler(BuiltinHandler):
   async def serialize(self, values, infos, args=None):
     # Accelerator arrays: start all device->host copies before waiting on any. On CPU the
     # host views are taken leaf by leaf, so the writer thread streams from the first leaf on.
-    if self._kind == "jax" and not _cpu_only():
-      _start_host_copies(values)
+    if self._kind == "jax" and not cpu_only():
+      start_host_copies(values)
     for i, (v, info) in enumerate(zip(values, infos)):
       save_array(v, info, args[i] if args else None, self._kind)
     return []

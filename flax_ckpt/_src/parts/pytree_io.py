@@ -30,7 +30,7 @@ from flax_ckpt._src.format import (
   dump_json_bytes,
 )
 from flax_ckpt._src.io import background, gc_pause, storage
-from flax_ckpt._src.leaves import arrays, registry, reuse
+from flax_ckpt._src.leaves import array_writes, registry, reuse
 from flax_ckpt._src.leaves import type_handlers as th
 from flax_ckpt._src.parts import index_checks, save_cache
 from flax_ckpt._src.parts.pytree_template import LoadPlan, as_saved_args, conform, match_template
@@ -109,22 +109,10 @@ def prepare_save(cp_dir: epath.Path, plan: SavePlan, *, is_async: bool,
       reuse=None if previous is None else reuse.ChunkReuse(
           previous, os.fspath(cp_dir), process_index, backend, background=is_async))
   key = (save_cache.key_for(plan.root, plan.leaves, plan.handlers)
-         if structure_cache and previous is None else None)
+         if structure_cache else None)
   entry = save_cache.lookup(key) if key is not None else None
   if entry is not None:  # records and files planned by an earlier save: only the bytes
-    groups: dict[int, list[int]] = {}  # in the order _serialize_all writes them
-    for i, h in enumerate(plan.handlers):
-      groups.setdefault(id(h), []).append(i)
-    try:
-      known = arrays.write_known_leaves(
-          [(i, *plan.leaves[i]) for ids in groups.values() for i in ids], ctx.writer,
-          is_async, treespec.path_str)
-    except BaseException:
-      ctx.writer.close()
-      raise
-    if len(groups) > 1:
-      known.sort(key=lambda c: c[0])  # the index lists them by leaf
-    return TreeWrite(plan, ctx, [], [], key=key, cached=(entry, known))
+    return _write_known(plan, ctx, is_async, key, entry)
   primary = process_index == 0
   if primary and any(not registry.is_builtin(h) for h in plan.handlers):
     backend.makedirs(os.fspath(cp_dir / LEAVES_DIR))
@@ -137,6 +125,28 @@ def prepare_save(cp_dir: epath.Path, plan: SavePlan, *, is_async: bool,
     ctx.writer.close()
     raise
   return TreeWrite(plan, ctx, infos, futures, key=key)
+
+
+def _write_known(plan: SavePlan, ctx: th.SaveContext, is_async: bool,
+                 key: save_cache.Key | None, entry: save_cache.Entry) -> TreeWrite:
+  """A save of a structure saved before: only the leaves' bytes go to the writer (or,
+  where unchanged since the previous checkpoint, a reference to them)."""
+  groups: dict[int, list[int]] = {}  # in the order _serialize_all writes them
+  for i, h in enumerate(plan.handlers):
+    groups.setdefault(id(h), []).append(i)
+  leaves = [(i, *plan.leaves[i]) for ids in groups.values() for i in ids]
+  try:
+    if ctx.reuse is not None:
+      records = array_writes.write_known_leaves_reusing(
+          leaves, ctx.writer, ctx.reuse, ctx.process_index, is_async, treespec.path_str)
+      return TreeWrite(plan, ctx, [], [], key=key, cached=(entry, None), records=records)
+    known = array_writes.write_known_leaves(leaves, ctx.writer, is_async, treespec.path_str)
+  except BaseException:
+    ctx.writer.close()
+    raise
+  if len(groups) > 1:
+    known.sort(key=lambda c: c[0])  # the index lists them by leaf
+  return TreeWrite(plan, ctx, [], [], key=key, cached=(entry, known))
 
 
 async def _serialize_all(plan: SavePlan, infos: list[th.ParamInfo], primary: bool) -> list:
@@ -187,7 +197,8 @@ class TreeWrite:
 
   def __init__(self, plan: SavePlan, ctx: th.SaveContext, infos: list[th.ParamInfo],
                futures: list, *, key: save_cache.Key | None = None,
-               cached: tuple[save_cache.Entry, list[tuple]] | None = None):
+               cached: tuple[save_cache.Entry, list[tuple] | None] | None = None,
+               records: dict[str, list[ChunkRecord]] | None = None):
     self._root = plan.root
     self._keypaths = [keypath for keypath, _ in plan.leaves]
     self._handlers = plan.handlers
@@ -195,8 +206,10 @@ class TreeWrite:
     self._infos = infos
     self._futures = futures
     # key: this save's structure, when it may be cached; cached: the entry of an earlier
-    # save of that structure and the (leaf, start, shape, offset, nbytes) chunks written
-    self._key, self._cached = key, cached
+    # save of that structure and the (leaf, start, shape, offset, nbytes) chunks written,
+    # or None with ``records``: a hit that reuses unchanged bytes, whose chunk records
+    # (by leaf id) refer to them
+    self._key, self._cached, self._records = key, cached, records
     self._template: tuple[list, list[bytes]] | None = None  # a miss's, for its entry
 
   def finish(self, fsync: bool) -> None:
@@ -231,10 +244,14 @@ class TreeWrite:
     ctx = self._ctx
     sums = ctx.writer.checksums()
     segment_bytes = getattr(ctx.writer, "segment_bytes", None)
-    if self._cached is not None:
+    if self._records is not None:  # a hit that reuses bytes: records made per chunk
+      chunks = self._records
+    elif self._cached is not None:
       entry, known = self._cached
+      assert known is not None  # set whenever records are not
       at = [(c[3], c[4]) for c in known]
-      if at == entry.chunks and segment_bytes == entry.segment_bytes:
+      if (entry.pieces is not None and at == entry.chunks
+          and segment_bytes == entry.segment_bytes):
         return save_cache.fill(entry.pieces, at, sums)
       save_cache.STATS.full_index += 1
       chunks = _chunk_records(known, ctx.process_index)  # not where planned: in full
@@ -243,7 +260,8 @@ class TreeWrite:
     index: ChunksFile = {"process_index": ctx.process_index,
                          "data_file": data_file(ctx.process_index), "chunks": chunks,
                          "checksum": CHECKSUM_ALGORITHM}
-    if self._key is not None and self._cached is None:  # a miss: dumped as the template
+    if self._key is not None and self._cached is None and ctx.reuse is None:
+      # a miss: dumped as the template (not with reuse: its records refer to old files)
       at = [(c["o"], c["n"]) for records in chunks.values() for c in records]
       marks = (c for records in chunks.values() for c in records if c["n"])
       for k, c in enumerate(marks):
@@ -276,9 +294,10 @@ class TreeWrite:
         del records
     self._ctx.backend.write_bytes(os.fspath(self._ctx.parent_dir / TREE_FILE), data,
                                   fsync=fsync)
-    if self._key is not None and self._template is not None:
+    if self._key is not None and self._cached is None:  # a miss: the next save's entry
+      at, pieces = self._template if self._template is not None else (None, None)
       save_cache.remember(save_cache.Entry(
-          self._key, data, *self._template,
+          self._key, data, at, pieces,
           segment_bytes=getattr(self._ctx.writer, "segment_bytes", None)))
 
   def abort(self) -> None:

@@ -17,8 +17,10 @@ paths, the handler of every leaf (the built-in ``jax.Array`` / ``np.ndarray`` ha
 only: anything else always takes the full path), and per leaf its shape, dtype, sharding
 and weak type. Any difference is a miss: the save is planned in full and becomes the
 entry. A hit also checks that every chunk landed at its recorded offset; if not, the
-index is dumped in full. Single-process saves without reuse of an earlier checkpoint's
-bytes only (those record per-chunk references).
+index is dumped in full. Single-process saves only. A save that refers to an earlier
+checkpoint's unchanged bytes (the manager's ``reuse_unchanged``) reuses ``_TREE.json``
+too, but makes its chunk records per chunk (they refer to earlier files) and dumps its
+index in full.
 
 Example:
   >>> fill([b'[', b',', b']'], [(0, 8), (64, 8)], {0: (8, ['a']), 64: (8, ['b'])})
@@ -68,13 +70,16 @@ class Entry:
 
   key: Key
   tree_bytes: bytes  # _TREE.json
-  chunks: list[tuple[int, int]]  # (offset, nbytes) of every chunk, in index order
-  pieces: list[bytes]  # the chunk index around each non-empty chunk's checksums
+  # (offset, nbytes) of every chunk, in index order, and the chunk index around each
+  # non-empty chunk's checksums; None from a save that reused unchanged bytes (its chunk
+  # records refer to earlier files: no template for the next save)
+  chunks: list[tuple[int, int]] | None
+  pieces: list[bytes] | None
   segment_bytes: Any
 
   def size(self) -> int:
     """About the memory this entry keeps."""
-    return (len(self.tree_bytes) + sum(len(p) for p in self.pieces)
+    return (len(self.tree_bytes) + sum(len(p) for p in self.pieces or ())
             + _BYTES_PER_LEAF * len(self.key.sigs))
 
 
