@@ -18,7 +18,7 @@ from typing import Any, cast
 import numpy as np
 
 from flax_ckpt._src import env, errors
-from flax_ckpt._src.format import chunk_file
+from flax_ckpt._src.format import chunk_file, data_file
 from flax_ckpt._src.io import observe, storage
 
 _ARENA_BYTES = 4 << 20  # see ReadPlan._alloc
@@ -169,8 +169,10 @@ class ReadPlan:
     self.files = files
     self.segments = segments or {}
     self.backend = backend if backend is not None else storage.backend_for(state_dir)
-    self.requests: dict[str, list[tuple[int, memoryview]]] = {}  # by data file name
-    self._proc: dict[str, int] = {}  # data file name -> the process whose index lists it
+    # by data file: a reused file's name, or the int p of process p's data file (why not
+    # the name: making it cost ~0.5 us of every leaf), see _file_name
+    self.requests: dict[str | int, list[tuple[int, memoryview]]] = {}
+    self._proc: dict[str | int, int] = {}  # data file -> the process whose index lists it
     self.staged: list[tuple[dict, np.ndarray, list[int], list[int], list[int]]] = []
     # verify: every chunk read whole is checked as it is read (``checks``, see execute); a
     # chunk read in part goes through the staged path, which reads and checks whole blocks
@@ -180,20 +182,25 @@ class ReadPlan:
     self._counter = observe.current_counter()  # the load's bytes to read (progress lines)
     self._planned = 0  # bytes boxed since the last start(), not yet told to _counter
     self._arena: np.ndarray | None = None  # small boxes are carved from it (see _alloc)
+    self._arena_view = memoryview(b"")
     self._arena_used = 0
 
-  def _alloc(self, nbytes: int) -> np.ndarray:
-    """A 64-byte aligned buffer of ``nbytes``. Why an arena: one allocation per small leaf
-    cost as much as reading it (5000 leaves of 4-64 KiB); small boxes share blocks of
-    _ARENA_BYTES instead. A block lives while any leaf in it does, so only leaves below
-    _ARENA_LEAF use it (what a kept leaf can pin is bounded by the block size)."""
+  def _alloc(self, nbytes: int) -> tuple[np.ndarray, int, memoryview]:
+    """A 64-byte aligned buffer of ``nbytes``: (the uint8 block it is in, its offset there,
+    a byte view of it). Why an arena: one allocation per small leaf cost as much as reading
+    it (5000 leaves of 4-64 KiB); small boxes share blocks of _ARENA_BYTES instead. A block
+    lives while any leaf in it does, so only leaves below _ARENA_LEAF use it (what a kept
+    leaf can pin is bounded by the block size). Why the block and a slice of its one
+    memoryview: a view or memoryview made per leaf cost ~2 us of every small leaf's load."""
     if nbytes > _ARENA_LEAF:
-      return storage.aligned_empty(nbytes)
+      block = storage.aligned_empty(nbytes)
+      return block, 0, memoryview(block)  # pyright: ignore[reportArgumentType]  # Buffer is typed on 3.12+
     at = self._arena_used + (-self._arena_used) % storage.ALIGN
     if self._arena is None or at + nbytes > self._arena.nbytes:
       self._arena, at = storage.aligned_empty(_ARENA_BYTES), 0
+      self._arena_view = memoryview(self._arena)  # pyright: ignore[reportArgumentType]  # Buffer is typed on 3.12+
     self._arena_used = at + nbytes
-    return self._arena[at:at + nbytes]
+    return self._arena, at, self._arena_view[at:at + nbytes]
 
   def box(self, chunks: list[dict], dtype: np.dtype, start: Sequence[int],
           shape: Sequence[int]) -> np.ndarray:
@@ -201,17 +208,15 @@ class ReadPlan:
     item = dtype.itemsize
     nbytes = math.prod(shape) * item
     self._planned += nbytes  # told to the progress counter once per batch, in start()
-    dest = self._alloc(nbytes)
-    out = dest.view(dtype).reshape(tuple(shape))
+    block, at, dest_view = self._alloc(nbytes)
+    out = np.ndarray(tuple(shape), dtype, block, at)
     if len(chunks) == 1 and chunks[0]["n"] == nbytes and not any(start) and (
         chunks[0]["h"] == list(shape)):  # the common case: one chunk is the whole box
       if nbytes:
-        whole = memoryview(dest)  # pyright: ignore[reportArgumentType]  # Buffer is typed on 3.12+
-        self._reqs(chunks[0]).append((chunks[0]["o"], whole))
+        self._reqs(chunks[0]).append((chunks[0]["o"], dest_view))
         if self.verify and "x" in chunks[0]:
-          self.checks.append((chunks[0], whole))
+          self.checks.append((chunks[0], dest_view))
       return out
-    dest_view = memoryview(dest)  # pyright: ignore[reportArgumentType]  # Buffer is typed on 3.12+
     stop = [a + n for a, n in zip(start, shape)]
     for chunk in chunks:
       chunk_start, chunk_shape = chunk["s"], chunk["h"]
@@ -241,12 +246,16 @@ class ReadPlan:
 
   def _reqs(self, chunk: dict) -> list[tuple[int, memoryview]]:
     """The read requests on ``chunk``'s data file."""
-    name = chunk_file(chunk)
-    reqs = self.requests.get(name)
+    key = chunk.get("f") or chunk["p"]  # see self.requests
+    reqs = self.requests.get(key)
     if reqs is None:
-      reqs = self.requests[name] = []
-      self._proc[name] = chunk["p"]
+      reqs = self.requests[key] = []
+      self._proc[key] = chunk["p"]
     return reqs
+
+  def _path(self, key: str | int) -> str:
+    """The path of the data file of a ``self.requests`` key."""
+    return os.path.join(self.state_dir, key if isinstance(key, str) else data_file(key))
 
   def _strided(self, chunk: dict, item: int, overlap: list[int], at_chunk: list[int],
                at_dest: list[int], shape: list[int], dest_view: memoryview,
@@ -451,10 +460,10 @@ class ReadPlan:
     # while it is still in the CPU cache
     checked = {id(view): chunk for chunk, view in self.checks}
     groups: list[tuple[Any, list[tuple[dict, memoryview, int]]]] = []
-    for name, reqs in self.requests.items():
-      read = functools.partial(self.backend.read_into, os.path.join(self.state_dir, name),
+    for key, reqs in self.requests.items():
+      read = functools.partial(self.backend.read_into, self._path(key),
                                files=self.files, segment_bytes=self.segments.get(
-                                   self._proc[name]))
+                                   self._proc[key]))
       for group in _read_groups(_split_checked(reqs, checked)):
         groups.append((functools.partial(read, [(o, v) for o, v, _ in group]),
                        [item for _, _, item in group if item is not None]))
@@ -472,9 +481,9 @@ class ReadPlan:
   def _execute_now(self) -> None:
     """Object stores (all ranged GETs in flight at once) read everything, then check on
     the pool; tiny strided runs are staged after the direct reads."""
-    for name, reqs in self.requests.items():
-      self.backend.read_into(os.path.join(self.state_dir, name), reqs, self.files,
-                             self.segments.get(self._proc[name]))
+    for key, reqs in self.requests.items():
+      self.backend.read_into(self._path(key), reqs, self.files,
+                             self.segments.get(self._proc[key]))
     self.requests.clear()
     if self.checks:
       self._verify([(chunk, view, 0) for chunk, view in self.checks])

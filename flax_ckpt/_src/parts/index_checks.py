@@ -95,8 +95,14 @@ def _sums_ok(c: dict, summed: bool) -> bool:
 
 
 def _counts(xs: Any) -> bool:
-  """A list of counts (type(x) is int: JSON makes no int subclasses, and it excludes bool)."""
-  return type(xs) is list and all(type(x) is int and 0 <= x < _MAX_COUNT for x in xs)
+  """A list of counts (type(x) is int: JSON makes no int subclasses, and it excludes bool).
+  A loop: ~0.5 us less than ``all()`` over a generator, twice per chunk of every load."""
+  if type(xs) is not list:
+    return False
+  for x in xs:
+    if type(x) is not int or not 0 <= x < _MAX_COUNT:
+      return False
+  return True
 
 
 def _chunk_ok(c: Any, summed: bool) -> bool:

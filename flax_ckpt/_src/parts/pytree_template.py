@@ -35,10 +35,11 @@ def _is_key_dtype(dtype: Any) -> bool:
 def _args_from_template(t: Any) -> th.RestoreArgs:
   if t is None:
     return th.RestoreArgs()
-  if isinstance(t, (jax.ShapeDtypeStruct, jax.Array)):
+  sds = type(t) is jax.ShapeDtypeStruct  # first: isinstance on jax.Array (an ABC) is slow
+  if sds or isinstance(t, (jax.ShapeDtypeStruct, jax.Array)):
     is_key = _is_key_dtype(t.dtype)
     sharding = getattr(t, "sharding", None)
-    if isinstance(t, jax.Array) and not getattr(t, "committed", True):
+    if not sds and isinstance(t, jax.Array) and not getattr(t, "committed", True):
       # An uncommitted template array (made without a device or sharding, e.g. a fresh
       # ``nnx.Rngs`` key) comes back uncommitted too, so jit may still move it next to
       # sharded operands as it could move the template.
@@ -62,7 +63,8 @@ def _kind_conflict(t: Any, typestr: str, impl: str | None = None) -> str | None:
   """Why template leaf ``t`` cannot receive a leaf saved as ``typestr`` (None if it can)."""
   if t is None:
     return None
-  if isinstance(t, (jax.ShapeDtypeStruct, jax.Array, np.ndarray, np.generic)):
+  if type(t) is jax.ShapeDtypeStruct or isinstance(  # see _args_from_template
+      t, (jax.ShapeDtypeStruct, jax.Array, np.ndarray, np.generic)):
     if _is_key_dtype(t.dtype):
       if typestr == "jax.PRNGKey" and (impl is None or
                                        key_dtype(impl) == t.dtype):
@@ -178,18 +180,18 @@ def _match_leaves(saved: Any, flat: list, partial: bool
   ids, missing = [], []
   subtrees: dict[int, tuple[dict, list[int]]] = {}  # position in flat -> (node, leaf ids)
   for pos, (kp, t) in enumerate(flat):
+    i = by_key.get(treespec.jax_match_key(kp))
+    if i is not None:
+      ids.append(i)
+      continue
     path = treespec.path_from_jax(kp)
-    i = by_key.get(treespec.match_key(path))
-    if i is None and t is None:  # None stands for a whole saved subtree: load it as saved
+    if t is None:  # None stands for a whole saved subtree: load it as saved
       node = treespec.find_node(saved.root, path)
       if node is not None and node["t"] != "leaf":
         subtrees[pos] = (node, treespec.leaf_ids(node))
         ids.append(-1)
         continue
-    if i is None:
-      missing.append(treespec.path_str(path))
-      continue
-    ids.append(i)
+    missing.append(treespec.path_str(path))
   extra = []
   if not partial:
     used = set(ids).union(*(set(sub[1]) for sub in subtrees.values()))
