@@ -321,7 +321,7 @@ def _plan_array(plan: ReadPlan, info: th.ParamInfo, arg: th.RestoreArgs | None,
   sharding = arg.sharding if arg is not None else None
   dtype = np.dtype(arg.dtype) if arg is not None and arg.dtype is not None else saved_dtype
   if kind != "numpy":  # jax arrays hold canonical dtypes (int64 -> int32 without x64)
-    dtype = _canonical(dtype, jax.config.jax_enable_x64)
+    dtype = _canonical(dtype, jax.config.jax_enable_x64)  # pyright: ignore[reportAttributeAccessIssue]  # set at runtime by jax's config
   weak = arg.weak_type if arg is not None and arg.weak_type is not None else bool(
       r.get("weak_type", False))
   if kind == "numpy" or sharding is None:
